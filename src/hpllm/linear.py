@@ -1,0 +1,50 @@
+"""`Linear` with a pluggable matmul op: the one place where a matmul happens.
+
+The op is a small module called as `op(x, weight)`. Float, fake-quant (QAT) and weight-only
+quantized ops share that call, so quantization is a tree map that swaps ops (and weights),
+never an edit to the model code.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+class MatmulOp(eqx.Module):
+    """`op(x, weight) -> x @ weight`, in the dtype of `x`. Subclasses decide the numerics."""
+
+    def __call__(self, x: Float[Array, "*batch d_in"], weight) -> Float[Array, "*batch d_out"]:
+        raise NotImplementedError
+
+
+class FloatDot(MatmulOp):
+    """Plain matmul: the weight is cast to the activation dtype, accumulation is in float32."""
+
+    def __call__(
+        self, x: Float[Array, "*batch d_in"], weight: Float[Array, "d_in d_out"]
+    ) -> Float[Array, "*batch d_out"]:
+        y = jnp.matmul(x, weight.astype(x.dtype), preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
+
+
+class Linear(eqx.Module):
+    """`y = op(x, weight)`. The weight is stored `[d_in, d_out]` so `x @ weight` needs no transpose.
+
+    `weight` is a float array for float and QAT ops; conversion replaces it with a quantized
+    tensor (int8/int4/fp8 values plus scales) together with the matching weight-only op.
+    """
+
+    weight: Float[Array, "d_in d_out"] | eqx.Module
+    op: MatmulOp
+
+    def __init__(self, d_in: int, d_out: int, *, key: PRNGKeyArray, scale: float = 1.0):
+        # Normal init scaled by fan-in: the activations keep unit variance through the layer.
+        std = scale / math.sqrt(d_in)
+        self.weight = std * jax.random.normal(key, (d_in, d_out), jnp.float32)
+        self.op = FloatDot()
+
+    def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
+        return self.op(x, self.weight)
