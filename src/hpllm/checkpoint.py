@@ -200,3 +200,25 @@ def load_model(
     else:
         skeleton = make_skeleton(cfg, config)
     return load_tree(skeleton, path / "model.safetensors"), config
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a `step_NNNNNN` folder name, None for any other name."""
+    name = Path(path).name
+    if not name.startswith("step_") or not name[5:].isdigit():
+        return None
+    return int(name[5:])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder `run_dir/checkpoints/step_*`, or None.
+
+    Hidden temporary folders (a save that was cut short) do not match `step_*`; a folder
+    without config.json (written last) is not complete and is skipped.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    steps = [(checkpoint_step(p), p) for p in folder.iterdir()
+             if p.is_dir() and checkpoint_step(p) is not None and (p / CONFIG_FILE).is_file()]
+    return max(steps)[1] if steps else None

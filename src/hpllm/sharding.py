@@ -1,0 +1,95 @@
+"""Data parallelism with FSDP-style parameter sharding over one mesh axis.
+
+Every device holds a slice of the batch (data parallel) AND a slice of each large parameter and
+of its optimizer moments (fully sharded data parallel, "FSDP"). Inside the jitted train step XLA
+inserts the all-gathers (parameters before use) and reduce-scatters (gradients) that this
+layout implies; the step's code is the single-device code.
+
+- `make_mesh()` is a 1-D `jax.sharding.Mesh` named `"data"` over all devices.
+- `tree_shardings(tree, mesh)` shards each array leaf along its largest axis that the mesh size
+  divides, and replicates small leaves (norm scales, counters) whose gathers would cost more
+  than the memory they save.
+- `shard_batch(array, mesh)` splits the leading batch axis over the mesh.
+
+Multi-host (several machines, each with its own devices): call `jax.distributed.initialize()`
+at the very start of every process (before any other JAX call; on TPU pods and SLURM it finds
+the coordinator by itself, elsewhere pass `coordinator_address`, `num_processes` and
+`process_id`). `jax.devices()` then lists the devices of all hosts, so `make_mesh()` spans the
+whole job, and each process feeds only its own slice of the global batch: `shard_batch` builds
+the global array with `jax.make_array_from_process_local_data`, which is the same call on one
+host. The code path is identical; only the number of devices changes.
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+# Leaves smaller than this stay replicated: sharding a 256-float norm scale saves nothing and
+# adds a collective per use.
+MIN_SHARDED_SIZE = 2**12
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis `"data"` over `devices` (default: every device of the job)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def leaf_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """Shard the largest axis that the mesh size divides; replicate small or indivisible leaves."""
+    n = mesh.shape[DATA_AXIS]
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_SHARDED_SIZE:
+        return NamedSharding(mesh, PartitionSpec())
+    divisible = [axis for axis, size in enumerate(shape) if size % n == 0]
+    if not divisible:
+        return NamedSharding(mesh, PartitionSpec())
+    axis = max(divisible, key=lambda a: shape[a])
+    spec = [None] * len(shape)
+    spec[axis] = DATA_AXIS
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """A pytree of `NamedSharding`s for the array leaves of `tree` (None elsewhere).
+
+    The rule depends only on shapes, so parameters and their Adam moments get the same layout.
+    """
+    return jax.tree.map(
+        lambda x: leaf_sharding(x.shape, mesh) if eqx.is_array(x) else None, tree)
+
+
+def shard_tree(tree: Any, mesh: Mesh) -> Any:
+    """Place every array leaf of `tree` on the mesh with `tree_shardings`' layout."""
+    dynamic, static = eqx.partition(tree, eqx.is_array)
+    placed = jax.device_put(dynamic, tree_shardings(dynamic, mesh))
+    return eqx.combine(placed, static)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """Split axis `batch_axis` of an `ndim`-dimensional batch array over the mesh."""
+    spec = [None] * ndim
+    spec[batch_axis] = DATA_AXIS
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def shard_batch(local: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
+    """A global array from this process's slice of the batch.
+
+    On one host `local` is the whole batch; with several processes each passes its own rows and
+    the global batch is their concatenation along `batch_axis`.
+    """
+    sharding = batch_sharding(mesh, local.ndim, batch_axis)
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
+    """Raise a ValueError unless the global batch splits evenly over the mesh."""
+    n = mesh.shape[DATA_AXIS]
+    if batch_size % n:
+        raise ValueError(
+            f"--batch-size {batch_size} must be a multiple of the number of devices ({n})")
