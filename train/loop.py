@@ -109,7 +109,8 @@ def _replace_state(grad_state: Any, old_state: Any) -> Any:
 
 def make_train_step(optimizer: optax.GradientTransformation, *, peak_lr: float, warmup: int,
                     total_steps: int, state_shardings: TrainState | None = None,
-                    max_traces: int | None = None) -> Callable[[StepBatch, TrainState], tuple[TrainState, dict]]:
+                    max_traces: int | None = None,
+                    ) -> Callable[[StepBatch, TrainState], tuple[TrainState, dict]]:
     """The jitted `step(batch, state) -> (state, metrics)`; `state` is donated.
 
     `state_shardings` (from `hpllm.sharding.tree_shardings`) pins the output layout to the
