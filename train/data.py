@@ -4,7 +4,7 @@ Public API (the training loop codes against this):
 
     splits = open_splits(source=None, *, data_config=None, split="train", text_column="text")
         source None = the bundled corpus (repo data/: train.jsonl + validation.jsonl); else a
-        local .txt/.jsonl/.json/.parquet/.csv file, a folder of them, or a hub dataset name.
+        local .txt/.jsonl/.json/.parquet file, a folder of them, or a hub dataset name.
         splits.train, splits.validation: TextStream (re-iterable: each iter() starts over);
         splits.validation_note says where the held-out text comes from.
     load_texts(source=None, *, data_config=None, split="train", text_column="text") -> TextStream
@@ -71,7 +71,7 @@ from jaxtyping import Float32, Int32
 from hpllm.tokenizer import Tokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data"
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 HOLDOUT_EVERY = 20
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 TOKENIZER_TRAIN_CHARS = 8_000_000
@@ -294,7 +294,7 @@ def _resolve(source: str | Path | None, data_config: str | None, split: str,
         return whole, None, str(path)
     if isinstance(source, Path) or not _looks_like_hub_name(str(source)):
         raise DataError(f"data path {source} does not exist; pass an existing file or folder "
-                        "(txt, jsonl, json, parquet, csv) or a hub dataset name")
+                        "(txt, jsonl, json, parquet) or a hub dataset name")
     name = str(source)
     available = _hub_splits(name, data_config)
     if split not in available:
@@ -309,7 +309,10 @@ def _resolve(source: str | Path | None, data_config: str | None, split: str,
 
 
 def _check_has_text(texts: TextStream) -> None:
-    if next(iter(texts), None) is None:
+    stream = iter(texts)
+    first = next(stream, None)
+    stream.close()  # release the open file now rather than at garbage collection
+    if first is None:
         raise DataError(f"{texts.name} contains no text; check the path and --text-column")
 
 
@@ -342,6 +345,14 @@ def _as_iterable(texts: Callable[[], Iterable[str]] | Iterable[str]) -> Iterable
     return texts() if callable(texts) else texts
 
 
+def _close(iterator: Iterator) -> None:
+    """Finish a stream we stop reading early, so its file is closed now (datasets' readers
+    close their files only when their generators are closed)."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
 def get_tokenizer(spec: str | Path, texts: Callable[[], Iterable[str]] | Iterable[str],
                   vocab_size: int) -> Tokenizer:
     """`spec` "train": learn a byte-level BPE of `vocab_size` ids on the first
@@ -354,11 +365,15 @@ def get_tokenizer(spec: str | Path, texts: Callable[[], Iterable[str]] | Iterabl
 
     def first_part() -> Iterator[str]:
         budget = TOKENIZER_TRAIN_CHARS
-        for text in _as_iterable(texts):
-            if budget <= 0:
-                return
-            budget -= len(text)
-            yield text
+        stream = iter(_as_iterable(texts))
+        try:
+            for text in stream:
+                if budget <= 0:
+                    return
+                budget -= len(text)
+                yield text
+        finally:
+            _close(stream)
 
     sample = first_part()
     first = next(sample, None)
@@ -487,6 +502,7 @@ class _Pipeline:
                 raise DataError("the training data contains no text; check --data and "
                                 "--text-column")
             self.epoch, self.docs_read, self.exhausted = self.epoch + 1, 0, False
+            _close(self.stream)
             self.stream = self._open_epoch()
 
     def _read_tokens(self) -> None:
@@ -605,6 +621,7 @@ class TrainBatches:
                 except queue.Empty:
                     pass
             self._thread = None
+        _close(self._pipeline.stream)
 
     def __enter__(self) -> "TrainBatches":
         return self
@@ -635,16 +652,20 @@ def eval_batches(texts: Callable[[], Iterable[str]] | Iterable[str], tokenizer: 
         docs.clear()
 
     chars = 0
-    for text in _as_iterable(texts):
-        docs.append(text)
-        chars += len(text)
-        if chars >= ENCODE_CHARS:
+    stream = iter(_as_iterable(texts))
+    try:
+        for text in stream:
+            docs.append(text)
+            chars += len(text)
+            if chars >= ENCODE_CHARS:
+                flush()
+                chars = 0
+                if limit is not None and len(windows) >= limit:
+                    break
+        else:
             flush()
-            chars = 0
-            if limit is not None and len(windows) >= limit:
-                break
-    else:
-        flush()
+    finally:
+        _close(stream)
     masks = [np.ones((seq_len,), np.float32) for _ in windows]
     if (limit is None or len(windows) < limit) and len(tokens) > 1:
         real = len(tokens) - 1  # targets that are real tokens
