@@ -251,9 +251,13 @@ def _hub_splits(name: str, data_config: str | None) -> list[str]:
             "local file or folder, or unset offline mode")
     import datasets
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         HfApi().dataset_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise DataError(f"hub dataset {name!r} not found (or private); check the name, or "
+                        "pass a local path") from None
     except Exception as err:
         raise DataError(f"cannot reach hub dataset {name!r} ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); check the name and "
