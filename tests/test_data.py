@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from jaxtyping import TypeCheckError
 
 from hpllm.config import preset
 from hpllm.model import Transformer
@@ -254,6 +255,26 @@ def test_resume_with_different_settings_is_refused(tokenizer):
     next(it)
     with pytest.raises(DataError, match="seq_len 8 -> 16"):
         TrainBatches(DOCS, tokenizer, 16, 2, state=it.state(), prefetch=0)
+
+
+def test_corrupt_state_is_a_data_error(tokenizer):
+    it = TrainBatches(DOCS, tokenizer, 8, 2, prefetch=0)
+    next(it)
+    state = it.state()
+    for broken in ({k: v for k, v in state.items() if k != "rng"},
+                   {**state, "windows": "not base64 zlib"},
+                   {**state, "doc_buffer": [state["docs_read"]]}):  # never read
+        with pytest.raises(DataError, match="corrupt"):
+            TrainBatches(DOCS, tokenizer, 8, 2, state=broken, prefetch=0)
+
+
+def test_batch_fields_are_type_checked():
+    good = np.zeros((2, 4), np.int32)
+    Batch(good, good, good, np.ones((2, 4), np.float32))
+    with pytest.raises(TypeCheckError):
+        Batch(good.astype(np.float32), good, good, np.ones((2, 4), np.float32))
+    with pytest.raises(TypeCheckError):
+        Batch(good, good[:, :3], good, np.ones((2, 4), np.float32))
 
 
 # ----------------------------------------------------------------------------- eval

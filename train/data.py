@@ -53,6 +53,7 @@ Text files are read one paragraph (block separated by a blank line) per document
 """
 
 import base64
+import binascii
 import dataclasses
 import json
 import logging
@@ -444,7 +445,13 @@ class _Pipeline:
             self.windows: list[np.ndarray] = []
             self.stream = self._open_epoch()
         else:
-            self._restore(state)
+            try:
+                self._restore(state)
+            except (KeyError, TypeError, ValueError, AttributeError, zlib.error, binascii.Error
+                    ) as err:
+                reason = f"{type(err).__name__}: {err}".splitlines()[0]
+                raise DataError(f"the saved data position is incomplete or corrupt ({reason}); "
+                                "resume from another checkpoint") from None
         self.exhausted = False
 
     def _open_epoch(self) -> Iterator[str]:
@@ -469,6 +476,10 @@ class _Pipeline:
         self.windows = list(flat.reshape(-1, self.seq_len + 1)) if flat.size else []
         # Re-read (without tokenizing) this epoch's documents up to where the run was.
         slots = {index: slot for slot, index in enumerate(state["doc_buffer"])}
+        if (len(slots) != len(state["doc_buffer"]) or len(slots) > self.doc_capacity
+                or not all(0 <= index < self.docs_read for index in slots)
+                or len(self.windows) > self.window_capacity):
+            raise ValueError("buffer contents do not fit the position")
         texts: list[str | None] = [None] * len(slots)
         self.stream = self._open_epoch()
         for index in range(self.docs_read):
