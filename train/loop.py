@@ -207,7 +207,7 @@ class Progress:
         self.total, self.every = total, every
         self.stream = sys.stderr if stream is None else stream
         self.start_step, self.start_time = start, time.perf_counter()
-        self.interactive = stream.isatty()
+        self.interactive = self.stream.isatty()
 
     def update(self, step: int, loss: float, tokens_per_s: float, eval_loss: float | None = None
                ) -> None:

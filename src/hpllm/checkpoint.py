@@ -66,7 +66,8 @@ def save_tree(tree: Any, file: Path) -> None:
     tensors, metadata = {}, {}
     for name, leaf in _named_leaves(tree):
         encoded, byte_view_dtype = _encode(np.asarray(jax.device_get(leaf)))
-        tensors[name] = np.ascontiguousarray(encoded)
+        # ascontiguousarray turns a 0-d array (an optimizer step counter) into shape [1].
+        tensors[name] = np.ascontiguousarray(encoded).reshape(encoded.shape)
         if byte_view_dtype is not None:
             metadata[name] = json.dumps({"dtype": byte_view_dtype, "shape": list(leaf.shape)})
     save_file(tensors, str(file), metadata=metadata or None)

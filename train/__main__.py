@@ -1,0 +1,7 @@
+"""`python -m train`: see train/cli.py and `python -m train --help`."""
+
+import sys
+
+from train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,120 @@
+"""Training checkpoints: save every N steps and at the end, keep the last K, resume exactly.
+
+A checkpoint folder `OUT/checkpoints/step_000100/` holds
+
+    config.json             {"format_version", "model", "quant", "step", "train"}
+    model.safetensors       the whole model, quant-op state leaves (fp8 amax history) included
+    opt_state.safetensors   AdamW moments and counters
+    data_state.json         the batch iterator's position
+    tokenizer.json
+
+It is written by `hpllm.checkpoint.write_checkpoint` (hidden temporary folder, then rename), so
+a kill at any moment leaves either the complete folder or none. Old checkpoints are renamed to
+a hidden name before they are deleted, for the same reason.
+"""
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+
+from hpllm.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    checkpoint_step,
+    latest_checkpoint,
+    load_tree,
+    read_config,
+    write_checkpoint,
+)
+from hpllm.quant import split_quant_state
+from train.loop import TrainState
+
+DATA_STATE_FILE = "data_state.json"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _host_copy(tree: Any) -> Any:
+    """Array leaves gathered to this host (a no-op on one host)."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class Checkpointer:
+    """Writes `step_NNNNNN` folders under `run_dir/checkpoints` and prunes old ones."""
+
+    def __init__(self, run_dir: Path, *, keep: int, config: dict[str, Any], tokenizer_json: str):
+        self.folder = checkpoint_dir(run_dir)
+        self.keep = keep
+        self.config = config
+        self.tokenizer_json = tokenizer_json
+
+    def save(self, state: TrainState, data_state: dict[str, Any]) -> Path:
+        step = int(state.step)
+        model = _host_copy(state.model())
+        opt_state = _host_copy(state.opt_state)
+        path = self.folder / f"step_{step:06d}"
+        if jax.process_index() == 0:
+            write_checkpoint(
+                path,
+                {**self.config, "step": step},
+                {"model": model, "opt_state": opt_state},
+                {DATA_STATE_FILE: json.dumps(data_state), "tokenizer.json": self.tokenizer_json},
+            )
+            self.prune()
+        return path
+
+    def prune(self) -> None:
+        """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything)."""
+        if self.keep <= 0:
+            return
+        done = sorted((checkpoint_step(p), p) for p in self.folder.iterdir()
+                      if p.is_dir() and checkpoint_step(p) is not None)
+        for _, path in done[:-self.keep]:
+            # Hidden first, so a kill mid-delete never leaves a half folder named step_*.
+            doomed = path.parent / f".{path.name}.deleting-{uuid.uuid4().hex[:8]}"
+            path.rename(doomed)
+            shutil.rmtree(doomed)
+
+
+def find_resume_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of `run_dir`; a CheckpointError if there is none."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(
+            f"--resume: no checkpoint in {checkpoint_dir(run_dir)}; run without --resume to "
+            f"start a new run")
+    return path
+
+
+def load_training_checkpoint(path: Path, skeleton: TrainState
+                             ) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
+    """(state, data_state, config) of checkpoint `path`. `skeleton` gives the tree structure
+    (shapes only is fine: `eqx.filter_eval_shape` of the initial state)."""
+    path = Path(path)
+    config = read_config(path)
+    if not isinstance(config.get("step"), int):
+        raise CheckpointError(f"{path / CONFIG_FILE}: no integer 'step'; not a training checkpoint")
+    model = load_tree(eqx.combine(skeleton.params, skeleton.quant_state),
+                      path / "model.safetensors")
+    params, quant_state = split_quant_state(model)
+    opt_state = load_tree(skeleton.opt_state, path / "opt_state.safetensors")
+    data_file = path / DATA_STATE_FILE
+    try:
+        data_state = json.loads(data_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{data_file}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{data_file}: corrupt JSON ({error})") from None
+    step = jnp.asarray(config["step"], jnp.int32)
+    return TrainState(params, quant_state, opt_state, step), data_state, config
