@@ -115,6 +115,8 @@ class TextStream:
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
+    """Documents to train on and the fixed held-out documents to evaluate on (disjoint)."""
+
     train: TextStream
     validation: TextStream
     validation_note: str
