@@ -1,4 +1,5 @@
 import collections
+import gc
 import json
 
 import jax
@@ -248,6 +249,16 @@ def test_resume_gives_the_uninterrupted_batches(tokenizer, prefetch):
         for a, b in zip(got, want, strict=True):
             for field in ("inputs", "targets", "segment_ids", "loss_mask"):
                 np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_prefetch_thread_stops_when_the_iterator_is_dropped(tokenizer):
+    it = TrainBatches(DOCS, tokenizer, 8, 2, prefetch=2)
+    next(it)
+    thread = it._thread
+    del it
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_resume_with_different_settings_is_refused(tokenizer):

@@ -61,6 +61,7 @@ import os
 import queue
 import re
 import threading
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -554,6 +555,21 @@ class _Pipeline:
         return _batch_from_windows(np.stack(rows), self.tokenizer.eos_id)
 
 
+def _produce(pipeline: _Pipeline, out: queue.Queue, stop: threading.Event) -> None:
+    """Prefetch thread: put (batch, position after it) pairs, or the exception that stopped it."""
+    try:
+        while not stop.is_set():
+            item = (pipeline.next_batch(), pipeline.snapshot())
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+    except BaseException as err:  # handed to the consumer, raised in its thread
+        out.put(err)
+
+
 class TrainBatches:
     """Endless iterator of shuffled, packed training batches with an exact resumable position.
 
@@ -594,9 +610,13 @@ class TrainBatches:
             self._position = self._pipeline.snapshot()
             return batch
         if self._thread is None:
-            self._thread = threading.Thread(target=self._produce, name="TrainBatches",
-                                            daemon=True)
+            # The thread holds the pipeline, not `self`: an iterator dropped without close()
+            # is still garbage-collected, and the finalizer then stops the thread.
+            self._thread = threading.Thread(
+                target=_produce, args=(self._pipeline, self._queue, self._stop),
+                name="TrainBatches", daemon=True)
             self._thread.start()
+            weakref.finalize(self, self._stop.set)
         item = self._queue.get()
         if isinstance(item, BaseException):
             self.close()
@@ -604,18 +624,11 @@ class TrainBatches:
         batch, self._position = item
         return batch
 
-    def _produce(self) -> None:
-        try:
-            while not self._stop.is_set():
-                item = (self._pipeline.next_batch(), self._pipeline.snapshot())
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as err:  # handed to the consumer, raised in its thread
-            self._queue.put(err)
+    @property
+    def epoch(self) -> int:
+        """Passes over the documents completed at the current position (the reader runs ahead
+        of the batches' content by the shuffle buffers)."""
+        return self._position["epoch"]
 
     def state(self) -> dict[str, Any]:
         """JSON-serialisable position after the last batch returned by `next`."""
