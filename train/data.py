@@ -15,10 +15,12 @@ Public API (the training loop codes against this):
                  *, doc_buffer=1024, prefetch=4)
         infinite iterator of Batch; .state() -> JSON-serialisable dict (position after the last
         batch returned); TrainBatches(..., state=saved) continues with exactly the batches an
-        uninterrupted run would have produced next. .close() stops the prefetch thread.
+        uninterrupted run would have produced next. .close() (or `with`) stops the prefetch
+        thread; .epoch is the pass over the documents the reader is in.
     eval_batches(texts, tokenizer, seq_len, batch_size, max_batches=None) -> list[Batch]
         the held-out text in order, packed the same way; same batches on every call.
     Batch: inputs, targets, segment_ids (int32 [batch, seq]), loss_mask (float32 [batch, seq]).
+    pack_windows(token_stream, seq_len) -> (windows [n, seq_len + 1], leftover tokens)
     DataError: every user mistake (missing path, empty dataset, unknown column, malformed JSONL,
         hub dataset while offline, resume state that does not fit); one line saying what to do.
 
