@@ -15,11 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,plot]'
 	touch $(STAMP)
 
+# The default training run (small preset, bundled corpus) into runs/demo. Run again, it resumes
+# (and has nothing to do once finished) instead of refusing to overwrite the run.
 demo: $(STAMP)
-	$(PY) -c "import jax, jax.numpy as jnp; from hpllm import Transformer, preset; \
-	cfg = preset('small'); m = Transformer(cfg, key=jax.random.key(0)); \
-	logits = m(jnp.zeros((1, 16), jnp.int32)); \
-	print(f'small preset: {cfg.n_params:,} parameters, logits {logits.shape}')"
+	$(PY) -m train --out runs/demo $$(test -d runs/demo/checkpoints && echo --resume)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

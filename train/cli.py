@@ -321,7 +321,10 @@ def run(settings: Settings, resume: bool) -> int:
     cfg = validate(settings)
     qcfg = QuantConfig(mode=settings.quant)
     mesh = make_mesh()
-    check_batch_divisible(settings.batch_size, mesh)
+    try:
+        check_batch_divisible(settings.batch_size, mesh)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
     splits = train_data.open_splits(settings.data, data_config=settings.data_config,
                                     split=settings.split, text_column=settings.text_column)

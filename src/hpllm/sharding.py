@@ -9,15 +9,16 @@ layout implies; the step's code is the single-device code.
 - `tree_shardings(tree, mesh)` shards each array leaf along its largest axis that the mesh size
   divides, and replicates small leaves (norm scales, counters) whose gathers would cost more
   than the memory they save.
-- `shard_batch(array, mesh)` splits the leading batch axis over the mesh.
+- `shard_batch(array, mesh)` splits the batch axis over the mesh.
 
 Multi-host (several machines, each with its own devices): call `jax.distributed.initialize()`
 at the very start of every process (before any other JAX call; on TPU pods and SLURM it finds
 the coordinator by itself, elsewhere pass `coordinator_address`, `num_processes` and
 `process_id`). `jax.devices()` then lists the devices of all hosts, so `make_mesh()` spans the
-whole job, and each process feeds only its own slice of the global batch: `shard_batch` builds
-the global array with `jax.make_array_from_process_local_data`, which is the same call on one
-host. The code path is identical; only the number of devices changes.
+whole job. Every process reads the same (seeded) batch stream and `shard_batch` hands each
+device only its rows of the global batch (`jax.make_array_from_callback`), so no process needs
+another's data; checkpoints are gathered and written by process 0. The code path is identical;
+only the number of devices changes.
 """
 
 from typing import Any
@@ -77,14 +78,13 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def shard_batch(local: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
-    """A global array from this process's slice of the batch.
-
-    On one host `local` is the whole batch; with several processes each passes its own rows and
-    the global batch is their concatenation along `batch_axis`.
+def shard_batch(batch: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
+    """The global batch `batch` (on the host) as an array split over the mesh along
+    `batch_axis`. Each device receives only its rows; with several processes, every process
+    passes the same global batch and transfers only the rows of its own devices.
     """
-    sharding = batch_sharding(mesh, local.ndim, batch_axis)
-    return jax.make_array_from_process_local_data(sharding, local)
+    sharding = batch_sharding(mesh, batch.ndim, batch_axis)
+    return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
