@@ -1,0 +1,194 @@
+"""`python -m infer bench`: prefill and decode speed against this machine's memory bandwidth.
+
+Decoding a few sequences is memory-bound: every step reads every weight once, plus the KV
+cache. So the ceiling is `measured bandwidth / bytes per step`, and the figure of merit is the
+achieved bandwidth `bytes per step / seconds per step` as a percentage of what a plain large
+copy reaches on this machine (measured here, not taken from a data sheet).
+
+Bytes per step count what one decode step must read: every weight of the layers, the final norm
+and the LM head, one embedding row per sequence, and the whole KV cache (attention runs over
+all its slots, masked). Times are medians of `--repeats` runs after a warm-up that compiles.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hpllm.model import Transformer
+from infer.generate import Generator, decode_chunk
+from infer.loading import load, quantize, random_model
+from infer.sampling import SamplingConfig
+
+COPY_BYTES = 512 * 2**20
+GREEDY = SamplingConfig(greedy=True)
+
+
+def measure_bandwidth(n_bytes: int = COPY_BYTES, repeats: int = 7, threads: int = 2) -> float:
+    """Memory bandwidth in bytes/s: a large array copy into a preallocated destination, split
+    over `threads` (NumPy releases the GIL while copying). Counts bytes read + bytes written;
+    median of `repeats` runs."""
+    src = np.ones(n_bytes // 4, np.float32)
+    dst = np.zeros_like(src)
+    parts = np.array_split(np.arange(src.size), threads)
+    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+
+    def copy(lo: int, hi: int) -> None:
+        np.copyto(dst[lo:hi], src[lo:hi])
+
+    times = []
+    for _ in range(repeats + 1):
+        workers = [threading.Thread(target=copy, args=b) for b in bounds]
+        started = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        times.append(time.perf_counter() - started)
+    return 2 * src.nbytes / statistics.median(times[1:])  # the first run touches fresh pages
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
+
+
+def bytes_per_step(model: Transformer, cache: Any, batch: int) -> tuple[int, int]:
+    """(weight bytes, KV-cache bytes) that one decode step reads."""
+    embed_rows = batch * model.embed.shape[1] * model.embed.dtype.itemsize
+    weights = _nbytes(model.blocks) + _nbytes(model.final_norm) + _nbytes(model.lm_head)
+    if model.lm_head is None:  # tied: the embedding table is the head
+        weights += _nbytes(model.embed)
+    kv = sum(c.nbytes() for c in cache) if isinstance(cache, tuple) else cache.nbytes()
+    return weights + embed_rows, kv
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench_batch(model: Transformer, batch: int, *, prompt_len: int, new_tokens: int,
+                repeats: int, kv_cache_dtype: str, layout: str, bandwidth: float
+                ) -> dict[str, Any]:
+    context = min(prompt_len + new_tokens, model.cfg.max_seq_len)
+    if prompt_len >= context:
+        raise ValueError(f"--prompt-len {prompt_len} leaves no room to decode in the context "
+                         f"of {model.cfg.max_seq_len}")
+    generator = Generator(model, kv_cache_dtype=kv_cache_dtype, context=context, layout=layout)
+    runner = generator.model
+    rng = np.random.default_rng(batch)
+    prompts = rng.integers(0, model.cfg.vocab_size, (batch, prompt_len)).tolist()
+    steps = context - prompt_len - 1  # the first new token comes from the prefill
+    chunk = min(steps, 32)
+    n_chunks = max(1, steps // chunk)
+
+    def run_prefill():
+        generation = generator.start(prompts, max_new_tokens=new_tokens)
+        jax.block_until_ready(generation.state)
+        return generation
+
+    prefill_s = _median_time(run_prefill, repeats)
+    state_holder = {}
+
+    def run_decode():
+        state = run_prefill().state
+        state = eqx.tree_at(lambda s: s.budget, state, jnp.full((batch,), 1 << 30, jnp.int32))
+        jax.block_until_ready(state)
+        started = time.perf_counter()
+        for _ in range(n_chunks):
+            state, tokens = decode_chunk(runner, state, chunk, GREEDY, ())
+        jax.block_until_ready(tokens)
+        state_holder["cache"] = state.cache
+        return time.perf_counter() - started
+
+    run_decode()  # compile
+    decode_s = statistics.median(run_decode() for _ in range(repeats))
+    step_s = decode_s / (n_chunks * chunk)
+    weight_bytes, kv_bytes = bytes_per_step(model, state_holder["cache"], batch)
+    total = weight_bytes + kv_bytes
+    achieved = total / step_s
+    return {
+        "batch_size": batch,
+        "prompt_len": prompt_len,
+        "prefill_ms": prefill_s * 1e3,
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+        "decode_ms_per_step": step_s * 1e3,
+        "decode_tokens_per_s": batch / step_s,
+        "bytes_per_step": total,
+        "weight_bytes_per_step": weight_bytes,
+        "kv_cache_bytes_per_step": kv_bytes,
+        "achieved_GB_per_s": achieved / 1e9,
+        "percent_of_measured_bandwidth": 100 * achieved / bandwidth,
+    }
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch-sizes must be a comma-separated list of integers, got "
+                         f"{args.batch_sizes!r}") from None
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f"--batch-sizes must be >= 1, got {args.batch_sizes!r}")
+    if args.preset is not None:
+        model, source, scheme = random_model(args.preset, compute_dtype=args.compute_dtype), \
+            f"preset {args.preset} (random weights)", "f32"
+    else:
+        if args.compute_dtype is not None:
+            raise ValueError("--compute-dtype works with --preset only")
+        loaded = load(args.checkpoint)
+        model, source, scheme = loaded.model, str(loaded.path), loaded.scheme or "f32"
+    if args.to is not None:
+        if scheme != "f32":
+            raise ValueError(f"{source} is already {scheme}; --to needs float weights")
+        model, scheme = quantize(model, args.to, args.group_size), args.to
+    cache_dtype = {"f32": "float32", "bf16": "bfloat16", "int8": "int8"}[args.kv_cache_dtype]
+    log = sys.stderr
+    print(f"measuring memory bandwidth ({COPY_BYTES // 2**20} MiB copy)...", file=log, flush=True)
+    bandwidth = measure_bandwidth()
+    print(f"  {bandwidth / 1e9:.1f} GB/s (read + write)", file=log, flush=True)
+    results = []
+    for batch in batch_sizes:
+        print(f"batch {batch}...", file=log, flush=True)
+        row = bench_batch(model, batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                          repeats=args.repeats, kv_cache_dtype=cache_dtype, layout=args.layout,
+                          bandwidth=bandwidth)
+        results.append(row)
+        if not args.json:
+            print(f"batch {batch:3d}: prefill {row['prefill_tokens_per_s']:9.1f} tokens/s | "
+                  f"decode {row['decode_ms_per_step']:8.2f} ms/step "
+                  f"{row['decode_tokens_per_s']:8.1f} tokens/s | "
+                  f"{row['bytes_per_step'] / 1e6:8.1f} MB/step "
+                  f"{row['achieved_GB_per_s']:6.1f} GB/s "
+                  f"({row['percent_of_measured_bandwidth']:5.1f}% of measured)", flush=True)
+    report = {
+        "source": source,
+        "weights": scheme,
+        "compute_dtype": model.cfg.compute_dtype,
+        "kv_cache_dtype": cache_dtype,
+        "layout": args.layout,
+        "n_params": model.cfg.n_params,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "measured_bandwidth_GB_per_s": bandwidth / 1e9,
+        "jax_version": jax.__version__,
+        "results": results,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return report
+
+

@@ -1,0 +1,164 @@
+"""`python -m infer chat CKPT`: a multi-turn chat loop with streamed replies.
+
+Template (token ids, so user text can never forge a turn boundary by accident):
+
+    <|user|> text <|assistant|> reply <|endoftext|> <|user|> text <|assistant|> ...
+
+A reply ends at <|endoftext|>, at <|user|> (the model starting the next turn itself) or at the
+token limit. Each turn re-runs the whole conversation through one prefill (cheap next to
+decoding), so dropping the oldest turns to fit the context needs no cache surgery.
+
+Input is one user turn per line, from a terminal or a pipe. Commands: /reset /help /stats /exit.
+Ctrl-C stops the current reply (the loop goes on); end of input (Ctrl-D) exits cleanly.
+"""
+
+import dataclasses
+import time
+from typing import BinaryIO, TextIO
+
+from hpllm.model import Transformer
+from hpllm.tokenizer import Tokenizer
+from infer.generate import Generator, TextStream
+from infer.sampling import SamplingConfig
+
+HELP = """commands:
+  /reset   forget the conversation
+  /stats   speed of the last reply and of the whole session
+  /help    this text
+  /exit    leave (Ctrl-D does too); Ctrl-C stops a reply"""
+
+MAX_LINE_BYTES = 1 << 16
+
+
+@dataclasses.dataclass
+class Turn:
+    user: list[int]
+    reply: list[int]
+
+
+@dataclasses.dataclass
+class Stats:
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class Chat:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, sampling: SamplingConfig,
+                 max_new_tokens: int = 256, seed: int = 0, kv_cache_dtype: str = "float32"):
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.context = model.cfg.max_seq_len
+        # Leave room for a reply of at least a quarter of the context.
+        self.max_new_tokens = max(1, min(max_new_tokens, self.context // 4))
+        self.seed = seed
+        self.generator = Generator(model, stop_ids=[tokenizer.eos_id, tokenizer.user_id],
+                                   kv_cache_dtype=kv_cache_dtype, chunk_size=8)
+        self.history: list[Turn] = []
+        self.last = Stats()
+        self.total = Stats()
+
+    def _turn_ids(self, turn: Turn, closed: bool) -> list[int]:
+        ids = [self.tokenizer.user_id, *turn.user, self.tokenizer.assistant_id, *turn.reply]
+        return ids + [self.tokenizer.eos_id] if closed else ids
+
+    def prompt_ids(self, user: list[int]) -> tuple[list[int], int]:
+        """The conversation + the new user turn, and how many old turns were dropped to leave
+        room for a reply."""
+        budget = self.context - self.max_new_tokens
+        new = self._turn_ids(Turn(user, []), closed=False)
+        turns = [self._turn_ids(t, closed=True) for t in self.history]
+        dropped = 0
+        while turns and sum(map(len, turns)) + len(new) > budget:
+            turns.pop(0)
+            dropped += 1
+        return [i for t in turns for i in t] + new, dropped
+
+    def reply(self, text: str, out: TextIO, err: TextIO) -> None:
+        user = self.tokenizer.encode(text)
+        if len(user) + 2 > self.context - self.max_new_tokens:
+            print(f"[that message is {len(user)} tokens; with room for a reply this model "
+                  f"takes at most {self.context - self.max_new_tokens - 2}. Shorten it.]",
+                  file=err, flush=True)
+            return
+        prompt, dropped = self.prompt_ids(user)
+        if dropped:
+            self.history = self.history[dropped:]
+            print(f"[dropped the {dropped} oldest turn(s) to fit the context of "
+                  f"{self.context} tokens]", file=err, flush=True)
+        stream = TextStream(self.tokenizer.decode)
+        started = time.perf_counter()
+        generation = self.generator.start([prompt], max_new_tokens=self.max_new_tokens,
+                                          sampling=self.sampling, seed=self.seed)
+        self.seed += 1  # a new draw for every reply, still reproducible from --seed
+        try:
+            for new in generation:
+                piece = stream.push(new[0])
+                if piece:
+                    out.write(piece)
+                    out.flush()
+            out.write(stream.finish())
+        except KeyboardInterrupt:
+            out.write(stream.finish())
+            print("\n[stopped]", file=err, flush=True)
+        out.write("\n")
+        out.flush()
+        self.last = Stats(len(generation.tokens[0]), time.perf_counter() - started)
+        self.total = Stats(self.total.tokens + self.last.tokens,
+                           self.total.seconds + self.last.seconds)
+        self.history.append(Turn(user, list(generation.tokens[0])))
+
+    def command(self, line: str, err: TextIO) -> bool:
+        """Run a /command; False means leave the loop."""
+        name = line.split()[0]
+        if name == "/exit":
+            return False
+        if name == "/reset":
+            self.history = []
+            print("[conversation cleared]", file=err, flush=True)
+        elif name == "/help":
+            print(HELP, file=err, flush=True)
+        elif name == "/stats":
+            print(f"[last reply: {self.last.tokens} tokens in {self.last.seconds:.2f} s, "
+                  f"{self.last.rate():.1f} tokens/s; session: {self.total.tokens} tokens, "
+                  f"{self.total.rate():.1f} tokens/s; history: {len(self.history)} turns]",
+                  file=err, flush=True)
+        else:
+            print(f"[unknown command {name}; /help lists them]", file=err, flush=True)
+        return True
+
+    def loop(self, lines: BinaryIO, out: TextIO, err: TextIO) -> None:
+        interactive = lines.isatty()
+        if interactive:
+            print("chat: one message per line; /help for commands, Ctrl-D to leave",
+                  file=err, flush=True)
+        while True:
+            if interactive:
+                err.write("> ")
+                err.flush()
+            try:
+                raw = lines.readline(MAX_LINE_BYTES + 1)
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: nothing to stop
+                err.write("\n")
+                continue
+            if not raw:
+                break
+            if len(raw) > MAX_LINE_BYTES:
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line
+                    raw = lines.readline(MAX_LINE_BYTES)
+                print(f"[line longer than {MAX_LINE_BYTES} bytes ignored]", file=err, flush=True)
+                continue
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                print("[that line is not valid UTF-8; ignored]", file=err, flush=True)
+                continue
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line, err):
+                    break
+                continue
+            self.reply(line, out, err)

@@ -1,0 +1,327 @@
+"""KV-cached generation: one prefill pass, then many decode steps per jitted call.
+
+- Prefill runs the whole (right-padded) prompt batch in one forward. Prompt lengths are padded
+  up to a few bucket sizes (powers of two), so a new prompt length rarely compiles anything.
+  Right padding is safe with the cache: a query attends only to slots up to its own position,
+  and each row's padding slots are overwritten by its own decode steps before they are read.
+- Decode runs `chunk_size` steps inside one `lax.while_loop` over a fixed-shape `DecodeState`
+  (KV cache donated, so it is updated in place), then returns to Python, which streams the new
+  tokens to the caller. Rows stop at an end token, at their token budget or at the end of the
+  cache; a finished row keeps its shape in the batch but emits nothing and stops advancing.
+  Stop strings are checked on the host between chunks (`Generation.stop_row`).
+"""
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Int, PRNGKeyArray
+
+from hpllm.kvcache import KVCache
+from hpllm.model import Transformer
+from infer.decoder import LayerCaches, UnrolledDecoder
+from infer.sampling import SamplingConfig, sample
+
+Model = Transformer | UnrolledDecoder
+Cache = KVCache | LayerCaches
+LAYOUTS = ("unrolled", "scanned")
+
+GREEDY = SamplingConfig(greedy=True)
+NO_TOKEN = -1  # marks "nothing emitted at this step" in a chunk's token block
+MIN_BUCKET = 16
+CACHE_ROUNDING = 128
+
+
+class PromptTooLongError(ValueError):
+    """A prompt does not fit in the model's context."""
+
+
+class DecodeState(eqx.Module):
+    """Everything the decode loop carries between steps; shapes never change.
+
+    `last[b]` is the newest token of row b, not yet in the cache; it goes to slot
+    `positions[b]` on the next step. `budget[b]` counts the tokens row b may still emit.
+    """
+
+    cache: Cache
+    last: Int[Array, " batch"]
+    positions: Int[Array, " batch"]
+    done: Bool[Array, " batch"]
+    budget: Int[Array, " batch"]
+    key: PRNGKeyArray
+
+
+def bucket_length(length: int, limit: int) -> int:
+    """The padded prefill length for a prompt of `length` tokens: the next power of two
+    (at least MIN_BUCKET), capped at `limit`."""
+    bucket = MIN_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, limit)
+
+
+def allocate_cache(model: Model, batch: int, max_len: int, dtype: str) -> Cache:
+    if isinstance(model, UnrolledDecoder):
+        return model.allocate_cache(batch, max_len, dtype)
+    return KVCache.allocate(model.cfg, batch, max_len, dtype)
+
+
+def cache_capacity(cache: Cache) -> int:
+    return cache[0].max_len if isinstance(cache, tuple) else cache.max_len
+
+
+def _with_lengths(cache: Cache, lengths: Int[Array, " batch"]) -> Cache:
+    if isinstance(cache, tuple):
+        return tuple(c.with_lengths(lengths) for c in cache)
+    return cache.with_lengths(lengths)
+
+
+def _last_logits(model: Model, tokens: Int[Array, "batch seq"], positions: Int[Array, "batch seq"],
+                 last: Int[Array, " batch"], cache: Cache):
+    """Logits at index `last[b]` of each row, after writing the whole input into the cache."""
+    if isinstance(model, UnrolledDecoder):
+        # Only the rows' last positions go through the LM head (a vocab-wide matmul).
+        x, cache = model.hidden(tokens, positions, cache)
+        x = jnp.take_along_axis(x, last[:, None, None], axis=1)
+        return model.logits(x)[:, 0], cache
+    logits, cache = model.decode(tokens, positions, cache)
+    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], cache
+
+
+def _finished(state_positions, budget, token, stop_ids: tuple[int, ...], max_len: int):
+    is_stop = jnp.zeros_like(token, dtype=bool)
+    for stop_id in stop_ids:
+        is_stop = is_stop | (token == stop_id)
+    return is_stop | (budget <= 0) | (state_positions >= max_len)
+
+
+@eqx.filter_jit(donate="all-except-first")
+def prefill(
+    model: Model,
+    tokens: Int[Array, "batch bucket"],
+    lengths: Int[Array, " batch"],
+    budget: Int[Array, " batch"],
+    cache: Cache,
+    key: PRNGKeyArray,
+    sampling: SamplingConfig,
+    stop_ids: tuple[int, ...],
+) -> tuple[DecodeState, Int[Array, " batch"]]:
+    """Run the padded prompts through the model and sample each row's first new token.
+
+    Returns the decode state and the first tokens (`NO_TOKEN` where a row stopped at once).
+    """
+    batch, bucket = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
+    last_logits, cache = _last_logits(model, tokens, positions, lengths - 1, cache)
+    max_len = cache_capacity(cache)
+    key, step_key = jax.random.split(key)
+    first = sample(last_logits, step_key, sampling)
+    budget = budget - 1
+    done = _finished(lengths, budget, first, stop_ids, max_len) | (budget < 0)
+    is_stop = _finished(lengths, jnp.ones_like(budget), first, stop_ids, max_len + 1)
+    emitted = jnp.where(is_stop | (budget < 0), NO_TOKEN, first)
+    state = DecodeState(cache=_with_lengths(cache, lengths), last=first, positions=lengths,
+                        done=done, budget=budget, key=key)
+    return state, emitted
+
+
+@eqx.filter_jit(donate="all-except-first")
+def decode_chunk(
+    model: Model,
+    state: DecodeState,
+    n_steps: int,
+    sampling: SamplingConfig,
+    stop_ids: tuple[int, ...],
+) -> tuple[DecodeState, Int[Array, "batch n_steps"]]:
+    """Up to `n_steps` decode steps in one call (fewer if every row finishes first).
+
+    Returns the new state and the emitted tokens, `NO_TOKEN` where a row emitted nothing.
+    """
+    batch = state.last.shape[0]
+    max_len = cache_capacity(state.cache)
+
+    def not_finished(carry):
+        step, state, _ = carry
+        return (step < n_steps) & ~jnp.all(state.done)
+
+    def one_step(carry):
+        step, state, emitted = carry
+        logits, cache = model.decode(state.last[:, None], state.positions[:, None], state.cache)
+        key, step_key = jax.random.split(state.key)
+        token = sample(logits[:, -1], step_key, sampling)
+        active = ~state.done
+        positions = state.positions + active.astype(jnp.int32)
+        budget = state.budget - active.astype(jnp.int32)
+        is_stop = _finished(positions, jnp.ones_like(budget), token, stop_ids, max_len + 1)
+        emit = active & ~is_stop
+        emitted = emitted.at[:, step].set(jnp.where(emit, token, NO_TOKEN))
+        done = state.done | _finished(positions, budget, token, stop_ids, max_len)
+        new_state = DecodeState(cache=cache, last=jnp.where(active, token, state.last),
+                                positions=positions, done=done, budget=budget, key=key)
+        return step + 1, new_state, emitted
+
+    emitted = jnp.full((batch, n_steps), NO_TOKEN, jnp.int32)
+    _, state, emitted = lax.while_loop(not_finished, one_step, (jnp.int32(0), state, emitted))
+    return state, emitted
+
+
+@dataclasses.dataclass
+class Generation:
+    """An iterator over chunks of new tokens: each item is one list of new ids per row.
+
+    `stop_row(b)` ends row b early (the caller found a stop string); `tokens[b]` holds
+    everything row b has emitted so far.
+    """
+
+    model: Model
+    state: DecodeState
+    first: list[int]
+    sampling: SamplingConfig
+    stop_ids: tuple[int, ...]
+    chunk_size: int
+
+    def __post_init__(self) -> None:
+        self.tokens: list[list[int]] = [[] for _ in self.first]
+        self._started = False
+
+    def stop_row(self, row: int) -> None:
+        self.state = eqx.tree_at(lambda s: s.done, self.state, self.state.done.at[row].set(True))
+
+    @property
+    def finished(self) -> bool:
+        return bool(jnp.all(self.state.done))
+
+    def __iter__(self) -> Iterator[list[list[int]]]:
+        return self
+
+    def __next__(self) -> list[list[int]]:
+        if not self._started:
+            self._started = True
+            new = [[t] if t != NO_TOKEN else [] for t in self.first]
+        elif self.finished:
+            raise StopIteration
+        else:
+            self.state, emitted = decode_chunk(self.model, self.state, self.chunk_size,
+                                               self.sampling, self.stop_ids)
+            new = [[t for t in row if t != NO_TOKEN] for row in jax.device_get(emitted).tolist()]
+        for row, ids in zip(self.tokens, new, strict=True):
+            row.extend(ids)
+        return new
+
+
+class Generator:
+    """Holds a model and its generation settings; `start` begins a batch of prompts.
+
+    `context` is the longest sequence (prompt + completion) a row may reach: the model's
+    `max_seq_len` unless a shorter one is asked for. `layout="unrolled"` (the fast one, see
+    `infer.decoder`) copies the weights into per-layer buffers; "scanned" runs the model as
+    trained.
+    """
+
+    def __init__(self, model: Transformer, *, stop_ids: Sequence[int] = (),
+                 kv_cache_dtype: str = "float32", chunk_size: int = 16,
+                 context: int | None = None, layout: str = "unrolled"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model = UnrolledDecoder(model) if layout == "unrolled" else model
+        self.stop_ids = tuple(int(i) for i in stop_ids)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.chunk_size = chunk_size
+        self.context = model.cfg.max_seq_len if context is None else min(
+            context, model.cfg.max_seq_len)
+
+    def cache_length(self, bucket: int, max_new_tokens: int) -> int:
+        """Cache slots for prompts padded to `bucket`: room for every new token, rounded up so
+        that nearby settings share one compiled program, never beyond the context."""
+        wanted = bucket + max_new_tokens
+        rounded = -(-wanted // CACHE_ROUNDING) * CACHE_ROUNDING
+        return min(rounded, self.context)
+
+    def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+              sampling: SamplingConfig = GREEDY, seed: int = 0
+              ) -> Generation:
+        if not prompts:
+            raise ValueError("no prompts given")
+        longest = max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("empty prompt: give at least one token")
+        if longest > self.context:
+            raise PromptTooLongError(
+                f"prompt of {longest} tokens does not fit the model's context of "
+                f"{self.context} tokens; shorten it")
+        if max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        bucket = bucket_length(longest, self.context)
+        cache_len = self.cache_length(bucket, max_new_tokens)
+        padded = [list(p) + [0] * (bucket - len(p)) for p in prompts]
+        batch = len(prompts)
+        cache = allocate_cache(self.model, batch, cache_len, self.kv_cache_dtype)
+        state, first = prefill(
+            self.model, jnp.asarray(padded, jnp.int32),
+            jnp.asarray([len(p) for p in prompts], jnp.int32),
+            jnp.full((batch,), max_new_tokens, jnp.int32), cache, jax.random.key(seed),
+            sampling, self.stop_ids)
+        return Generation(self.model, state, jax.device_get(first).tolist(), sampling,
+                          self.stop_ids, self.chunk_size)
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 sampling: SamplingConfig = GREEDY, seed: int = 0
+                 ) -> list[list[int]]:
+        """All new tokens of every row (no streaming)."""
+        generation = self.start(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                                seed=seed)
+        for _ in generation:
+            pass
+        return generation.tokens
+
+
+class TextStream:
+    """Turns one row's growing token list into text pieces that are safe to print.
+
+    Text is re-decoded from all ids each time (a byte-level BPE token can end mid-character), a
+    trailing replacement character waits for the rest of its bytes, and the last few characters
+    wait until they cannot be the start of a stop string. `push` returns the new printable text
+    and sets `stopped` once a stop string appears (the stop string itself is never printed).
+    """
+
+    def __init__(self, decode, stop_strings: Sequence[str] = ()):
+        self._decode = decode
+        self.stop_strings = [s for s in stop_strings if s]
+        self._hold = max((len(s) for s in self.stop_strings), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""  # what has been handed out so far
+        self.stopped = False
+
+    def _full_text(self) -> str:
+        text = self._decode(self.ids)
+        for stop in self.stop_strings:
+            at = text.find(stop)
+            if at >= 0:
+                text, self.stopped = text[:at], True
+        return text
+
+    def push(self, ids: Sequence[int]) -> str:
+        if self.stopped:
+            return ""
+        self.ids.extend(ids)
+        text = self._full_text()
+        if not self.stopped:
+            text = text.rstrip("\ufffd")
+            text = text[:max(len(self.text), len(text) - self._hold)]
+        new = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text += new
+        return new
+
+    def finish(self) -> str:
+        """Whatever was held back, once no more tokens will come."""
+        if self.stopped:
+            return ""
+        text = self._full_text()
+        new = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text += new
+        return new

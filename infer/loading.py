@@ -1,0 +1,133 @@
+"""Finding and loading what `python -m infer` is pointed at.
+
+`CKPT` may be
+- a training run folder (`python -m train --out DIR`): its newest complete checkpoint is used;
+- one training checkpoint (`DIR/checkpoints/step_000100`): float or QAT (fake-quant) weights;
+- a converted checkpoint (`python -m infer convert`): config.json has a "weights" section.
+
+The skeleton to load into is built with `eqx.filter_eval_shape` (shapes only, no memory) by
+applying the same transformation that produced the file: `quantize_for_training` for a training
+checkpoint, `quantize_weights` for a converted one.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+
+from hpllm.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    latest_checkpoint,
+    load_model,
+    read_config,
+)
+from hpllm.config import ModelConfig, preset
+from hpllm.model import Transformer
+from hpllm.tokenizer import Tokenizer
+
+SCHEMES = ("f32", "bf16", "int8", "int4", "fp8")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A loaded model with what came with it. `scheme` is None for training checkpoints."""
+
+    model: Transformer
+    tokenizer: Tokenizer | None
+    config: dict[str, Any]
+    path: Path
+    scheme: str | None
+
+
+def check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    return scheme
+
+
+def quantize(model: Transformer, scheme: str, group_size: int = 128) -> Transformer:
+    """`model` with its Linear weights converted to `scheme` ("f32" leaves it as is)."""
+    check_scheme(scheme)
+    if scheme == "f32":
+        return model
+    from hpllm.quant import quantize_weights
+
+    return quantize_weights(model, scheme, group_size=group_size)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder that `path` names (a run folder resolves to its newest one)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; give a training run folder, a "
+                              "checkpoint folder or a converted checkpoint")
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and not (path / "checkpoints").is_dir():
+        return path
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: this run folder has no complete checkpoint yet")
+        return latest
+    raise CheckpointError(f"{path}: not a checkpoint folder (no {CONFIG_FILE}) nor a training "
+                          "run folder (no checkpoints/)")
+
+
+def _skeleton(cfg: ModelConfig, config: dict[str, Any]) -> Transformer:
+    def float_model() -> Transformer:
+        return Transformer(cfg, key=jax.random.key(0))
+
+    if "weights" in config:
+        weights = config["weights"]
+        if not isinstance(weights, dict) or weights.get("scheme") not in SCHEMES:
+            raise CheckpointError(f"config.json: unknown weight scheme in {weights!r}")
+        scheme, group_size = weights["scheme"], int(weights.get("group_size", 128))
+        return eqx.filter_eval_shape(lambda: quantize(float_model(), scheme, group_size))
+    if config.get("quant") and config["quant"].get("mode", "none") != "none":
+        from hpllm.quant import QuantConfig, quantize_for_training
+
+        try:
+            qcfg = QuantConfig.from_dict(config["quant"])
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"config.json: invalid quant section ({error})") from None
+        return eqx.filter_eval_shape(lambda: quantize_for_training(float_model(), qcfg))
+    return eqx.filter_eval_shape(float_model)
+
+
+def _find_tokenizer(checkpoint: Path) -> Tokenizer | None:
+    # A checkpoint carries its own copy; the run folder two levels up has one too.
+    for candidate in (checkpoint / TOKENIZER_FILE, checkpoint.parent.parent / TOKENIZER_FILE):
+        if candidate.is_file():
+            try:
+                return Tokenizer.load(candidate)
+            except (OSError, ValueError) as error:
+                raise CheckpointError(str(error)) from None
+    return None
+
+
+def load(path: str | Path) -> Loaded:
+    """Load the model (and tokenizer, when there is one) that `path` names."""
+    checkpoint = resolve_checkpoint(path)
+    config = read_config(checkpoint)
+    model, config = load_model(checkpoint, _skeleton)
+    scheme = config["weights"]["scheme"] if "weights" in config else None
+    return Loaded(model, _find_tokenizer(checkpoint), config, checkpoint, scheme)
+
+
+def random_model(preset_name: str, *, seed: int = 0, compute_dtype: str | None = None
+                 ) -> Transformer:
+    """A randomly initialised model of a preset's shape (for benchmarks)."""
+    cfg = preset(preset_name)
+    if compute_dtype is not None:
+        cfg = cfg.replace(compute_dtype=compute_dtype)
+    return Transformer(cfg, key=jax.random.key(seed))
+
+
+def require_tokenizer(loaded: Loaded) -> Tokenizer:
+    if loaded.tokenizer is None:
+        raise CheckpointError(f"{loaded.path}: no {TOKENIZER_FILE} beside the checkpoint or in "
+                              "its run folder; text generation needs one")
+    return loaded.tokenizer
