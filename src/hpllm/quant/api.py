@@ -1,0 +1,249 @@
+"""Model-level quantization: pure tree maps over the `Linear`s of a model.
+
+- `quantize_for_training(model, QuantConfig)` swaps the op of each targeted `Linear` for a
+  fake-quant (QAT) op; weights stay float32 parameters.
+- `split_quant_state(model)` separates non-parameter state (fp8 delayed-scaling amax
+  histories and scales) from parameters. The gradient w.r.t. the state is the new state
+  (see fake_quant.py), so a train step is:
+
+      params, state = split_quant_state(model)
+      (loss, aux), (g_params, new_state) = eqx.filter_value_and_grad(
+          lambda ps, batch: loss_fn(eqx.combine(*ps), batch), has_aux=True)((params, state), batch)
+      updates, opt_state = optim.update(g_params, opt_state, params)
+      params, state = eqx.apply_updates(params, updates), new_state
+
+- `quantize_weights(model, scheme)` converts for inference: targeted `Linear`s get a quantized
+  weight tensor and the matching weight-only op. It reads `Linear.weight` as floats whatever
+  the op, so QAT-trained models convert directly; it also works under `eqx.filter_eval_shape`
+  (skeletons for loading checkpoints).
+
+Layers are chosen by `fnmatch` patterns over their dotted paths (`blocks.attn.wq`,
+`blocks.mlp.w_down`, `lm_head`); the default targets every `Linear` in the blocks, keeping the
+embedding and the LM head in float (they are small next to the blocks and most sensitive).
+`Linear`s inside `Transformer.blocks` have a leading layer axis; ops and quantized weights get
+the same leading axis, so `lax.scan` slices them with the weights.
+"""
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from hpllm.linear import FloatDot, Linear, MatmulOp
+from hpllm.quant.fake_quant import QAT_OPS, Fp8QATDot, Int4WeightQATDot, Int8QATDot
+from hpllm.quant.integer import Int8Dot
+from hpllm.quant.quantizers import DelayedScale
+from hpllm.quant.weight_only import (
+    Fp8Weight,
+    Fp8WeightOnlyDot,
+    Int4Weight,
+    Int4WeightOnlyDot,
+    Int8Weight,
+    Int8WeightOnlyDot,
+)
+
+MODES = ("none", "int8", "fp8", "int4w")
+SCALINGS = ("delayed", "current")
+SCHEMES = ("int8", "int4", "fp8", "bf16", "f32", "w8a8")
+DEFAULT_TARGETS = ("blocks.*",)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How a model is quantized during training (saved with every checkpoint).
+
+    mode: "none" | "int8" (int8 activations per token + weights per channel) | "fp8" (e4m3
+        activations and weights) | "int4w" (int4 group-wise weights, float activations).
+    scaling: fp8 only - "delayed" (scale from an amax history, Transformer Engine's recipe)
+        or "current" (each tensor's own amax).
+    amax_history_len: steps of amax history kept for delayed scaling.
+    quantize_backward: also quantize the incoming gradient of the backward matmuls (int8
+        per row/column in int8 mode, e5m2 in fp8 mode).
+    mask_clipped_grads: zero the straight-through gradient where the forward clipped.
+    group_size: int4 group size along d_in.
+    targets: fnmatch patterns over the dotted paths of the `Linear`s to quantize.
+    """
+
+    mode: str = "none"
+    scaling: str = "delayed"
+    amax_history_len: int = 16
+    quantize_backward: bool = False
+    mask_clipped_grads: bool = False
+    group_size: int = 128
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        for name in ("amax_history_len", "group_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.group_size % 2:
+            raise ValueError(f"group_size must be even (two int4 per byte), got "
+                             f"{self.group_size}")
+        for name in ("quantize_backward", "mask_clipped_grads"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.quantize_backward and self.mode not in ("int8", "fp8"):
+            raise ValueError("quantize_backward applies to modes 'int8' and 'fp8' only, "
+                             f"not {self.mode!r}")
+        if isinstance(self.targets, str) or not all(
+                isinstance(t, str) and t for t in self.targets) or not self.targets:
+            raise ValueError(f"targets must be a non-empty list of patterns such as "
+                             f"{list(DEFAULT_TARGETS)}, got {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["targets"] = list(self.targets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields: {', '.join(unknown)}")
+        data = dict(data)
+        if isinstance(data.get("targets"), list):
+            data["targets"] = tuple(data["targets"])
+        return cls(**data)
+
+
+def _is_linear(x: Any) -> bool:
+    return isinstance(x, Linear)
+
+
+def _path_name(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def linear_paths(model: eqx.Module) -> list[str]:
+    """Dotted paths of every `Linear` in `model` (what `targets` patterns match against)."""
+    found = []
+    jax.tree_util.tree_map_with_path(
+        lambda path, x: found.append(_path_name(path)) if _is_linear(x) else None,
+        model, is_leaf=_is_linear)
+    return found
+
+
+def _map_targeted(model: eqx.Module, targets: tuple[str, ...],
+                  fn: Callable[[Linear], Linear]) -> eqx.Module:
+    """Apply `fn` to every `Linear` whose path matches a pattern in `targets`."""
+    paths = linear_paths(model)
+    unmatched = [t for t in targets if not any(fnmatch.fnmatchcase(p, t) for p in paths)]
+    if unmatched:
+        raise ValueError(f"quantization targets {unmatched} match no Linear layer; "
+                         f"the model has {paths}")
+
+    def visit(path: tuple, x: Any) -> Any:
+        name = _path_name(path)
+        if _is_linear(x) and any(fnmatch.fnmatchcase(name, t) for t in targets):
+            return fn(x)
+        return x
+
+    return jax.tree_util.tree_map_with_path(visit, model, is_leaf=_is_linear)
+
+
+def _stacked_like(op: MatmulOp, weight: jax.Array) -> MatmulOp:
+    """Give the op's array leaves the weight's leading (layer) axes, so `lax.scan` over a
+    stacked `Linear` hands each layer its own state."""
+    lead = weight.shape[:-2]
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, lead + a.shape), op)
+
+
+def _with(linear: Linear, weight: Any, op: MatmulOp) -> Linear:
+    return eqx.tree_at(lambda lin: (lin.weight, lin.op), linear, (weight, op))
+
+
+def _float_weight(linear: Linear) -> jax.Array:
+    if not eqx.is_array(linear.weight):
+        raise ValueError("this Linear's weight is already quantized for inference; convert "
+                         "from the float (or QAT-trained) model instead")
+    return linear.weight
+
+
+def training_op(qcfg: QuantConfig) -> MatmulOp:
+    """The QAT op for one (unstacked) `Linear` under `qcfg`."""
+    if qcfg.mode == "int8":
+        return Int8QATDot(quantize_backward=qcfg.quantize_backward,
+                          mask_clipped_grads=qcfg.mask_clipped_grads)
+    if qcfg.mode == "fp8":
+        return Fp8QATDot(scaling=qcfg.scaling, amax_history_len=qcfg.amax_history_len,
+                         quantize_backward=qcfg.quantize_backward,
+                         mask_clipped_grads=qcfg.mask_clipped_grads)
+    if qcfg.mode == "int4w":
+        return Int4WeightQATDot(group_size=qcfg.group_size,
+                                mask_clipped_grads=qcfg.mask_clipped_grads)
+    return FloatDot()
+
+
+def quantize_for_training(model: eqx.Module, qcfg: QuantConfig) -> eqx.Module:
+    """Swap the op of every targeted `Linear` for the QAT op of `qcfg.mode` (weights are
+    untouched); mode "none" returns the model unchanged."""
+    if qcfg.mode == "none":
+        return model
+    op = training_op(qcfg)
+    return _map_targeted(model, qcfg.targets,
+                         lambda lin: _with(lin, lin.weight, _stacked_like(op, lin.weight)))
+
+
+def _is_state(x: Any) -> bool:
+    return isinstance(x, DelayedScale)
+
+
+def split_quant_state(model: eqx.Module) -> tuple[eqx.Module, eqx.Module]:
+    """`(params, state)`: state holds the delayed-scaling leaves (all None when there are
+    none), params everything else; `eqx.combine(params, state)` rebuilds the model."""
+    spec = jax.tree.map(_is_state, model, is_leaf=_is_state)
+    state, params = eqx.partition(model, spec)
+    return params, state
+
+
+def strip_training_quant(model: eqx.Module) -> eqx.Module:
+    """Every QAT op back to `FloatDot` (drops delayed-scaling state)."""
+
+    def strip(x: Any) -> Any:
+        if _is_linear(x) and isinstance(x.op, QAT_OPS):
+            return _with(x, x.weight, FloatDot())
+        return x
+
+    return jax.tree.map(strip, model, is_leaf=_is_linear)
+
+
+def _convert(linear: Linear, scheme: str, group_size: int) -> Linear:
+    w = _float_weight(linear)
+    if scheme == "int8":
+        return _with(linear, Int8Weight(w), Int8WeightOnlyDot())
+    if scheme == "w8a8":
+        return _with(linear, Int8Weight(w), Int8Dot())
+    if scheme == "int4":
+        return _with(linear, Int4Weight(w, group_size), Int4WeightOnlyDot())
+    if scheme == "fp8":
+        return _with(linear, Fp8Weight(w), Fp8WeightOnlyDot())
+    if scheme == "bf16":
+        return _with(linear, w.astype(jnp.bfloat16), FloatDot())
+    return _with(linear, w.astype(jnp.float32), FloatDot())
+
+
+def quantize_weights(model: eqx.Module, scheme: str, *, group_size: int = 128,
+                     targets: tuple[str, ...] = DEFAULT_TARGETS) -> eqx.Module:
+    """Inference conversion: targeted `Linear`s get `scheme` weights and the weight-only op.
+
+    scheme: "int8" (per-channel) | "int4" (group-wise, `group_size` along d_in, packed) |
+    "fp8" (e4m3, per-channel) | "bf16" | "f32" | "w8a8" (int8 weights, activations
+    quantized per token, int32 matmul). QAT ops anywhere in the model become `FloatDot`.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if group_size <= 0 or group_size % 2:
+        raise ValueError(f"group_size must be a positive even number, got {group_size}")
+    model = strip_training_quant(model)
+    return _map_targeted(model, tuple(targets), lambda lin: _convert(lin, scheme, group_size))
