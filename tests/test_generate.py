@@ -1,0 +1,150 @@
+"""The generation engine against independent references: greedy decoding by recomputing the full
+forward pass each step, each prompt generated alone, NumPy top-k/top-p."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import infer.generate as generate_module
+from hpllm.config import preset
+from hpllm.model import Transformer
+from infer.generate import Generator, PromptTooLongError, TextStream, bucket_length
+from infer.loading import quantize
+from infer.sampling import SamplingConfig, filter_logits, sample
+
+TINY = preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return Transformer(TINY, key=jax.random.key(0))
+
+
+def greedy_by_recomputation(model: Transformer, prompt: list[int], n: int,
+                            stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """The reference: run the training forward over the whole sequence for every new token."""
+    sequence = list(prompt)
+    for _ in range(n):
+        token = int(jnp.argmax(model(jnp.asarray([sequence], jnp.int32))[0, -1]))
+        if token in stop_ids:
+            break
+        sequence.append(token)
+    return sequence[len(prompt):]
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, TINY.vocab_size, length).tolist()
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+def test_greedy_with_cache_equals_recomputation(model, layout):
+    prompt = _prompt(0, 11)
+    generator = Generator(model, chunk_size=5, layout=layout)
+    got = generator.generate([prompt], max_new_tokens=17)[0]
+    assert got == greedy_by_recomputation(model, prompt, 17)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_greedy_with_cache_equals_recomputation_for_quantized_weights(model, scheme):
+    quantized = quantize(model, scheme, group_size=32)
+    prompt = _prompt(1, 9)
+    got = Generator(quantized, chunk_size=4).generate([prompt], max_new_tokens=12)[0]
+    assert got == greedy_by_recomputation(quantized, prompt, 12)
+
+
+def test_batch_of_different_lengths_equals_each_alone(model):
+    prompts = [_prompt(2, 3), _prompt(3, 20), _prompt(4, 9)]
+    generator = Generator(model, chunk_size=6)
+    batched = generator.generate(prompts, max_new_tokens=14)
+    alone = [generator.generate([p], max_new_tokens=14)[0] for p in prompts]
+    assert batched == alone
+    assert all(len(tokens) == 14 for tokens in batched)
+
+
+def test_rows_stop_at_their_own_end_token(model):
+    prompts = [_prompt(5, 6), _prompt(6, 6)]
+    reference = greedy_by_recomputation(model, prompts[0], 10)
+    stop = reference[4]  # row 0 stops before its 5th token; row 1 likely runs on
+    generator = Generator(model, stop_ids=[stop], chunk_size=3)
+    got = generator.generate(prompts, max_new_tokens=10)
+    assert got[0] == reference[:reference.index(stop)]
+    assert got[1] == greedy_by_recomputation(model, prompts[1], 10, stop_ids=(stop,))
+
+
+def test_decode_and_prefill_trace_once_across_chunks_and_lengths_in_a_bucket(
+        model, monkeypatch):
+    counted_decode = eqx.filter_jit(
+        eqx.debug.assert_max_traces(generate_module.decode_chunk.__wrapped__, max_traces=1),
+        donate="all-except-first")
+    counted_prefill = eqx.filter_jit(
+        eqx.debug.assert_max_traces(generate_module.prefill.__wrapped__, max_traces=1),
+        donate="all-except-first")
+    monkeypatch.setattr(generate_module, "decode_chunk", counted_decode)
+    monkeypatch.setattr(generate_module, "prefill", counted_prefill)
+    generator = Generator(model, chunk_size=4)
+    for length in (17, 20, 31, 32):  # one bucket (32), several chunks each
+        assert bucket_length(length, TINY.max_seq_len) == 32
+        tokens = generator.generate([_prompt(length, length)], max_new_tokens=13)[0]
+        assert len(tokens) == 13
+
+
+def test_prompt_longer_than_the_context_is_an_error(model):
+    with pytest.raises(PromptTooLongError, match="does not fit"):
+        Generator(model).start([[1] * (TINY.max_seq_len + 1)], max_new_tokens=1)
+
+
+def test_generation_stops_at_the_end_of_the_context(model):
+    prompt = _prompt(7, TINY.max_seq_len - 3)
+    got = Generator(model).generate([prompt], max_new_tokens=50)[0]
+    # 3 free slots hold 3 tokens fed back; the token sampled after the last one is emitted too.
+    assert got == greedy_by_recomputation(model, prompt, 4)
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    generator = Generator(model, chunk_size=4)
+    config = SamplingConfig(temperature=1.0, top_k=50, top_p=0.9)
+    runs = [generator.generate([_prompt(8, 5)], max_new_tokens=12, sampling=config, seed=s)
+            for s in (1, 1, 2)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_top_k_and_top_p_match_numpy_reference():
+    logits = jax.random.normal(jax.random.key(1), (3, 40), jnp.float32) * 3
+    config = SamplingConfig(temperature=0.7, top_k=10, top_p=0.8)
+    kept = np.isfinite(np.asarray(filter_logits(logits, config)))
+    for row, kept_row in zip(np.asarray(logits, np.float64) / 0.7, kept, strict=True):
+        order = np.argsort(-row)[:10]
+        probs = np.exp(row[order] - row[order].max())
+        probs /= probs.sum()
+        n_keep = int(np.searchsorted(np.cumsum(probs), 0.8) + 1)  # smallest set reaching 0.8
+        np.testing.assert_array_equal(np.flatnonzero(kept_row), np.sort(order[:n_keep]))
+
+
+def test_top_k_one_and_temperature_zero_are_greedy():
+    logits = jax.random.normal(jax.random.key(2), (4, 30), jnp.float32)
+    want = np.argmax(np.asarray(logits), axis=-1)
+    for config in (SamplingConfig(top_k=1), SamplingConfig(temperature=0.0),
+                   SamplingConfig(top_p=1e-6)):
+        np.testing.assert_array_equal(sample(logits, jax.random.key(3), config), want)
+
+
+@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0),
+                                 dict(top_k=-2)])
+def test_invalid_sampling_settings_are_rejected(bad):
+    with pytest.raises(ValueError):
+        SamplingConfig(**bad)
+
+
+def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_strings():
+    pieces = ["Hel", "lo", " wo", "rld", "STOP", " more"]
+    stream = TextStream(lambda ids: "".join(pieces[i] for i in ids), stop_strings=["STOP"])
+    out = "".join(stream.push([i]) for i in range(len(pieces))) + stream.finish()
+    assert out == "Hello world" and stream.stopped
+
+    utf8 = "é".encode()
+    stream = TextStream(lambda ids: bytes(utf8[i] for i in ids).decode("utf-8", "replace"))
+    assert stream.push([0]) == ""  # half a character waits for the rest
+    assert stream.push([1]) == "é"
