@@ -207,3 +207,16 @@ def test_interrupt_saves_once_and_stops():
     assert not completed and int(state.step) == 3 and rec.saved == [3]
     assert set(rec.records[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
 
+
+
+def test_fp8_delayed_scaling_state_advances_once_per_micro_batch():
+    """The step replaces the quant state by its cotangent: 2 steps x 2 micro-batches record
+    4 amax values per operand, newest first, and leave the rest of the history empty."""
+    batches = random_batches(4)
+    micro = [[next(batches), next(batches)] for _ in range(2)]
+    _, state = run_steps(2, devices=jax.devices()[:1], micro_batches=micro, quant="fp8")
+    history = np.asarray(state.quant_state.blocks.attn.wq.op.x_scale.history)
+    assert history.shape == (TINY.n_layers, 16)
+    assert np.all(history[:, :4] > 0) and np.all(history[:, 4:] == 0)
+    # The optimizer never saw the state: it holds parameters only.
+    assert state.params.blocks.attn.wq.op.x_scale.history is None
