@@ -14,7 +14,8 @@ Ctrl-C stops the current reply (the loop goes on); end of input (Ctrl-D) exits c
 
 import dataclasses
 import time
-from typing import BinaryIO, TextIO
+from io import BufferedIOBase as BinaryIO
+from io import TextIOBase as TextIO
 
 from hpllm.model import Transformer
 from hpllm.tokenizer import Tokenizer

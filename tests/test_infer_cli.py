@@ -1,0 +1,164 @@
+"""`python -m infer` end to end on a trained-looking checkpoint built here (random tiny model +
+a tokenizer trained on a few sentences): convert, load, generate, chat, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hpllm.checkpoint import write_checkpoint
+from hpllm.config import preset
+from hpllm.model import Transformer
+from hpllm.tokenizer import Tokenizer
+from infer.chat import Chat
+from infer.cli import main
+from infer.loading import load, quantize
+from infer.sampling import SamplingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "hello world, how are you?",
+             "the quick brown fox jumps over the lazy dog"] * 5
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder as `python -m train --out DIR` leaves it, with two checkpoints."""
+    run = tmp_path_factory.mktemp("run")
+    tokenizer = Tokenizer.train(SENTENCES, vocab_size=300)
+    cfg = preset("tiny")
+    (run / "tokenizer.json").write_text(tokenizer.to_json())
+    for step, seed in ((10, 1), (20, 0)):
+        model = Transformer(cfg, key=jax.random.key(seed))
+        write_checkpoint(run / "checkpoints" / f"step_{step:06d}",
+                         {"model": cfg.to_dict(), "quant": {"mode": "none"}, "step": step},
+                         {"model": model}, {"tokenizer.json": tokenizer.to_json()})
+    return run
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_folder_loads_its_newest_checkpoint(run_dir):
+    loaded = load(run_dir)
+    assert loaded.path.name == "step_000020" and loaded.scheme is None
+    want = Transformer(preset("tiny"), key=jax.random.key(0))
+    np.testing.assert_array_equal(loaded.model.embed, want.embed)
+    assert load(run_dir / "checkpoints" / "step_000010").path.name == "step_000010"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8", "bf16"])
+def test_converted_checkpoint_round_trips(run_dir, tmp_path, capsys, scheme):
+    code, out, _ = _run(["convert", run_dir, "--to", scheme, "--out", tmp_path / "c",
+                         "--group-size", 32], capsys)
+    assert code == 0 and "MiB ->" in out
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["weights"] == {"scheme": scheme, "group_size": 32}
+    loaded = load(tmp_path / "c")
+    assert loaded.scheme == scheme and loaded.tokenizer is not None
+    want = quantize(load(run_dir).model, scheme, group_size=32)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(loaded.model), jax.tree.leaves(want),
+                                   strict=True):
+        assert got_leaf.dtype == want_leaf.dtype
+        np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf))
+
+
+# Per-channel absmax rounding moves each int8 weight by at most scale/2 = amax/254 (~0.4%), fp8
+# e4m3 by at most 2^-4 of its magnitude (~6%, ~2.5% on average); summed over the two tiny layers'
+# matmuls with random signs the logits (std ~0.5 with the 0.1-scaled head) move by about
+# 0.01 (int8) and 0.05 (fp8) at most, as measured over the seeds below; the bounds leave a
+# factor of ~3.
+@pytest.mark.parametrize(("scheme", "atol"), [("int8", 0.03), ("fp8", 0.15)])
+def test_quantized_logits_stay_close_to_float(run_dir, scheme, atol):
+    model = load(run_dir).model
+    tokens = jax.random.randint(jax.random.key(5), (2, 24), 0, 300, jnp.int32)
+    reference = model(tokens)
+    got = quantize(model, scheme)(tokens)
+    np.testing.assert_allclose(got, reference, atol=atol, rtol=0)
+
+
+def test_generate_batch_equals_single_runs_as_text(run_dir, capsys):
+    prompts = ["the cat", "hello world, how are", "a"]
+    common = ["--greedy", "--max-new-tokens", 12]
+    code, batched, _ = _run(["generate", run_dir, *sum((["--prompt", p] for p in prompts), []),
+                             *common], capsys)
+    assert code == 0
+    singles = []
+    for p in prompts:
+        code, out, _ = _run(["generate", run_dir, "--prompt", p, *common], capsys)
+        assert code == 0
+        singles.append(out.rstrip("\n"))
+    assert batched == "\n\n".join(singles) + "\n"
+    assert all(s.startswith(p) for s, p in zip(singles, prompts, strict=True))
+
+
+def test_generate_reads_converted_checkpoints_and_int8_kv_cache(run_dir, tmp_path, capsys):
+    assert _run(["convert", run_dir, "--to", "int8", "--out", tmp_path / "q"], capsys)[0] == 0
+    code, out, _ = _run(["generate", tmp_path / "q", "--prompt", "the dog", "--seed", 3,
+                         "--temperature", 0.8, "--top-k", 20, "--top-p", 0.9,
+                         "--kv-cache-dtype", "int8", "--max-new-tokens", 8], capsys)
+    assert code == 0 and out.startswith("the dog")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["generate", "{tmp}/missing", "--prompt", "x"], "no such file"),
+    (["generate", "{corrupt}", "--prompt", "x"], "unreadable or truncated"),
+    (["convert", "{run}", "--to", "int3", "--out", "{tmp}/o"], "unknown scheme"),
+    (["generate", "{run}", "--prompt", "the cat " * 100], "does not fit"),
+    (["generate", "{run}", "--prompt", "x", "--top-p", "0"], "--top-p"),
+    (["generate", "{run}", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
+    (["generate", "{run}", "--prompt", "x", "--temperature", "-0.5"], "--temperature"),
+    (["generate", "{run}", "--prompt", "x", "--kv-cache-dtype", "int4"], "invalid choice"),
+    (["bench", "--preset", "huge"], "unknown preset"),
+])
+def test_bad_input_is_a_one_line_error(run_dir, tmp_path, capsys, argv, message):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text(json.dumps({"format_version": 1,
+                                                     "model": preset("tiny").to_dict()}))
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    argv = [a.format(tmp=tmp_path, run=run_dir, corrupt=corrupt) for a in argv]
+    code, out, err = _run(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_chat_in_a_subprocess_answers_each_line_and_exits_at_eof(run_dir):
+    lines = b"hello world\n/stats\n/nonsense\n\xff\xfe bad bytes\nthe cat sat\n"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "infer", str(run_dir), "--max-new-tokens", "6", "--greedy"],
+        input=lines, capture_output=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    assert len(result.stdout.decode().splitlines()) == 2  # one reply per message line
+    err = result.stderr.decode()
+    assert "unknown command /nonsense" in err and "not valid UTF-8" in err
+    assert "tokens/s" in err and "Traceback" not in err
+
+
+def test_chat_reset_clears_history_and_old_turns_are_dropped_to_fit(run_dir, capsys):
+    loaded = load(run_dir)
+    chat = Chat(loaded.model, loaded.tokenizer, sampling=SamplingConfig(greedy=True),
+                max_new_tokens=8)
+    chat.reply("hello world", sys.stdout, sys.stderr)
+    chat.reply("the cat sat", sys.stdout, sys.stderr)
+    assert len(chat.history) == 2
+    chat.command("/reset", sys.stderr)
+    assert chat.history == []
+    # Fill the context: each turn is ~60 tokens, the context 128 with room for an 8-token reply
+    # (the reply budget is capped at a quarter of the context).
+    for _ in range(3):
+        chat.reply("the quick brown fox jumps over the lazy dog " * 5, sys.stdout, sys.stderr)
+    prompt, dropped = chat.prompt_ids(loaded.tokenizer.encode("hi"))
+    assert len(prompt) + chat.max_new_tokens <= chat.context
+    assert "dropped the" in capsys.readouterr().err
+    chat.reply("the cat " * 200, sys.stdout, sys.stderr)  # alone longer than the context
+    assert "Shorten it" in capsys.readouterr().err
