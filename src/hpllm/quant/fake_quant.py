@@ -86,7 +86,7 @@ def _fake_quant(kind: str, v: Float[Array, "..."], meta: Meta, axis: int | None,
         scale = fp8_scale(v, fmt)
     else:
         scale = delayed_scale(meta, fmt).reshape((1,) * v.ndim)
-        ok = in_range(v, scale, E4M3_MAX if fmt == "e4m3" else E5M2_MAX)
+        ok = in_range(v, scale, E4M3_MAX if fmt == "e4m3" else E5M2_MAX, integer=False)
         meta = record_amax(meta, absmax(v).reshape(()), scale.reshape(()))
     return dequantize(quantize_fp8(v, scale, fmt), scale), ok, meta
 
@@ -170,7 +170,8 @@ def _fake_quant_ste(fmt: str, mask_clipped: bool, x, scale):
 
 
 def _fake_quant_ste_fwd(fmt, mask_clipped, x, scale):
-    return _quant_dequant(fmt, x, scale), (in_range(x, scale, _qmax(fmt)), scale)
+    ok = in_range(x, scale, _qmax(fmt), integer=fmt in ("int8", "int4"))
+    return _quant_dequant(fmt, x, scale), (ok, scale)
 
 
 def _fake_quant_ste_bwd(fmt, mask_clipped, residuals, g):

@@ -64,10 +64,16 @@ def quantize_fp8(x: Float[Array, "..."], scale: Float[Array, "..."], fmt: str
     return jnp.clip(_divide_by_scale(x, scale), -fmax, fmax).astype(FP8_DTYPES[fmt])
 
 
-def in_range(x: Float[Array, "..."], scale: Float[Array, "..."], qmax: float
+def in_range(x: Float[Array, "..."], scale: Float[Array, "..."], qmax: float, integer: bool
              ) -> Bool[Array, "..."]:
-    """Where quantizing with `scale` does not clip (for straight-through gradient masks)."""
-    return jnp.abs(_divide_by_scale(x, scale)) <= qmax
+    """Where quantizing with `scale` is not changed by the clip (for gradient masks).
+
+    Integer formats clip after rounding, so values up to the edge of the last rounding bucket
+    (qmax + 1/2, exclusive: 127.5 rounds to even 128) are not clipped; fp8 clips before the
+    cast, so anything beyond qmax is.
+    """
+    magnitude = jnp.abs(_divide_by_scale(x, scale))
+    return magnitude < qmax + 0.5 if integer else magnitude <= qmax
 
 
 def dequantize(q: Array, scale: Float[Array, "..."]) -> Float[Array, "..."]:
