@@ -23,7 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from hpllm.checkpoint import CheckpointError
+from hpllm.checkpoint import CheckpointError, read_config
 from hpllm.config import PRESETS, ModelConfig, preset
 from hpllm.model import Transformer
 from hpllm.quant import QuantConfig, quantize_for_training, split_quant_state
@@ -224,6 +224,7 @@ def resolve(argv: list[str] | None) -> tuple[Settings, bool]:
     out = Path(layered.get("out") or f"runs/{layered.get('preset', Settings.preset)}")
     saved: dict[str, Any] = {}
     if resume:
+        check_run_folder(out, resume)
         saved = saved_settings(out)
         for name in FIXED_ON_RESUME:
             if name in layered and layered[name] != saved.get(name):
@@ -244,8 +245,6 @@ def resolve(argv: list[str] | None) -> tuple[Settings, bool]:
 
 def saved_settings(out: Path) -> dict[str, Any]:
     """The training settings stored in the newest checkpoint of `out`."""
-    from hpllm.checkpoint import read_config
-
     path = find_resume_checkpoint(out)
     train = read_config(path).get("train")
     if not isinstance(train, dict):
@@ -427,3 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(settings, resume)
     except (UsageError, CheckpointError, NonFiniteLossError, train_data.DataError) as error:
         fail(str(error))
+    except KeyboardInterrupt:
+        # Ctrl-C before the first step, or a second Ctrl-C: the checkpoints already written
+        # are complete (atomic saves); nothing new was saved.
+        print("\ninterrupted; no new checkpoint written", file=sys.stderr)
+        return 130
