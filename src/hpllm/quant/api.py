@@ -112,8 +112,20 @@ class QuantConfig:
         if unknown:
             raise ValueError(f"unknown QuantConfig fields: {', '.join(unknown)}")
         data = dict(data)
-        if isinstance(data.get("targets"), list):
-            data["targets"] = tuple(data["targets"])
+        # Check JSON types here so a bad file gives a ValueError naming the field (a type
+        # checker on __init__ would raise something less helpful).
+        for field in dataclasses.fields(cls):
+            if field.name not in data:
+                continue
+            value = data[field.name]
+            if field.name == "targets":
+                if not isinstance(value, list | tuple):
+                    raise ValueError(f"targets must be a list of patterns, got {value!r}")
+                data["targets"] = tuple(value)
+            elif not isinstance(value, field.type) or (
+                    field.type is int and isinstance(value, bool)):
+                raise ValueError(f"{field.name} must be of type {field.type.__name__}, got "
+                                 f"{value!r}")
         return cls(**data)
 
 
