@@ -39,18 +39,26 @@ START, END = "<!-- train-throughput:start -->", "<!-- train-throughput:end -->"
 SHAPES = {"tiny": (8, 128), "small": (8, 128), "base": (4, 128)}
 
 
-def peak_matmul_flops(n: int = 2048, repeats: int = 10) -> float:
-    """Median FLOP/s of an n x n x n float32 matmul (2 n^3 FLOPs)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
+class PeakMatmul:
+    """FLOP/s of an n x n x n float32 matmul (2 n^3 FLOPs), timed one call at a time so the
+    calls can be interleaved with the train steps (same machine load for both)."""
+
+    def __init__(self, n: int = 2048):
+        self.n = n
+        self.a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        self.b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        self.matmul = jax.jit(jnp.matmul)
+        self.matmul(self.a, self.b).block_until_ready()
+        self.times: list[float] = []
+
+    def sample(self) -> None:
         start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
+        self.matmul(self.a, self.b).block_until_ready()
+        self.times.append(time.perf_counter() - start)
+
+    @property
+    def flops(self) -> float:
+        return 2 * self.n**3 / statistics.median(self.times)
 
 
 def build(preset_name: str, quant: str, batch: int, seq: int, mesh):
@@ -73,7 +81,7 @@ def build(preset_name: str, quant: str, batch: int, seq: int, mesh):
     return cfg, state, step, make_batch
 
 
-def bench_preset(preset_name: str, quants: list[str], repeats: int, peak: float, mesh
+def bench_preset(preset_name: str, quants: list[str], repeats: int, peak: PeakMatmul, mesh
                  ) -> list[dict]:
     batch, seq = SHAPES[preset_name]
     runs = {}
@@ -85,6 +93,7 @@ def bench_preset(preset_name: str, quants: list[str], repeats: int, peak: float,
         runs[quant] = {"state": state, "step": step, "make_batch": make_batch, "times": []}
         print(f"  {preset_name}/{quant}: compiled", file=sys.stderr, flush=True)
     for _ in range(repeats):
+        peak.sample()
         for run in runs.values():
             batch_arrays = run["make_batch"]()
             start = time.perf_counter()
@@ -99,7 +108,6 @@ def bench_preset(preset_name: str, quants: list[str], repeats: int, peak: float,
         rows.append({"preset": preset_name, "params": cfg.n_params, "quant": quant,
                      "batch": f"{batch}x{seq}", "step_s": step_time,
                      "tokens_per_s": tokens_per_s,
-                     "mfu": 6 * cfg.n_params * tokens_per_s / peak,
                      "ratio": step_time / base_time})
     return rows
 
@@ -114,16 +122,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def table(rows: list[dict], peak: float, command: str, repeats: int) -> str:
+def table(rows: list[dict], peak: float, command: str, repeats: int,
+          load: tuple[float, float]) -> str:
     lines = [
         f"Command: `{command}`",
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} CPU cores, "
         f"JAX {jax.__version__} on {jax.devices()[0].platform}, {len(jax.devices())} device(s). "
         f"Shared with other contributors while measuring: figures are medians of {repeats} "
-        f"steps per cell, steps of the quant modes interleaved.",
+        f"steps per cell, steps of the quant modes interleaved; 1-minute load average "
+        f"{load[0]:.1f} before, {load[1]:.1f} after (2 = both cores busy).",
         "",
-        f"Measured peak matmul throughput (2048^3 float32 matmul, median): "
+        f"Measured peak matmul throughput (2048^3 float32 matmul, median of one call per "
+        f"round, interleaved with the steps): "
         f"**{peak / 1e9:.1f} GFLOP/s**.",
         "",
         "| preset | params | --quant | batch x seq | step (s) | tokens/s | MFU | step vs none |",
@@ -131,7 +142,8 @@ def table(rows: list[dict], peak: float, command: str, repeats: int) -> str:
     ]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['quant']} | {r['batch']} "
-                     f"| {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} "
+                     f"| {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} "
+                     f"| {6 * r['params'] * r['tokens_per_s'] / peak:.1%} "
                      f"| {r['ratio']:.2f}x |")
     return "\n".join(lines)
 
@@ -149,18 +161,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["small", "base"])
     parser.add_argument("--quants", nargs="+", default=["none", "int8", "fp8"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--update-doc", action="store_true")
     args = parser.parse_args()
     mesh = make_mesh()
-    peak = peak_matmul_flops()
-    print(f"peak matmul: {peak / 1e9:.1f} GFLOP/s", file=sys.stderr, flush=True)
+    peak = PeakMatmul()
+    load_before = os.getloadavg()[0]
     rows = []
     for name in args.presets:
         rows += bench_preset(name, args.quants, args.repeats, peak, mesh)
+    load = (load_before, os.getloadavg()[0])
     command = "flock /tmp/hpllm-bench.lock .venv/bin/python bench/train_throughput.py " + " ".join(
         sys.argv[1:])
-    text = table(rows, peak, command.strip(), args.repeats)
+    text = table(rows, peak.flops, command.strip(), args.repeats, load)
     print(text)
     if args.update_doc:
         update_doc(text)
