@@ -1,7 +1,8 @@
 """Training throughput: tokens/s and model FLOP utilisation (MFU) per preset and --quant mode.
 
     flock /tmp/hpllm-bench.lock .venv/bin/python bench/train_throughput.py \
-        [--presets small base] [--quants none int8 fp8] [--repeats 5] [--update-doc]
+        [--presets small base] [--quants none int8 fp8] [--repeats 10] [--dtype float32]
+        [--update-doc]
 
 MFU = 6 * n_params * tokens/s / peak, where peak is the matmul FLOP/s measured here (a large
 jitted float32 matmul, the dtype the CPU runs by default). 6 * N counts the matmul FLOPs of the
@@ -61,8 +62,8 @@ class PeakMatmul:
         return 2 * self.n**3 / statistics.median(self.times)
 
 
-def build(preset_name: str, quant: str, batch: int, seq: int, mesh):
-    cfg = preset(preset_name)
+def build(preset_name: str, quant: str, batch: int, seq: int, mesh, dtype: str):
+    cfg = preset(preset_name).replace(compute_dtype=dtype)
     model = quantize_for_training(Transformer(cfg, key=jax.random.key(0)), QuantConfig(mode=quant))
     params, quant_state = split_quant_state(model)
     optimizer = make_optimizer(params, lr=1e-4, warmup=10, steps=1000, weight_decay=0.1,
@@ -81,12 +82,12 @@ def build(preset_name: str, quant: str, batch: int, seq: int, mesh):
     return cfg, state, step, make_batch
 
 
-def bench_preset(preset_name: str, quants: list[str], repeats: int, peak: PeakMatmul, mesh
-                 ) -> list[dict]:
+def bench_preset(preset_name: str, quants: list[str], repeats: int, peak: PeakMatmul, mesh,
+                 dtype: str) -> list[dict]:
     batch, seq = SHAPES[preset_name]
     runs = {}
     for quant in quants:
-        cfg, state, step, make_batch = build(preset_name, quant, batch, seq, mesh)
+        cfg, state, step, make_batch = build(preset_name, quant, batch, seq, mesh, dtype)
         for _ in range(2):  # compile, then one more so caches and allocations settle
             state, metrics = step(make_batch(), state)
             float(metrics["loss"])
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["small", "base"])
     parser.add_argument("--quants", nargs="+", default=["none", "int8", "fp8"])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype of the model (parameters stay float32)")
     parser.add_argument("--update-doc", action="store_true")
     args = parser.parse_args()
     mesh = make_mesh()
@@ -169,7 +172,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rows = []
     for name in args.presets:
-        rows += bench_preset(name, args.quants, args.repeats, peak, mesh)
+        rows += bench_preset(name, args.quants, args.repeats, peak, mesh, args.dtype)
     load = (load_before, os.getloadavg()[0])
     command = "flock /tmp/hpllm-bench.lock .venv/bin/python bench/train_throughput.py " + " ".join(
         sys.argv[1:])
