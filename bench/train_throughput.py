@@ -107,6 +107,7 @@ def bench_preset(preset_name: str, quants: list[str], repeats: int, peak: PeakMa
         step_time = statistics.median(run["times"])
         tokens_per_s = batch * seq / step_time
         rows.append({"preset": preset_name, "params": cfg.n_params, "quant": quant,
+                     "dtype": cfg.compute_dtype,
                      "batch": f"{batch}x{seq}", "step_s": step_time,
                      "tokens_per_s": tokens_per_s,
                      "ratio": step_time / base_time})
@@ -137,6 +138,8 @@ def table(rows: list[dict], peak: float, command: str, repeats: int,
         f"Measured peak matmul throughput (2048^3 float32 matmul, median of one call per "
         f"round, interleaved with the steps): "
         f"**{peak / 1e9:.1f} GFLOP/s**.",
+        "",
+        f"Compute dtype: {rows[0]['dtype']} (parameters float32).",
         "",
         "| preset | params | --quant | batch x seq | step (s) | tokens/s | MFU | step vs none |",
         "|---|---|---|---|---|---|---|---|",
