@@ -223,6 +223,9 @@ def _local_stream(files: list[Path], text_column: str, name: str) -> TextStream:
                 dataset = datasets.load_dataset(
                     builder, data_files={"train": [str(f) for f in files]}, split="train",
                     streaming=True, **options)
+            except StopIteration:  # what `datasets` raises for an empty file
+                raise DataError(f"{name} contains no text; check the path and --text-column"
+                                ) from None
             except Exception as err:
                 raise DataError(f"cannot open {name}: {str(err).splitlines()[0]}") from None
         return _rows_to_texts(dataset, text_column, name, files)
