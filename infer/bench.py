@@ -25,7 +25,8 @@ import numpy as np
 
 from hpllm.model import Transformer
 from infer.generate import Generator, decode_chunk
-from infer.loading import load, quantize, random_model
+from infer.kernels import available as native_kernels_available
+from infer.loading import DEFAULT_TARGETS, WITH_HEAD, load, quantize, random_model
 from infer.sampling import SamplingConfig
 
 COPY_BYTES = 512 * 2**20
@@ -81,13 +82,14 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def bench_batch(model: Transformer, batch: int, *, prompt_len: int, new_tokens: int,
-                repeats: int, kv_cache_dtype: str, layout: str, bandwidth: float
-                ) -> dict[str, Any]:
+                repeats: int, kv_cache_dtype: str, layout: str, bandwidth: float,
+                native_kernels: bool = True) -> dict[str, Any]:
     context = min(prompt_len + new_tokens, model.cfg.max_seq_len)
     if prompt_len >= context:
         raise ValueError(f"--prompt-len {prompt_len} leaves no room to decode in the context "
                          f"of {model.cfg.max_seq_len}")
-    generator = Generator(model, kv_cache_dtype=kv_cache_dtype, context=context, layout=layout)
+    generator = Generator(model, kv_cache_dtype=kv_cache_dtype, context=context, layout=layout,
+                          native_kernels=native_kernels)
     runner = generator.model
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, model.cfg.vocab_size, (batch, prompt_len)).tolist()
@@ -154,7 +156,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.to is not None:
         if scheme != "f32":
             raise ValueError(f"{source} is already {scheme}; --to needs float weights")
-        model, scheme = quantize(model, args.to, args.group_size), args.to
+        targets = WITH_HEAD if args.quantize_head else DEFAULT_TARGETS
+        model, scheme = quantize(model, args.to, args.group_size, targets), args.to
     cache_dtype = {"f32": "float32", "bf16": "bfloat16", "int8": "int8"}[args.kv_cache_dtype]
     log = sys.stderr
     print(f"measuring memory bandwidth ({COPY_BYTES // 2**20} MiB copy)...", file=log, flush=True)
@@ -165,7 +168,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         print(f"batch {batch}...", file=log, flush=True)
         row = bench_batch(model, batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                           repeats=args.repeats, kv_cache_dtype=cache_dtype, layout=args.layout,
-                          bandwidth=bandwidth)
+                          bandwidth=bandwidth, native_kernels=not args.no_native_kernels)
         results.append(row)
         if not args.json:
             print(f"batch {batch:3d}: prefill {row['prefill_tokens_per_s']:9.1f} tokens/s | "
@@ -180,6 +183,9 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "compute_dtype": model.cfg.compute_dtype,
         "kv_cache_dtype": cache_dtype,
         "layout": args.layout,
+        "lm_head_quantized": bool(args.quantize_head and args.to not in (None, "f32")),
+        "native_int8_kernel": bool(scheme == "int8" and not args.no_native_kernels
+                                   and native_kernels_available()),
         "n_params": model.cfg.n_params,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,

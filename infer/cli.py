@@ -56,6 +56,8 @@ def build_parser() -> Parser:
     convert.add_argument("--out", required=True, metavar="DIR")
     convert.add_argument("--group-size", type=int, default=128, metavar="{32,64,128}",
                          help="int4 group size (default 128)")
+    convert.add_argument("--quantize-head", action="store_true",
+                         help="quantize the LM head too (default: it stays float)")
 
     generate = commands.add_parser("generate", help="complete prompts (several = one batch)")
     generate.add_argument("checkpoint", metavar="CKPT")
@@ -76,6 +78,10 @@ def build_parser() -> Parser:
     bench.add_argument("--to", default=None, metavar="SCHEME",
                        help=f"convert first: one of {', '.join(SCHEMES)}")
     bench.add_argument("--group-size", type=int, default=128, metavar="{32,64,128}")
+    bench.add_argument("--quantize-head", action="store_true",
+                       help="with --to: quantize the LM head too")
+    bench.add_argument("--no-native-kernels", action="store_true",
+                       help="use only XLA ops (no native int8 kernel)")
     bench.add_argument("--batch-sizes", default="1,8", metavar="LIST")
     bench.add_argument("--prompt-len", type=_positive_int, default=128, metavar="N")
     bench.add_argument("--new-tokens", type=_positive_int, default=128, metavar="N")
@@ -102,7 +108,7 @@ def run_convert(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown scheme {args.to!r} for --to; choose one of "
                          f"{', '.join(s for s in SCHEMES if s != 'f32')}")
     started = time.perf_counter()
-    result = convert(args.checkpoint, args.to, args.out, args.group_size)
+    result = convert(args.checkpoint, args.to, args.out, args.group_size, args.quantize_head)
     mib = 2**20
     print(f"converted {result.source} -> {result.out} ({args.to}): weights "
           f"{result.bytes_before / mib:.1f} MiB -> {result.bytes_after / mib:.1f} MiB "

@@ -23,6 +23,7 @@ from jaxtyping import Array, Bool, Int, PRNGKeyArray
 from hpllm.kvcache import KVCache
 from hpllm.model import Transformer
 from infer.decoder import LayerCaches, UnrolledDecoder
+from infer.kernels import native_int8_ops
 from infer.sampling import SamplingConfig, sample
 
 Model = Transformer | UnrolledDecoder
@@ -218,17 +219,21 @@ class Generator:
     `context` is the longest sequence (prompt + completion) a row may reach: the model's
     `max_seq_len` unless a shorter one is asked for. `layout="unrolled"` (the fast one, see
     `infer.decoder`) copies the weights into per-layer buffers; "scanned" runs the model as
-    trained.
+    trained. `native_kernels` swaps int8 weight-only matmuls for the native kernel of
+    `infer.kernels` where it can be built.
     """
 
     def __init__(self, model: Transformer, *, stop_ids: Sequence[int] = (),
                  kv_cache_dtype: str = "float32", chunk_size: int = 16,
-                 context: int | None = None, layout: str = "unrolled"):
+                 context: int | None = None, layout: str = "unrolled",
+                 native_kernels: bool = True):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = UnrolledDecoder(model) if layout == "unrolled" else model
+        if native_kernels:
+            self.model = native_int8_ops(self.model)
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.kv_cache_dtype = kv_cache_dtype
         self.chunk_size = chunk_size

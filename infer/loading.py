@@ -30,6 +30,9 @@ from hpllm.tokenizer import Tokenizer
 
 SCHEMES = ("f32", "bf16", "int8", "int4", "fp8")
 TOKENIZER_FILE = "tokenizer.json"
+# The layer weights; "lm_head" is added on request (the embeddings always stay float).
+DEFAULT_TARGETS = ("blocks.*",)
+WITH_HEAD = ("blocks.*", "lm_head")
 
 
 @dataclasses.dataclass
@@ -49,14 +52,15 @@ def check_scheme(scheme: str) -> str:
     return scheme
 
 
-def quantize(model: Transformer, scheme: str, group_size: int = 128) -> Transformer:
-    """`model` with its Linear weights converted to `scheme` ("f32" leaves it as is)."""
+def quantize(model: Transformer, scheme: str, group_size: int = 128,
+             targets: tuple[str, ...] = DEFAULT_TARGETS) -> Transformer:
+    """`model` with the targeted Linear weights converted to `scheme` ("f32": as is)."""
     check_scheme(scheme)
     if scheme == "f32":
         return model
     from hpllm.quant import quantize_weights
 
-    return quantize_weights(model, scheme, group_size=group_size)
+    return quantize_weights(model, scheme, group_size=group_size, targets=targets)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -85,7 +89,9 @@ def _skeleton(cfg: ModelConfig, config: dict[str, Any]) -> Transformer:
         if not isinstance(weights, dict) or weights.get("scheme") not in SCHEMES:
             raise CheckpointError(f"config.json: unknown weight scheme in {weights!r}")
         scheme, group_size = weights["scheme"], int(weights.get("group_size", 128))
-        return eqx.filter_eval_shape(lambda: quantize(float_model(), scheme, group_size))
+        targets = tuple(weights.get("targets", DEFAULT_TARGETS))
+        return eqx.filter_eval_shape(lambda: quantize(float_model(), scheme, group_size,
+                                                      targets))
     if config.get("quant") and config["quant"].get("mode", "none") != "none":
         from hpllm.quant import QuantConfig, quantize_for_training
 
