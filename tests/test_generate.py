@@ -148,3 +148,18 @@ def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_strings():
     stream = TextStream(lambda ids: bytes(utf8[i] for i in ids).decode("utf-8", "replace"))
     assert stream.push([0]) == ""  # half a character waits for the rest
     assert stream.push([1]) == "é"
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (3, 1, 96), (13, 96), (40, 96)])
+def test_native_int8_kernel_matches_the_xla_op(shape):
+    from hpllm.quant.weight_only import Int8Weight, Int8WeightOnlyDot
+    from infer.kernels import NativeInt8Dot, available
+
+    if not available():
+        pytest.skip("no C++ compiler: the XLA op is used instead")
+    weight = Int8Weight(jax.random.normal(jax.random.key(0), (96, 300), jnp.float32))
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    got = jax.jit(lambda x: NativeInt8Dot()(x, weight))(x)
+    # Same products of exact int8 values in float32, summed in another order: |x @ q| over 96
+    # terms is ~1e3 * scale, so reordering moves the sum by ~1e-7 relative, i.e. ~1e-5 here.
+    np.testing.assert_allclose(got, Int8WeightOnlyDot()(x, weight), rtol=1e-5, atol=1e-5)
