@@ -150,16 +150,26 @@ def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_strings():
     assert stream.push([1]) == "é"
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("shape", [(1, 96), (3, 1, 96), (13, 96), (40, 96)])
-def test_native_int8_kernel_matches_the_xla_op(shape):
-    from hpllm.quant.weight_only import Int8Weight, Int8WeightOnlyDot
-    from infer.kernels import NativeInt8Dot, available
+def test_native_kernels_match_the_xla_ops(shape, scheme):
+    from hpllm.quant.weight_only import (
+        Int4Weight,
+        Int4WeightOnlyDot,
+        Int8Weight,
+        Int8WeightOnlyDot,
+    )
+    from infer.kernels import NativeInt4Dot, NativeInt8Dot, available
 
     if not available():
-        pytest.skip("no C++ compiler: the XLA op is used instead")
-    weight = Int8Weight(jax.random.normal(jax.random.key(0), (96, 300), jnp.float32))
+        pytest.skip("no C++ compiler: the XLA ops are used instead")
+    w = jax.random.normal(jax.random.key(0), (96, 300), jnp.float32)
+    weight, native, reference = ((Int8Weight(w), NativeInt8Dot(), Int8WeightOnlyDot())
+                                 if scheme == "int8" else
+                                 (Int4Weight(w, 32), NativeInt4Dot(), Int4WeightOnlyDot()))
     x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
-    got = jax.jit(lambda x: NativeInt8Dot()(x, weight))(x)
-    # Same products of exact int8 values in float32, summed in another order: |x @ q| over 96
-    # terms is ~1e3 * scale, so reordering moves the sum by ~1e-7 relative, i.e. ~1e-5 here.
-    np.testing.assert_allclose(got, Int8WeightOnlyDot()(x, weight), rtol=1e-5, atol=1e-5)
+    got = jax.jit(lambda x: native(x, weight))(x)
+    # Same products of exactly representable values in float32, summed in another order (and
+    # for int4 scaled per group instead of per weight): outputs are ~10, float32 rounding over
+    # 96 terms moves them by ~1e-6 relative, so 1e-4 absolute leaves a wide margin.
+    np.testing.assert_allclose(got, reference(x, weight), rtol=1e-5, atol=1e-4)

@@ -26,10 +26,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from hpllm.linear import Linear, MatmulOp
-from hpllm.quant.weight_only import Int8Weight, Int8WeightOnlyDot
+from hpllm.quant.weight_only import (
+    Int4Weight,
+    Int4WeightOnlyDot,
+    Int8Weight,
+    Int8WeightOnlyDot,
+)
 
 SOURCE = Path(__file__).with_name("int8_matvec.cc")
 TARGET = "hpllm_int8_matvec"
+INT4_TARGET = "hpllm_int4_matvec"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w")
 # Above this many activation rows (prefill), compute is the limit and XLA's f32 GEMM wins.
 MAX_ROWS = 16
@@ -72,6 +78,9 @@ def available() -> bool:
             library = ctypes.cdll.LoadLibrary(str(_build()))
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.HpllmInt8Matvec),
                                         platform="cpu")
+            jax.ffi.register_ffi_target(INT4_TARGET,
+                                        jax.ffi.pycapsule(library.HpllmInt4Matvec),
+                                        platform="cpu")
             _state["ok"] = True
         except OSError as error:
             _state["why"] = str(error)
@@ -95,14 +104,34 @@ class NativeInt8Dot(MatmulOp):
         return y.reshape(x.shape[:-1] + (d_out,))
 
 
+class NativeInt4Dot(MatmulOp):
+    """`Int4WeightOnlyDot` on the native kernel for few activation rows: the packed nibbles are
+    unpacked in registers and each group's partial sum is scaled once."""
+
+    def __call__(self, x: Float[Array, "*batch d_in"], weight: Int4Weight
+                 ) -> Float[Array, "*batch d_out"]:
+        rows = x.size // x.shape[-1]
+        if x.dtype != jnp.float32 or rows > MAX_ROWS or weight.packed.ndim != 2:
+            return Int4WeightOnlyDot()(x, weight)
+        half_rows, d_out = weight.packed.shape
+        x2 = x.reshape(rows, x.shape[-1])
+        # Zero activations for the zero padding rows of the last group.
+        x2 = jnp.pad(x2, ((0, 0), (0, 2 * half_rows - x2.shape[1])))
+        call = jax.ffi.ffi_call(INT4_TARGET, jax.ShapeDtypeStruct((rows, d_out), jnp.float32))
+        return call(x2, weight.packed, weight.scales).reshape(x.shape[:-1] + (d_out,))
+
+
 def native_int8_ops(model: eqx.Module) -> eqx.Module:
-    """`model` with every int8 weight-only op swapped for `NativeInt8Dot` (if available)."""
+    """`model` with every int8 / int4 weight-only op swapped for its native twin (if the kernel
+    is available)."""
     if not available():
         return model
 
     def swap(x):
         if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot):
             return eqx.tree_at(lambda lin: lin.op, x, NativeInt8Dot())
+        if isinstance(x, Linear) and isinstance(x.op, Int4WeightOnlyDot):
+            return eqx.tree_at(lambda lin: lin.op, x, NativeInt4Dot())
         return x
 
     return jax.tree.map(swap, model, is_leaf=lambda x: isinstance(x, Linear))
