@@ -12,6 +12,7 @@ all its slots, masked). Times are medians of `--repeats` runs after a warm-up th
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -160,6 +161,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         model, scheme = quantize(model, args.to, args.group_size, targets), args.to
     cache_dtype = {"f32": "float32", "bf16": "bfloat16", "int8": "int8"}[args.kv_cache_dtype]
     log = sys.stderr
+    load_before = os.getloadavg()[0]
     print(f"measuring memory bandwidth ({COPY_BYTES // 2**20} MiB copy)...", file=log, flush=True)
     bandwidth = measure_bandwidth()
     print(f"  {bandwidth / 1e9:.1f} GB/s (read + write)", file=log, flush=True)
@@ -190,6 +192,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "measured_bandwidth_GB_per_s": bandwidth / 1e9,
+        # Other work on this shared machine: 2.0 means both cores were busy on average.
+        "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
         "jax_version": jax.__version__,
         "results": results,
     }
