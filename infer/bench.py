@@ -186,7 +186,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_dtype": cache_dtype,
         "layout": args.layout,
         "lm_head_quantized": bool(args.quantize_head and args.to not in (None, "f32")),
-        "native_int8_kernel": bool(scheme == "int8" and not args.no_native_kernels
+        "native_kernel": bool(scheme in ("int8", "int4") and not args.no_native_kernels
                                    and native_kernels_available()),
         "n_params": model.cfg.n_params,
         "new_tokens": args.new_tokens,
@@ -202,3 +202,31 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+
+
+def markdown_table(reports: list[dict[str, Any]]) -> str:
+    """The rows of several `--json` reports as one Markdown table (for docs/performance.md)."""
+    lines = ["| weights | LM head | kernel | layout | batch | prefill tokens/s | decode ms/step | "
+             "decode tokens/s | MB/step | GB/s | % of measured BW | BW GB/s | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for report in reports:
+        head = "quantized" if report.get("lm_head_quantized") else "f32"
+        native = report.get("native_kernel", report.get("native_int8_kernel"))
+        kernel = "native" if native else "XLA"
+        if report["weights"] in ("f32", "bf16", "fp8"):
+            kernel = "XLA"
+        weights = report["weights"] + (" (bf16 compute)" if report["compute_dtype"] == "bfloat16"
+                                       else "")
+        load = "/".join(f"{x:.1f}" for x in report.get("load_average_1min_before_after", []))
+        for row in report["results"]:
+            lines.append(
+                f"| {weights} | {head} | {kernel} | {report['layout']} | {row['batch_size']} | "
+                f"{row['prefill_tokens_per_s']:,.0f} | {row['decode_ms_per_step']:.2f} | "
+                f"{row['decode_tokens_per_s']:,.1f} | {row['bytes_per_step'] / 1e6:,.0f} | "
+                f"{row['achieved_GB_per_s']:.1f} | {row['percent_of_measured_bandwidth']:.0f}% | "
+                f"{report['measured_bandwidth_GB_per_s']:.1f} | {load} |")
+    return "\n".join(lines)
+
+
+def print_markdown_table(files: list[str]) -> None:
+    print(markdown_table([json.loads(open(f).read()) for f in files]))
