@@ -1,4 +1,4 @@
-"""Model-level quantization: QuantConfig, QAT training of the tiny model in every mode,
+"""Model-level quantization: QuantConfig, QAT training of the model model in every mode,
 delayed-scaling state through `lax.scan`, conversion, checkpoints and logit accuracy."""
 
 import json
@@ -30,6 +30,13 @@ from hpllm.quant import (
 TINY = preset("tiny")
 
 
+@pytest.fixture(scope="module")
+def model():
+    """One float model shared by the tests (building it eagerly takes seconds). Trees are
+    immutable; `_train` copies what it donates."""
+    return Transformer(TINY, key=jax.random.key(0))
+
+
 def _tokens(seed=1, batch=4, seq=17):
     return jax.random.randint(jax.random.key(seed), (batch, seq), 0, TINY.vocab_size, jnp.int32)
 
@@ -58,17 +65,18 @@ def test_quant_config_rejects_bad_values_naming_the_field(changes, field):
         QuantConfig.from_dict(changes)
 
 
-def test_default_targets_keep_embedding_and_head_float(key):
-    model = Transformer(TINY, key=key)
-    qat = quantize_for_training(model, QuantConfig(mode="int8"))
+def test_default_targets_keep_embedding_and_head_float(model):
+    # Only the structure matters here: shapes, no arithmetic.
+    qat = eqx.filter_eval_shape(quantize_for_training, model, QuantConfig(mode="int8"))
     assert isinstance(qat.lm_head.op, FloatDot)
     assert isinstance(qat.blocks.attn.wq.op, Int8QATDot)
     assert isinstance(qat.blocks.mlp.w_down.op, Int8QATDot)
-    converted = quantize_weights(model, "int8")
-    assert eqx.is_array(converted.lm_head.weight) and eqx.is_array(converted.embed)
+    converted = eqx.filter_eval_shape(quantize_weights, model, "int8")
+    assert converted.lm_head.weight.dtype == jnp.float32 and converted.embed.dtype == jnp.float32
     assert isinstance(converted.blocks.mlp.w_up.op, Int8WeightOnlyDot)
     assert quantize_for_training(model, QuantConfig()) is model
-    only_mlp = quantize_for_training(model, QuantConfig(mode="int8", targets=("blocks.mlp.*",)))
+    only_mlp = eqx.filter_eval_shape(quantize_for_training, model,
+                                     QuantConfig(mode="int8", targets=("blocks.mlp.*",)))
     assert isinstance(only_mlp.blocks.attn.wq.op, FloatDot)
     assert isinstance(only_mlp.blocks.mlp.w_gate.op, Int8QATDot)
     with pytest.raises(ValueError, match="match no Linear"):
@@ -78,8 +86,8 @@ def test_default_targets_keep_embedding_and_head_float(key):
     assert "lm_head" in linear_paths(model) and "blocks.attn.wq" in linear_paths(model)
 
 
-def test_delayed_state_has_the_layer_axis_and_splits_from_parameters(key):
-    model = quantize_for_training(Transformer(TINY, key=key),
+def test_delayed_state_has_the_layer_axis_and_splits_from_parameters(model):
+    model = quantize_for_training(model,
                                   QuantConfig(mode="fp8", amax_history_len=5,
                                               quantize_backward=True))
     params, state = split_quant_state(model)
@@ -94,7 +102,8 @@ def test_delayed_state_has_the_layer_axis_and_splits_from_parameters(key):
 
 def _train(model, steps, tokens, lr=1e-2):
     """The train step of CONTRACTS.md: the gradient w.r.t. the quant state is the new state."""
-    params, state = split_quant_state(model)
+    # Fresh buffers: the step donates them, and `model` may share arrays with other tests.
+    params, state = jax.tree.map(jnp.copy, split_quant_state(model))
     optim = optax.adam(lr)
     opt_state = optim.init(eqx.filter(params, eqx.is_array))
 
@@ -125,8 +134,8 @@ def _train(model, steps, tokens, lr=1e-2):
     QuantConfig(mode="fp8", scaling="current"),
     QuantConfig(mode="int4w", group_size=32),
 ], ids=["int8", "fp8-delayed", "fp8-current", "int4w"])
-def test_tiny_model_trains_with_each_qat_mode(key, qcfg):
-    model = quantize_for_training(Transformer(TINY, key=key), qcfg)
+def test_tiny_model_trains_with_each_qat_mode(model, qcfg):
+    model = quantize_for_training(model, qcfg)
     steps = 6
     trained, losses, weights_seen = _train(model, steps, _tokens())
     assert np.all(np.isfinite(losses))
@@ -146,12 +155,16 @@ def test_tiny_model_trains_with_each_qat_mode(key, qcfg):
         assert np.all(x_history > 0)
 
 
-def test_quantized_backward_and_masks_train_too(key):
+def test_quantized_backward_and_masks_train_in_bf16_too(key):
+    # bf16 activations exercise the dtype casts of the custom gradients (the cotangent of a
+    # bf16 input must be bf16, of a float32 weight float32, of the state float32).
+    cfg = TINY.replace(compute_dtype="bfloat16")
     qcfg = QuantConfig(mode="fp8", amax_history_len=4, quantize_backward=True,
                        mask_clipped_grads=True)
-    model = quantize_for_training(Transformer(TINY, key=key), qcfg)
+    model = quantize_for_training(Transformer(cfg, key=key), qcfg)
     trained, losses, _ = _train(model, 4, _tokens())
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.3, losses
+    assert trained.blocks.attn.wo.weight.dtype == jnp.float32
     assert np.all(np.asarray(trained.blocks.attn.wo.op.g_scale.history) > 0)
 
 
@@ -173,8 +186,7 @@ def _numpy_dequantized(w, scheme, group_size):
 
 
 @pytest.mark.parametrize(("scheme", "group_size"), [("int8", 128), ("int4", 32)])
-def test_converted_model_equals_float_model_with_dequantized_weights(key, scheme, group_size):
-    model = Transformer(TINY, key=key)
+def test_converted_model_equals_float_model_with_dequantized_weights(model, scheme, group_size):
     converted = quantize_weights(model, scheme, group_size=group_size)
 
     def dequantize_in_numpy(x):
@@ -196,25 +208,23 @@ def test_converted_model_equals_float_model_with_dequantized_weights(key, scheme
 # independent of the noise has the same relative error, the float LM head and residual
 # stream add none, and two quantized layers in series grow it by at most ~sqrt 2: the
 # tolerance on the rms logit error is twice the per-weight figure.
-LOGIT_RELATIVE_RMS_TOLERANCE = {"int8": 0.014, "w8a8": 0.02, "fp8": 0.052, "int4": 0.24,
-                                "bf16": 0.004}
+LOGIT_RELATIVE_RMS_TOLERANCE = {"int8": 0.014, "w8a8": 0.02, "fp8": 0.052, "int4": 0.24}
 
 
 @pytest.mark.parametrize("scheme", list(LOGIT_RELATIVE_RMS_TOLERANCE))
-def test_quantized_logits_stay_close_to_float_logits(key, scheme):
-    model = Transformer(TINY, key=key)
+def test_quantized_logits_stay_close_to_float_logits(model, scheme):
     tokens = _tokens(batch=4, seq=32)
     want = model(tokens)
     got = quantize_weights(model, scheme, group_size=32)(tokens)
     relative_rms = jnp.sqrt(jnp.mean((got - want) ** 2) / jnp.mean(want**2))
     assert float(relative_rms) <= LOGIT_RELATIVE_RMS_TOLERANCE[scheme]
-    assert float(relative_rms) > 0 or scheme == "f32"
+    assert float(relative_rms) > 0
 
 
 @pytest.mark.parametrize(("scheme", "group_size"), [("int8", 128), ("int4", 32), ("fp8", 128)])
 def test_converted_model_round_trips_through_checkpoint_with_eval_shape_skeleton(
-        tmp_path, key, scheme, group_size):
-    converted = quantize_weights(Transformer(TINY, key=key), scheme, group_size=group_size)
+        tmp_path, model, scheme, group_size):
+    converted = quantize_weights(model, scheme, group_size=group_size)
     save_model(tmp_path / "ckpt", converted,
                {"weights": {"scheme": scheme, "group_size": group_size}})
 
@@ -235,9 +245,9 @@ def test_converted_model_round_trips_through_checkpoint_with_eval_shape_skeleton
         assert loaded.blocks.mlp.w_down.weight.packed.dtype == jnp.uint8
 
 
-def test_qat_checkpoint_keeps_the_delayed_state_and_converts_like_a_float_model(tmp_path, key):
+def test_qat_checkpoint_keeps_the_delayed_state_and_converts_like_a_float_model(tmp_path, model):
     qcfg = QuantConfig(mode="fp8", amax_history_len=4)
-    trained, _, _ = _train(quantize_for_training(Transformer(TINY, key=key), qcfg), 2, _tokens())
+    trained, _, _ = _train(quantize_for_training(model, qcfg), 2, _tokens())
     save_model(tmp_path / "ckpt", trained, {"quant": qcfg.to_dict()})
 
     def make_skeleton(cfg, config):
@@ -256,3 +266,4 @@ def test_qat_checkpoint_keeps_the_delayed_state_and_converts_like_a_float_model(
     from_float = quantize_weights(stripped, "int8")
     for a, b in zip(jax.tree.leaves(from_qat), jax.tree.leaves(from_float), strict=True):
         np.testing.assert_array_equal(a, b)
+

@@ -164,10 +164,9 @@ def _map_targeted(model: eqx.Module, targets: tuple[str, ...],
     return jax.tree_util.tree_map_with_path(visit, model, is_leaf=_is_linear)
 
 
-def _stacked_like(op: MatmulOp, weight: jax.Array) -> MatmulOp:
-    """Give the op's array leaves the weight's leading (layer) axes, so `lax.scan` over a
-    stacked `Linear` hands each layer its own state."""
-    lead = weight.shape[:-2]
+def _stacked(op: MatmulOp, lead: tuple[int, ...]) -> MatmulOp:
+    """Give the op's array leaves the weight's leading (layer) axes `lead`, so `lax.scan`
+    over a stacked `Linear` hands each layer its own state."""
     return jax.tree.map(lambda a: jnp.broadcast_to(a, lead + a.shape), op)
 
 
@@ -204,7 +203,7 @@ def quantize_for_training(model: eqx.Module, qcfg: QuantConfig) -> eqx.Module:
         return model
     op = training_op(qcfg)
     return _map_targeted(model, qcfg.targets,
-                         lambda lin: _with(lin, lin.weight, _stacked_like(op, lin.weight)))
+                         lambda lin: _with(lin, lin.weight, _stacked(op, lin.weight.shape[:-2])))
 
 
 def _is_state(x: Any) -> bool:
