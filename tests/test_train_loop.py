@@ -181,32 +181,45 @@ def _loop(state, step_fn, batches, rec, *, total, save_every=0, interrupted=lamb
         interrupted=interrupted)
 
 
-def test_non_finite_loss_stops_before_saving():
-    state, optimizer = initial_state(steps=10, lr=3e-3)
-    real_step = make_train_step(optimizer, peak_lr=3e-3, warmup=2, total_steps=10)
+@pytest.fixture(scope="module")
+def shared_step():
+    """One compiled step (10-step schedule) shared by the loop tests."""
+    state, optimizer = initial_state(steps=10)
+    return make_train_step(optimizer, peak_lr=3e-3, warmup=2, total_steps=10)
 
+
+def test_non_finite_loss_stops_before_saving(shared_step):
     def step_going_bad(batch, state):
-        state, metrics = real_step(batch, state)
+        state, metrics = shared_step(batch, state)
         if int(state.step) == 4:
             metrics = {**metrics, "loss": jnp.float32(jnp.nan)}
         return state, metrics
 
     rec = _Recorder()
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 4"):
-        _loop(state, step_going_bad, random_batches(4), rec, total=10, save_every=2)
+        _loop(initial_state(steps=10)[0], step_going_bad, random_batches(4), rec, total=10,
+              save_every=2)
     assert rec.saved == [2]  # the good checkpoint at step 2; nothing written at or after 4
     assert [r["step"] for r in rec.records] == [1, 2, 3]
 
 
-def test_interrupt_saves_once_and_stops():
-    state, optimizer = initial_state(steps=10)
-    step_fn = make_train_step(optimizer, peak_lr=3e-3, warmup=2, total_steps=10)
+def test_diverging_update_is_never_saved():
+    """An infinite learning rate: the loss of step 1 is still finite (it used the initial
+    parameters), but the parameters it leaves are not, so nothing may be saved."""
+    state, optimizer = initial_state(steps=10, lr=float("inf"))
+    step_fn = make_train_step(optimizer, peak_lr=float("inf"), warmup=2, total_steps=10)
     rec = _Recorder()
-    state, completed = _loop(state, step_fn, random_batches(4), rec, total=10, save_every=3,
-                             interrupted=lambda: len(rec.records) >= 3)
+    with pytest.raises(NonFiniteLossError, match="non-finite parameters at step 1"):
+        _loop(state, step_fn, random_batches(4), rec, total=10, save_every=1)
+    assert rec.saved == [] and rec.records == []
+
+
+def test_interrupt_saves_once_and_stops(shared_step):
+    rec = _Recorder()
+    state, completed = _loop(initial_state(steps=10)[0], shared_step, random_batches(4), rec,
+                             total=10, save_every=3, interrupted=lambda: len(rec.records) >= 3)
     assert not completed and int(state.step) == 3 and rec.saved == [3]
     assert set(rec.records[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
-
 
 
 def test_fp8_delayed_scaling_state_advances_once_per_micro_batch():

@@ -151,7 +151,12 @@ def make_train_step(optimizer: optax.GradientTransformation, *, peak_lr: float, 
         if state_shardings is not None:
             new_state = eqx.filter_shard(new_state, state_shardings)
         lr = lr_at(state.step, peak=peak_lr, warmup=warmup, total=total_steps)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        # The loss only vouches for the parameters it was computed with; this checks the
+        # updated ones, so a diverging update is never saved.
+        params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
+                                           for leaf in jax.tree.leaves(params)]))
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr,
+                           "params_finite": params_finite}
 
     if max_traces is not None:
         step = eqx.debug.assert_max_traces(step, max_traces=max_traces)
@@ -238,9 +243,10 @@ class Progress:
 class NonFiniteLossError(Exception):
     """The loss or the gradient norm became NaN or infinite."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float):
+    def __init__(self, step: int, loss: float, grad_norm: float, params_finite: bool):
+        what = "loss" if params_finite else "parameters"
         super().__init__(
-            f"non-finite loss at step {step} (loss {loss}, grad norm {grad_norm}); training "
+            f"non-finite {what} at step {step} (loss {loss}, grad norm {grad_norm}); training "
             f"stopped, the last checkpoint was kept. Lower --lr, raise --warmup or lower --clip, "
             f"then --resume")
         self.step = step
@@ -274,10 +280,11 @@ def train_loop(
         host_batches = [next(batches) for _ in range(grad_accum)]
         tokens = sum(int(np.sum(b.loss_mask)) for b in host_batches)
         state, metrics = step_fn(put_batch(host_batches), state)
-        # Reading the loss waits for the step: a NaN is caught before it can be saved.
+        # Reading the metrics waits for the step: a NaN is caught before it can be saved.
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise NonFiniteLossError(step, loss, grad_norm)
+        params_finite = bool(metrics["params_finite"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm) and params_finite):
+            raise NonFiniteLossError(step, loss, grad_norm, params_finite)
         now = time.perf_counter()
         record = {"step": step, "loss": loss, "lr": float(metrics["lr"]),
                   "grad_norm": grad_norm, "tokens_per_s": tokens / (now - tick)}
