@@ -162,3 +162,16 @@ def test_chat_reset_clears_history_and_old_turns_are_dropped_to_fit(run_dir, cap
     assert "dropped the" in capsys.readouterr().err
     chat.reply("the cat " * 200, sys.stdout, sys.stderr)  # alone longer than the context
     assert "Shorten it" in capsys.readouterr().err
+
+
+def test_bench_json_has_the_plainly_named_keys(run_dir, capsys):
+    code, out, _ = _run(["bench", run_dir, "--to", "int8", "--batch-sizes", "1,2",
+                         "--prompt-len", 8, "--new-tokens", 9, "--repeats", 1, "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["weights"] == "int8" and report["measured_bandwidth_GB_per_s"] > 0
+    assert [row["batch_size"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_step",
+                    "bytes_per_step", "achieved_GB_per_s", "percent_of_measured_bandwidth"):
+            assert row[key] > 0
