@@ -138,7 +138,29 @@ def bench_batch(model: Transformer, batch: int, *, prompt_len: int, new_tokens: 
     }
 
 
+def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median decode time (its figures stay consistent with each other),
+    with the prefill figures of the round with the median prefill time."""
+    def middle(key: str) -> dict[str, Any]:
+        return sorted(rows, key=lambda row: row[key])[(len(rows) - 1) // 2]
+
+    prefill = middle("prefill_ms")
+    return {**middle("decode_ms_per_step"), "prefill_ms": prefill["prefill_ms"],
+            "prefill_tokens_per_s": prefill["prefill_tokens_per_s"]}
+
+
+def _print_row(scheme: str, row: dict[str, Any]) -> None:
+    print(f"{scheme:5s} batch {row['batch_size']:3d}: prefill {row['prefill_tokens_per_s']:9.1f} "
+          f"tokens/s | decode {row['decode_ms_per_step']:8.2f} ms/step "
+          f"{row['decode_tokens_per_s']:8.1f} tokens/s | "
+          f"{row['bytes_per_step'] / 1e6:8.1f} MB/step {row['achieved_GB_per_s']:6.1f} GB/s "
+          f"({row['percent_of_measured_bandwidth']:5.1f}% of measured)", flush=True)
+
+
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The bench command. `--to a,b,...` compares several weight formats in one run: rounds
+    interleave them (a, b, a, b...), so a change of load on the shared machine hits all alike,
+    and each figure is the median over the rounds."""
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
@@ -154,54 +176,62 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError("--compute-dtype works with --preset only")
         loaded = load(args.checkpoint)
         model, source, scheme = loaded.model, str(loaded.path), loaded.scheme or "f32"
+    models = {scheme: model}
     if args.to is not None:
         if scheme != "f32":
             raise ValueError(f"{source} is already {scheme}; --to needs float weights")
         targets = WITH_HEAD if args.quantize_head else DEFAULT_TARGETS
-        model, scheme = quantize(model, args.to, args.group_size, targets), args.to
+        models = {to: quantize(model, to, args.group_size, targets)
+                  for to in args.to.split(",")}
     cache_dtype = {"f32": "float32", "bf16": "bfloat16", "int8": "int8"}[args.kv_cache_dtype]
     log = sys.stderr
     load_before = os.getloadavg()[0]
     print(f"measuring memory bandwidth ({COPY_BYTES // 2**20} MiB copy)...", file=log, flush=True)
     bandwidth = measure_bandwidth()
     print(f"  {bandwidth / 1e9:.1f} GB/s (read + write)", file=log, flush=True)
-    results = []
+    interleave = len(models) > 1
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
     for batch in batch_sizes:
         print(f"batch {batch}...", file=log, flush=True)
-        row = bench_batch(model, batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                          repeats=args.repeats, kv_cache_dtype=cache_dtype, layout=args.layout,
-                          bandwidth=bandwidth, native_kernels=not args.no_native_kernels)
-        results.append(row)
-        if not args.json:
-            print(f"batch {batch:3d}: prefill {row['prefill_tokens_per_s']:9.1f} tokens/s | "
-                  f"decode {row['decode_ms_per_step']:8.2f} ms/step "
-                  f"{row['decode_tokens_per_s']:8.1f} tokens/s | "
-                  f"{row['bytes_per_step'] / 1e6:8.1f} MB/step "
-                  f"{row['achieved_GB_per_s']:6.1f} GB/s "
-                  f"({row['percent_of_measured_bandwidth']:5.1f}% of measured)", flush=True)
-    report = {
-        "source": source,
-        "weights": scheme,
-        "compute_dtype": model.cfg.compute_dtype,
-        "kv_cache_dtype": cache_dtype,
-        "layout": args.layout,
-        "lm_head_quantized": bool(args.quantize_head and args.to not in (None, "f32")),
-        "native_kernel": bool(scheme in ("int8", "int4") and not args.no_native_kernels
-                                   and native_kernels_available()),
-        "n_params": model.cfg.n_params,
-        "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
-        "measured_bandwidth_GB_per_s": bandwidth / 1e9,
-        # Other work on this shared machine: 2.0 means both cores were busy on average.
-        "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
-        "jax_version": jax.__version__,
-        "results": results,
-    }
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
+        for _ in range(args.repeats if interleave else 1):
+            for name, m in models.items():
+                rounds[name].append(bench_batch(
+                    m, batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                    repeats=1 if interleave else args.repeats, kv_cache_dtype=cache_dtype,
+                    layout=args.layout, bandwidth=bandwidth,
+                    native_kernels=not args.no_native_kernels))
+        for name in models:
+            row = _median_row(rounds[name])
+            results[name].append(row)
+            if not args.json:
+                _print_row(name, row)
+    load_after = os.getloadavg()[0]
+    reports = []
+    for name, m in models.items():
+        reports.append({
+            "source": source,
+            "weights": name,
+            "compute_dtype": m.cfg.compute_dtype,
+            "kv_cache_dtype": cache_dtype,
+            "layout": args.layout,
+            "lm_head_quantized": bool(args.quantize_head and name != "f32"),
+            "native_kernel": bool(name in ("int8", "int4") and not args.no_native_kernels
+                                  and native_kernels_available()),
+            "n_params": m.cfg.n_params,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "interleaved_with": [other for other in models if other != name],
+            "measured_bandwidth_GB_per_s": bandwidth / 1e9,
+            # Other work on this shared machine: 2.0 means both cores were busy on average.
+            "load_average_1min_before_after": [load_before, load_after],
+            "jax_version": jax.__version__,
+            "results": results[name],
+        })
+    report = reports[0] if len(reports) == 1 else {"reports": reports}
     if args.json:
         print(json.dumps(report, indent=2))
     return report
-
-
 
 
 def markdown_table(reports: list[dict[str, Any]]) -> str:
@@ -229,4 +259,9 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
 
 
 def print_markdown_table(files: list[str]) -> None:
-    print(markdown_table([json.loads(open(f).read()) for f in files]))
+    reports = []
+    for file in files:
+        with open(file) as f:
+            report = json.load(f)
+        reports.extend(report.get("reports", [report]))
+    print(markdown_table(reports))

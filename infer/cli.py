@@ -76,7 +76,8 @@ def build_parser() -> Parser:
     source.add_argument("checkpoint", nargs="?", metavar="CKPT")
     source.add_argument("--preset", metavar="NAME", help="random weights of a preset's shape")
     bench.add_argument("--to", default=None, metavar="SCHEME",
-                       help=f"convert first: one of {', '.join(SCHEMES)}")
+                       help=f"convert first: one of {', '.join(SCHEMES)}; a comma-separated "
+                       "list compares them in one run, interleaved")
     bench.add_argument("--group-size", type=int, default=128, metavar="{32,64,128}")
     bench.add_argument("--quantize-head", action="store_true",
                        help="with --to: quantize the LM head too")
