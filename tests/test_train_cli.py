@@ -282,6 +282,7 @@ def test_kill_9_never_leaves_an_unloadable_checkpoint(tmp_path, tokenizer_file):
     step = int(last.name[5:])
     assert main(["--out", str(out), "--resume", "--steps", str(step + 2)]) == 0
     assert metrics(out)[-1]["step"] == step + 2
+    assert not list((out / "checkpoints").glob(".*"))  # a killed save's leftovers are gone
 
 
 def test_latest_checkpoint_ignores_temporaries_and_incomplete_folders(tmp_path):

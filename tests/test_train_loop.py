@@ -177,7 +177,7 @@ def _loop(state, step_fn, batches, rec, *, total, save_every=0, interrupted=lamb
         state, step_fn, batches, total_steps=total, grad_accum=1, put_batch=put, eval_every=0,
         run_eval=lambda m: 0.0, save_every=save_every, save=lambda s: rec.saved.append(
             int(s.step)), log_metrics=rec.records.append,
-        progress=Progress(total, int(state.step), stream=io.StringIO()),
+        progress=Progress(total, stream=io.StringIO()),
         interrupted=interrupted)
 
 

@@ -59,6 +59,12 @@ class Checkpointer:
         self.config = config
         self.tokenizer_json = tokenizer_json
 
+    def remove_leftovers(self) -> None:
+        """Delete hidden `.step_*` folders: saves or deletions cut short by a kill."""
+        if self.folder.is_dir() and jax.process_index() == 0:
+            for path in self.folder.glob(".step_*"):
+                shutil.rmtree(path, ignore_errors=True)
+
     def save(self, state: TrainState, data_state: dict[str, Any]) -> Path:
         step = int(state.step)
         model = _host_copy(state.model())

@@ -367,6 +367,7 @@ def run(settings: Settings, resume: bool) -> int:
                                        settings.batch_size, max_batches=settings.eval_batches)
     checkpointer = Checkpointer(out, keep=settings.keep, tokenizer_json=tokenizer.to_json(),
                                 config={k: v for k, v in run_config.items() if k != "devices"})
+    checkpointer.remove_leftovers()
     optimizer = optimizer_for(state.params, settings)
     step_fn = make_train_step(optimizer, peak_lr=settings.lr, warmup=settings.warmup,
                               total_steps=settings.steps,
@@ -397,7 +398,7 @@ def run(settings: Settings, resume: bool) -> int:
                 eval_every=settings.eval_every, run_eval=run_eval,
                 save_every=settings.save_every,
                 save=lambda s: checkpointer.save(s, batches.state()),
-                log_metrics=log_metrics, progress=Progress(settings.steps, start),
+                log_metrics=log_metrics, progress=Progress(settings.steps),
                 interrupted=lambda: sigint.raised)
         finally:
             sigint.restore()

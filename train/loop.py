@@ -207,23 +207,27 @@ class Progress:
     every `every` steps.
     """
 
-    def __init__(self, total: int, start: int, stream: io.TextIOBase | None = None,
-                 every: int = 10):
+    def __init__(self, total: int, stream: io.TextIOBase | None = None, every: int = 10):
         self.total, self.every = total, every
         self.stream = sys.stderr if stream is None else stream
-        self.start_step, self.start_time = start, time.perf_counter()
         self.interactive = self.stream.isatty()
+        # The clock starts after the first step, which includes compilation.
+        self.first: tuple[int, float] | None = None
 
     def update(self, step: int, loss: float, tokens_per_s: float, eval_loss: float | None = None
                ) -> None:
-        done = step - self.start_step
-        elapsed = time.perf_counter() - self.start_time
-        eta = elapsed / max(done, 1) * (self.total - step)
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+            eta = "--"
+        else:
+            per_step = (now - self.first[1]) / max(step - self.first[0], 1)
+            eta = format_duration(per_step * (self.total - step))
         width = 20
         filled = int(width * step / self.total)
         bar = "#" * filled + "-" * (width - filled)
         line = (f"[{bar}] step {step}/{self.total} | loss {loss:.4f} | "
-                f"{tokens_per_s:,.0f} tok/s | ETA {format_duration(eta)}")
+                f"{tokens_per_s:,.0f} tok/s | ETA {eta}")
         if eval_loss is not None:
             line += f" | eval {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50.0)):.1f})"
         if self.interactive:
@@ -232,16 +236,9 @@ class Progress:
             self.stream.write(line + "\n")
         self.stream.flush()
 
-    def message(self, text: str) -> None:
-        """A line of its own, not overwritten by the next update."""
-        if self.interactive:
-            self.stream.write("\n")
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
 
 class NonFiniteLossError(Exception):
-    """The loss or the gradient norm became NaN or infinite."""
+    """The loss, the gradient norm or the updated parameters became NaN or infinite."""
 
     def __init__(self, step: int, loss: float, grad_norm: float, params_finite: bool):
         what = "loss" if params_finite else "parameters"
