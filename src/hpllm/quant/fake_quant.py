@@ -71,7 +71,11 @@ class Recipe:
 def _fake_quant(kind: str, v: Float[Array, "..."], meta: Meta, axis: int | None,
                 group_size: int = 128
                 ) -> tuple[Float[Array, "..."], Bool[Array, "..."], Meta]:
-    """Quantize -> dequantize `v` (float32); also where it was in range, and the new state."""
+    """Quantize -> dequantize `v` (float32); also where it was in range, and the new state.
+
+    `axis` is the reduction axis of int8 scales (None: per tensor); fp8 is always per
+    tensor, int4 always group-wise along axis -2.
+    """
     ok = jnp.ones(v.shape, jnp.bool_)
     if kind == "float":
         return v.astype(jnp.float32), ok, meta
@@ -81,7 +85,7 @@ def _fake_quant(kind: str, v: Float[Array, "..."], meta: Meta, axis: int | None,
     if kind == "int4":
         q, scale = int4_quantize_groups(v, group_size)
         return int4_dequantize_groups(q, scale, v.shape[-2]), ok, meta
-    fmt = {"e4m3": "e4m3", "e5m2": "e5m2"}[kind]
+    fmt = kind  # "e4m3" or "e5m2"
     if meta is None:  # current scaling: nothing can clip
         scale = fp8_scale(v, fmt)
     else:
