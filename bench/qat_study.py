@@ -1,0 +1,343 @@
+"""Does QAT pay off? Float vs int8/fp8/int4 QAT vs post-training quantization (PTQ).
+
+    flock /tmp/hpllm-bench.lock .venv/bin/python bench/qat_study.py \
+        [--preset small] [--steps 150] [--seeds 0 1] [--out runs/qat-study]
+
+For every seed, five models are trained with the same initialisation, the same batches in the
+same order and the same settings, differing only in the quantizer in the forward pass:
+float (no quantizer), int8 QAT (int8 activations per token, weights per channel), fp8 QAT with
+delayed and with current scaling (e4m3), and int4-weight QAT (group-wise int4 weights, float
+activations). Every model then runs on the same fixed held-out batches
+(`train.data.eval_batches`; loss = sum(loss * mask) / sum(mask)):
+- the float model as trained, and after PTQ to each inference format (`quantize_weights`);
+- each QAT model as trained (its fake-quant forward) and after conversion to its format.
+The gap is paired per seed (row's loss minus the float model's loss of the same seed), then
+averaged over seeds. All models compute in `--dtype` (default bf16), the "float" baseline is
+therefore bf16 matmuls.
+
+Training is driven in-process with the trainer's own pieces (train.cli's settings, init and
+optimizer, train.loop's jitted step and loop, train.data's batches), so each run is exactly
+what `python -m train` would do with those settings; each run folder holds config.json and
+metrics.jsonl in the trainer's format, so `python -m train plot` draws them.
+
+Outputs in --out: results.md (the table), results.json (every per-seed number and the
+settings), runs/<model>-seed<N>/ (config.json, metrics.jsonl), loss_curves.png (seed of the
+first run, if matplotlib is installed).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from hpllm.config import PRESETS
+from hpllm.model import Transformer
+from hpllm.quant import QuantConfig, quantize_weights
+from hpllm.tokenizer import Tokenizer
+from train import data as train_data
+from train.cli import Settings, UsageError, initial_state, optimizer_for, validate
+from train.loop import (
+    Progress,
+    StepBatch,
+    evaluate,
+    make_train_step,
+    stack_micro_batches,
+    train_loop,
+)
+
+# Training runs: name -> (row label, QuantConfig fields). int4w trains with the group size of
+# its inference format (--int4-group-size).
+TRAIN_MODES = {
+    "float": ("float", {"mode": "none"}),
+    "int8-qat": ("int8 QAT", {"mode": "int8"}),
+    "fp8-qat-delayed": ("fp8 QAT (delayed scaling)", {"mode": "fp8", "scaling": "delayed"}),
+    "fp8-qat-current": ("fp8 QAT (current scaling)", {"mode": "fp8", "scaling": "current"}),
+    "int4w-qat": ("int4-weight QAT", {"mode": "int4w"}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRow:
+    """One table row: the model trained as `run`, converted to `scheme` (None: as trained)."""
+
+    label: str
+    run: str
+    scheme: str | None = None
+    group_size: int = 128
+
+
+def eval_rows(int4_group: int) -> list[EvalRow]:
+    return [
+        EvalRow("float (bf16 matmuls, reference)", "float"),
+        EvalRow("float -> PTQ int8 (weight-only)", "float", "int8"),
+        EvalRow("float -> PTQ w8a8 (int8 weights + activations)", "float", "w8a8"),
+        EvalRow("float -> PTQ fp8 e4m3 (weight-only)", "float", "fp8"),
+        EvalRow("float -> PTQ int4 g32", "float", "int4", 32),
+        EvalRow("float -> PTQ int4 g128", "float", "int4", 128),
+        EvalRow("int8 QAT, as trained (fake-quant)", "int8-qat"),
+        EvalRow("int8 QAT -> int8 (weight-only)", "int8-qat", "int8"),
+        EvalRow("int8 QAT -> w8a8", "int8-qat", "w8a8"),
+        EvalRow("fp8 QAT delayed, as trained (fake-quant)", "fp8-qat-delayed"),
+        EvalRow("fp8 QAT delayed -> fp8", "fp8-qat-delayed", "fp8"),
+        EvalRow("fp8 QAT current, as trained (fake-quant)", "fp8-qat-current"),
+        EvalRow("fp8 QAT current -> fp8", "fp8-qat-current", "fp8"),
+        EvalRow(f"int4w QAT g{int4_group}, as trained (fake-quant)", "int4w-qat"),
+        EvalRow(f"int4w QAT g{int4_group} -> int4 g{int4_group}", "int4w-qat", "int4",
+                int4_group),
+    ]
+
+
+def to_device(batch: Any) -> list[jax.Array]:
+    arrays = stack_micro_batches([batch])
+    return [jnp.asarray(arrays[k][0]) for k in ("inputs", "targets", "segment_ids", "loss_mask")]
+
+
+def put_step_batch(host_batches: list) -> StepBatch:
+    return StepBatch(**{k: jnp.asarray(v) for k, v in stack_micro_batches(host_batches).items()})
+
+
+def train_one(settings: Settings, qcfg: QuantConfig, splits: train_data.Splits,
+              tokenizer: Tokenizer, held_out: list, run_dir: Path, log: Callable[[str], None]
+              ) -> tuple[Transformer, float]:
+    """Train one model as `python -m train` would (one device, no checkpoints); writes
+    run_dir/config.json and metrics.jsonl. Returns (model, training seconds)."""
+    # The trainer's CLI knows the modes none/int8/fp8 only; every other setting is checked.
+    cfg = validate(dataclasses.replace(settings, quant="none"))
+    state = initial_state(cfg, qcfg, settings)
+    optimizer = optimizer_for(state.params, settings)
+    step_fn = make_train_step(optimizer, peak_lr=settings.lr, warmup=settings.warmup,
+                              total_steps=settings.steps)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {"format_version": 1, "model": cfg.to_dict(), "quant": qcfg.to_dict(),
+              "train": settings.to_dict(), "devices": 1}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    batches = train_data.TrainBatches(splits.train, tokenizer, settings.seq_len,
+                                      settings.batch_size, seed=settings.seed)
+    start = time.perf_counter()
+    with open(run_dir / "metrics.jsonl", "w") as metrics_file:
+        def log_metrics(record: dict) -> None:
+            metrics_file.write(json.dumps(record) + "\n")
+
+        try:
+            state, _ = train_loop(
+                state, step_fn, batches, total_steps=settings.steps,
+                grad_accum=settings.grad_accum, put_batch=put_step_batch,
+                eval_every=settings.eval_every,
+                run_eval=lambda model: evaluate(model, iter(held_out), to_device),
+                save_every=0, save=lambda _: None, log_metrics=log_metrics,
+                progress=Progress(settings.steps, stream=sys.stderr,
+                                  every=max(settings.steps // 5, 1)))
+        finally:
+            batches.close()
+    seconds = time.perf_counter() - start
+    log(f"  trained {run_dir.name} in {seconds:.0f} s")
+    return state.model(), seconds
+
+
+def evaluate_row(model: Transformer, row: EvalRow, held_out: list) -> float:
+    if row.scheme is not None:
+        model = quantize_weights(model, row.scheme, group_size=row.group_size)
+    return evaluate(model, iter(held_out), to_device)
+
+
+def spread(values: list[float]) -> float:
+    """Sample standard deviation (0 for a single seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(rows: list[EvalRow], losses: dict[str, dict[int, float]], seeds: list[int]
+              ) -> list[dict[str, Any]]:
+    """Per row: mean and spread over seeds of the loss, perplexity and paired gap to float."""
+    reference = losses[rows[0].label]
+    summary = []
+    for row in rows:
+        per_seed = [losses[row.label][s] for s in seeds]
+        gaps = [losses[row.label][s] - reference[s] for s in seeds]
+        ppl = [math.exp(min(v, 50.0)) for v in per_seed]
+        summary.append({
+            "label": row.label, "run": row.run, "scheme": row.scheme,
+            "group_size": row.group_size if row.scheme == "int4" else None,
+            "eval_loss": {"mean": statistics.fmean(per_seed), "sd": spread(per_seed),
+                          "per_seed": per_seed},
+            "perplexity": {"mean": statistics.fmean(ppl), "sd": spread(ppl), "per_seed": ppl},
+            "gap_to_float": {"mean": statistics.fmean(gaps), "sd": spread(gaps),
+                             "per_seed": gaps},
+        })
+    return summary
+
+
+def markdown_table(summary: list[dict[str, Any]], n_seeds: int) -> str:
+    pm = " ± sd" if n_seeds > 1 else ""
+    lines = [f"| model | eval loss{pm} | perplexity{pm} | gap to float (loss){pm} |",
+             "|---|---|---|---|"]
+
+    def cell(value: dict[str, float], fmt: str, signed: bool = False) -> str:
+        text = format(value["mean"], ("+" if signed else "") + fmt)
+        return text + (f" ± {value['sd']:{fmt}}" if n_seeds > 1 else "")
+
+    for entry in summary:
+        lines.append(f"| {entry['label']} | {cell(entry['eval_loss'], '.4f')} | "
+                     f"{cell(entry['perplexity'], '.2f')} | "
+                     f"{cell(entry['gap_to_float'], '.4f', True)} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on "
+            f"{jax.devices()[0].platform}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench/qat_study.py",
+        description="Float vs QAT vs PTQ: train five models per seed on identical data, "
+                    "evaluate every quantized variant on the same held-out batches.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="small", choices=list(PRESETS))
+    parser.add_argument("--steps", type=int, default=150, help="training steps per model")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                        help="seeds (model init and data order); one set of runs per seed")
+    parser.add_argument("--modes", nargs="+", default=list(TRAIN_MODES),
+                        choices=list(TRAIN_MODES), help="training runs ('float' is required)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--dtype", default="bf16", choices=["f32", "bf16"],
+                        help="compute dtype of every model (the float baseline's matmuls)")
+    parser.add_argument("--int4-group-size", type=int, default=128,
+                        help="int4 group size of the int4-weight QAT run and its conversion")
+    parser.add_argument("--eval-every", type=int, default=50,
+                        help="held-out loss during training every N steps (for the curves)")
+    parser.add_argument("--eval-batches", type=int, default=16,
+                        help="fixed held-out batches every model is evaluated on")
+    parser.add_argument("--data", default=str(train_data.DEFAULT_DATA),
+                        help="training text (default: the bundled corpus)")
+    parser.add_argument("--out", default="runs/qat-study", help="output folder")
+    parser.add_argument("--no-plot", action="store_true", help="skip the figure")
+    return parser
+
+
+def run_study(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    out = Path(args.out)
+    if "float" not in args.modes:
+        raise UsageError("--modes must include 'float' (the reference of every gap)")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UsageError("--seeds must be distinct")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if (out / "runs").exists():
+        raise UsageError(f"--out {out} already holds a study; choose another --out")
+    base = Settings(preset=args.preset, data=args.data, seq_len=args.seq_len,
+                    batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+                    warmup=min(100, args.steps // 10), eval_every=args.eval_every,
+                    eval_batches=args.eval_batches, save_every=0, dtype=args.dtype)
+    cfg = validate(base)
+    rows = [r for r in eval_rows(args.int4_group_size) if r.run in args.modes]
+
+    splits = train_data.open_splits(args.data)
+    start = time.perf_counter()
+    # One tokenizer for every run: the same token ids, so the losses are comparable.
+    tokenizer = train_data.get_tokenizer("train", splits.train, cfg.vocab_size)
+    held_out = list(train_data.eval_batches(splits.validation, tokenizer, args.seq_len,
+                                            args.batch_size, max_batches=args.eval_batches))
+    if not held_out:
+        raise UsageError("the held-out split is empty; give --data with more documents")
+    n_eval_tokens = int(sum(float(b.loss_mask.sum()) for b in held_out))
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out / "tokenizer.json")
+    log(f"tokenizer ({tokenizer.vocab_size} ids) in {time.perf_counter() - start:.0f} s; "
+        f"{len(held_out)} held-out batches, {n_eval_tokens} tokens")
+
+    losses: dict[str, dict[int, float]] = {row.label: {} for row in rows}
+    train_seconds: dict[str, dict[int, float]] = {mode: {} for mode in args.modes}
+    run_dirs: dict[int, list[str]] = {}
+    for seed in args.seeds:
+        run_dirs[seed] = []
+        # The modes of one seed are trained back to back, so a change of machine load during
+        # the study falls on every mode of some seed rather than on one mode only.
+        for mode in args.modes:
+            label, fields = TRAIN_MODES[mode]
+            if mode == "int4w-qat":
+                fields = {**fields, "group_size": args.int4_group_size}
+            qcfg = QuantConfig(**fields)
+            run_dir = out / "runs" / f"{mode}-seed{seed}"
+            log(f"seed {seed}: training {label}")
+            model, seconds = train_one(dataclasses.replace(base, seed=seed, quant=qcfg.mode),
+                                       qcfg, splits, tokenizer, held_out, run_dir, log)
+            train_seconds[mode][seed] = seconds
+            run_dirs[seed].append(str(run_dir))
+            for row in rows:
+                if row.run == mode:
+                    losses[row.label][seed] = evaluate_row(model, row, held_out)
+                    log(f"  {row.label}: eval loss {losses[row.label][seed]:.4f}")
+            del model
+            eqx.clear_caches()  # each mode compiles its own step; keep memory flat
+
+    summary = summarize(rows, losses, args.seeds)
+    table = markdown_table(summary, len(args.seeds))
+    results = {
+        "command": " ".join(["bench/qat_study.py", *args.argv]),
+        "machine": machine(),
+        "settings": {**dataclasses.asdict(base), "seeds": args.seeds, "modes": args.modes,
+                     "int4_group_size": args.int4_group_size,
+                     "n_params": cfg.n_params, "eval_tokens": n_eval_tokens},
+        "rows": summary,
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "runs": run_dirs,
+    }
+    if not args.no_plot:
+        try:
+            from train.plot import PlotError, plot_runs
+            first = args.seeds[0]
+            plot_runs([Path(r) for r in run_dirs[first]], out / "loss_curves.png",
+                      title=f"{args.preset} preset, {args.steps} steps, seed {first}")
+            results["figure"] = str(out / "loss_curves.png")
+        except PlotError as error:
+            log(f"no figure: {error}")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(table)
+    return {"results": results, "table": table}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        done = run_study(args, log)
+    except (UsageError, train_data.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(done["table"], end="")
+    log(f"wrote {Path(args.out) / 'results.md'}, results.json; "
+        f"{done['results']['wall_seconds']:.0f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
