@@ -86,7 +86,8 @@ FIXED_ON_RESUME = ("preset", "data", "data_config", "split", "text_column", "tok
                    "vocab_size", "seq_len", "batch_size", "grad_accum", "quant", "seed")
 
 HELP = {
-    "config": "JSON file of settings (keys are flag names); flags given here override it",
+    "config": "JSON file of settings (keys are flag names); flags given here override it "
+              "(default: none)",
     "preset": f"model size, one of {', '.join(PRESETS)}",
     "data": "training text: a .txt/.jsonl/.parquet file, a folder of them, or a Hugging Face "
             "hub dataset name (needs the network); default: the bundled corpus in data/",
@@ -109,7 +110,8 @@ HELP = {
     "save_every": "checkpoint every N steps (0: only at the end and on Ctrl-C)",
     "keep": "keep the newest N checkpoints (0: keep all)",
     "out": "run folder (default: runs/PRESET)",
-    "resume": "continue from the newest checkpoint in --out",
+    "resume": "continue from the newest checkpoint in --out, with its saved settings "
+              "(default: off, start a new run)",
     "seed": "random seed (model initialisation, data shuffling)",
     "dtype": "compute dtype of activations and matmuls: f32 or bf16 (parameters stay f32)",
 }
