@@ -43,10 +43,15 @@ def test_smallest_study_has_every_row(study, corpus, tmp_path, capsys):
     # Every training mode and every PTQ format appears once.
     assert len(expected) == 15 and len(set(expected)) == 15
     table = (out / "results.md").read_text()
-    lines = table.strip().splitlines()
+    assert table == capsys.readouterr().out
+    every_model, qat_vs_ptq = table.split("\n\n")
+    lines = every_model.strip().splitlines()
     assert lines[0].startswith("| model | eval loss |")
     assert [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]] == expected
-    assert table == capsys.readouterr().out
+    formats = [line.split(" | ")[0].removeprefix("| ") for line in
+               qat_vs_ptq.strip().splitlines()[2:]]
+    assert formats == ["int8 weight-only", "w8a8", "fp8 e4m3 weights (QAT delayed)",
+                       "fp8 e4m3 weights (QAT current)", "int4 g32"]
 
     results = json.loads((out / "results.json").read_text())
     assert [row["label"] for row in results["rows"]] == expected
@@ -61,6 +66,15 @@ def test_smallest_study_has_every_row(study, corpus, tmp_path, capsys):
     quant = json.loads((Path(runs[-1]) / "config.json").read_text())["quant"]
     assert quant["mode"] == "int4w" and quant["group_size"] == 32
     assert (out / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
+
+    # The doc's generated block comes from results.json; the text around it is kept.
+    doc = tmp_path / "study.md"
+    doc.write_text("# intro\n<!-- qat-study:start -->\nold\n<!-- qat-study:end -->\noutro\n")
+    assert study.main(["--out", str(out), "--update-doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# intro\n") and text.endswith("outro\n") and "old" not in text
+    assert every_model in text and "(study.png)" in text
+    assert (tmp_path / "study.png").read_bytes() == (out / "loss_curves.png").read_bytes()
 
 
 def test_gaps_are_paired_per_seed(study):
