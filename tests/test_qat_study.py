@@ -73,8 +73,8 @@ def test_smallest_study_has_every_row(study, corpus, tmp_path, capsys):
     assert study.main(["--out", str(out), "--update-doc", str(doc)]) == 0
     text = doc.read_text()
     assert text.startswith("# intro\n") and text.endswith("outro\n") and "old" not in text
-    assert every_model in text and "(study.png)" in text
-    assert (tmp_path / "study.png").read_bytes() == (out / "loss_curves.png").read_bytes()
+    assert every_model in text and "(qat-study.png)" in text
+    assert (tmp_path / "qat-study.png").read_bytes() == (out / "loss_curves.png").read_bytes()
 
 
 def test_gaps_are_paired_per_seed(study):
