@@ -71,12 +71,11 @@ def test_converted_checkpoint_round_trips(run_dir, tmp_path, capsys, scheme):
         np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf))
 
 
-# Per-channel absmax rounding moves each int8 weight by at most scale/2 = amax/254 (~0.4%), fp8
-# e4m3 by at most 2^-4 of its magnitude (~6%, ~2.5% on average); summed over the two tiny layers'
-# matmuls with random signs the logits (std ~0.5 with the 0.1-scaled head) move by about
-# 0.01 (int8) and 0.05 (fp8) at most, as measured over the seeds below; the bounds leave a
-# factor of ~3.
-@pytest.mark.parametrize(("scheme", "atol"), [("int8", 0.03), ("fp8", 0.15)])
+# Per-channel absmax rounding moves each int8 weight by at most amax/254 (~0.4% of the column's
+# largest weight) and each fp8 e4m3 weight by at most 2^-4 of its own magnitude, so fp8 errs ~4x
+# more. Measured on tiny models of seeds 0-3 (logits std ~0.1 with the 0.1-scaled head): max
+# |difference| 0.0027-0.0031 (int8) and 0.0095-0.013 (fp8); the bounds are ~3x those.
+@pytest.mark.parametrize(("scheme", "atol"), [("int8", 0.01), ("fp8", 0.04)])
 def test_quantized_logits_stay_close_to_float(run_dir, scheme, atol):
     model = load(run_dir).model
     tokens = jax.random.randint(jax.random.key(5), (2, 24), 0, 300, jnp.int32)
