@@ -106,3 +106,10 @@ def test_missing_matplotlib_says_how_to_install(runs, tmp_path, capsys, monkeypa
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
     assert main([str(runs[0]), "--out", str(tmp_path / "x.png")]) == 2
     assert "pip install -e .[plot]" in capsys.readouterr().err
+
+
+def test_train_help_mentions_plot():
+    result = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    assert "python -m train plot RUN" in result.stdout

@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train",
         description="Train an hpllm model. With no flags: the small preset on the bundled corpus, "
                     "into runs/small.",
+        epilog="Loss curves of finished runs: python -m train plot RUN [RUN ...] --out "
+               "FILE.png (see python -m train plot --help; needs pip install -e .[plot]).",
         # Flags not given stay absent, so a --config file or a resumed run can supply them.
         argument_default=argparse.SUPPRESS,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
