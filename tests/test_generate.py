@@ -166,17 +166,40 @@ def test_native_kernels_match_the_xla_ops(shape, scheme):
         Int8Weight,
         Int8WeightOnlyDot,
     )
-    from infer.kernels import NativeInt4Dot, NativeInt8Dot, available
+    from infer.kernels import (
+        NativeInt4Dot,
+        NativeInt8Dot,
+        TiledInt4Weight,
+        TiledInt8Weight,
+        available,
+    )
 
     if not available():
         pytest.skip("no C++ compiler: the XLA ops are used instead")
+    # 300 output columns: two whole 128-column tiles and a padded one.
     w = jax.random.normal(jax.random.key(0), (96, 300), jnp.float32)
-    weight, native, reference = ((Int8Weight(w), NativeInt8Dot(), Int8WeightOnlyDot())
-                                 if scheme == "int8" else
-                                 (Int4Weight(w, 32), NativeInt4Dot(), Int4WeightOnlyDot()))
+    weight, tiled, native, reference = (
+        (Int8Weight(w), TiledInt8Weight(Int8Weight(w)), NativeInt8Dot(), Int8WeightOnlyDot())
+        if scheme == "int8" else
+        (Int4Weight(w, 32), TiledInt4Weight(Int4Weight(w, 32)), NativeInt4Dot(),
+         Int4WeightOnlyDot()))
     x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
-    got = jax.jit(lambda x: native(x, weight))(x)
+    got = jax.jit(lambda x: native(x, tiled))(x)
     # Same products of exactly representable values in float32, summed in another order (and
     # for int4 scaled per group instead of per weight): outputs are ~10, float32 rounding over
     # 96 terms moves them by ~1e-6 relative, so 1e-4 absolute leaves a wide margin.
     np.testing.assert_allclose(got, reference(x, weight), rtol=1e-5, atol=1e-4)
+    # bf16 activations take the XLA op on the untiled weight: exactly the reference.
+    x16 = x.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(native(x16, tiled), reference(x16, weight))
+
+
+def test_tiled_layout_round_trips_with_layer_axes():
+    from infer.kernels import TILE, tile_columns, untile_columns
+
+    values = jnp.arange(2 * 5 * 300, dtype=jnp.int32).reshape(2, 5, 300)
+    tiled = tile_columns(values)
+    assert tiled.shape == (2, 3, 5, TILE)
+    # Tile t holds columns t*TILE..(t+1)*TILE of every row, contiguously.
+    np.testing.assert_array_equal(tiled[1, 1, 4], values[1, 4, TILE:2 * TILE])
+    np.testing.assert_array_equal(untile_columns(tiled, 300), values)

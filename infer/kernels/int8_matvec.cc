@@ -1,16 +1,25 @@
 // y[M, N] = x[M, K] @ dequantize(w) for int8 (per-column scales) and packed int4 (group scales)
-// weights, f32 activations, small M (decoding).
+// weights, f32 activations, any M (decoding and prefill).
 //
 // XLA's CPU backend turns a dot with an int8 (or bf16) operand into "convert the whole weight
 // to f32 in a temporary buffer, then an f32 dot": that reads 1 byte, writes 4 and reads 4 again
-// per weight, so int8 weights decode slower than f32 ones. This kernel streams each int8 weight
-// row once, widens 16 values per instruction in registers and accumulates in f32 (the compiler
-// vectorises the inner loop with AVX-512 / AVX2 under -march=native). Columns are split over
-// OpenMP threads; up to 8 activation rows share each weight load.
-#include <omp.h>
-
+// per weight, so int8 weights decode slower than f32 ones. These kernels read each quantized
+// weight once, widen it to f32 in registers and accumulate in f32: the same products and the
+// same per-column (int8) or per-group (int4) scaling as the XLA ops, summed in another order.
+//
+// Layout is what makes them fast. The weights arrive *tiled*: w[N / kTile][K][kTile], so the K
+// rows of one 128-column tile are one contiguous stream. Walking the plain [K, N] layout tile by
+// tile instead reads 128 bytes, jumps N bytes, reads 128 bytes...: measured on base's matrices
+// at one activation row, that ran at ~15 GB/s against ~40-67 GB/s for the tiled layout with the
+// same arithmetic (docs/performance.md). A tile's 128 f32 accumulators per activation row stay
+// in registers (8 AVX-512 or 16 AVX2 vectors); the compiler vectorises the plain loops below
+// under -march=native. Tiles are shared out over XLA's CPU threads, and every row chunk of the
+// activations reuses a tile while it is in cache, so prefill reads each weight from memory once.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -18,159 +27,186 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTileN = 128;  // output columns per tile: 8 AVX-512 accumulators per row
-constexpr int64_t kMaxRows = 8;
+constexpr int64_t kTile = 128;  // must equal infer.kernels.TILE
+// Activation rows that share one pass over a tile: 4 x 128 accumulators still fit the 32 vector
+// registers of AVX-512; 8 rows spilled and ran ~4x slower per row (measured).
+constexpr int64_t kRowChunk = 4;
 
+// One tile, `Rows` activation rows: acc[r][j] = sum_k x[r, k] * w[k, j].
 template <int64_t Rows>
-void tile(const float* x, const int8_t* w, const float* scale, float* y, int64_t K, int64_t N,
-          int64_t n0, int64_t width) {
-  float acc[Rows][kTileN] = {};
-  float widened[kTileN];
-  for (int64_t k = 0; k < K; ++k) {
-    const int8_t* row = w + k * N + n0;
-    // Widen once, use for every activation row.
-    if (width == kTileN) {
-#pragma omp simd
-      for (int64_t n = 0; n < kTileN; ++n) widened[n] = static_cast<float>(row[n]);
-    } else {
-      for (int64_t n = 0; n < width; ++n) widened[n] = static_cast<float>(row[n]);
-      for (int64_t n = width; n < kTileN; ++n) widened[n] = 0.0f;
-    }
-    for (int64_t r = 0; r < Rows; ++r) {
-      const float xv = x[r * K + k];
-      float* a = acc[r];
-#pragma omp simd
-      for (int64_t n = 0; n < kTileN; ++n) a[n] += xv * widened[n];
-    }
-  }
+void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, float (&acc)[Rows][kTile]) {
   for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t n = 0; n < width; ++n) y[r * N + n0 + n] = acc[r][n] * scale[n0 + n];
+    for (int64_t j = 0; j < kTile; ++j) acc[r][j] = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    const int8_t* row = w + k * kTile;
+    for (int64_t r = 0; r < Rows; ++r) {
+      const float xv = x[r * ldx + k];
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) acc[r][j] += xv * static_cast<float>(row[j]);
+    }
+  }
+}
+
+// int4 tile: values packed two per byte along K (row 2p in the low nibble, 2p+1 in the high
+// one) in offset binary (q + 8, 0..15: `TiledInt4Weight` flips the sign bits of the two's
+// complement checkpoint format), one scale per `group` rows and column.
+// sum_k x_k * q_k = sum_k x_k * (q_k + 8) - 8 * sum_k x_k, so a nibble widens with one AND or
+// shift and one convert; the correction and the group's scale are applied once per group.
+template <int64_t Rows>
+void int4_tile(const float* x, int64_t ldx, const uint8_t* packed, const float* scale,
+               int64_t ld_scale, int64_t K, int64_t group, float (&acc)[Rows][kTile]) {
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t j = 0; j < kTile; ++j) acc[r][j] = 0.0f;
+  for (int64_t g0 = 0; g0 < K; g0 += group) {
+    float part[Rows][kTile] = {}, x_sum[Rows] = {};
+    for (int64_t k = g0; k < g0 + group; k += 2) {
+      const uint8_t* row = packed + (k / 2) * kTile;
+      // Unpack once, use for every activation row.
+      float low[kTile], high[kTile];
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) {
+        const uint32_t b = row[j];
+        low[j] = static_cast<float>(b & 15u);
+        high[j] = static_cast<float>(b >> 4);
+      }
+      for (int64_t r = 0; r < Rows; ++r) {
+        const float x0 = x[r * ldx + k], x1 = x[r * ldx + k + 1];
+        x_sum[r] += x0 + x1;
+#pragma omp simd
+        for (int64_t j = 0; j < kTile; ++j) part[r][j] += x0 * low[j] + x1 * high[j];
+      }
+    }
+    const float* s = scale + (g0 / group) * ld_scale;
+    for (int64_t r = 0; r < Rows; ++r) {
+      const float offset = 8.0f * x_sum[r];
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) acc[r][j] += (part[r][j] - offset) * s[j];
+    }
+  }
+}
+
+// Runs `run_tile(t, out)` for every tile t on the calling thread and on XLA's CPU thread pool.
+//
+// Why not OpenMP: called ~85 times per decode step from inside an XLA program, an OpenMP
+// parallel region paid ~40 us per call to wake its sleeping team (libgomp's default wait
+// policy), more than the 768x768 matvec itself (~15 us): 85 calls took 5.6 ms with 2 threads
+// against 3.8 ms with one. Here the tiles are handed out by an atomic counter: the caller takes
+// tiles until none are left, helpers scheduled on XLA's pool take tiles when (and if) they
+// start. The caller never waits for a helper that has not started, only for tiles a helper is
+// already computing, so a busy or late core costs at most one tile.
+template <typename RunTile>
+void parallel_tiles(ffi::ThreadPool& pool, int64_t tiles, const RunTile& run_tile) {
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  // Shared ownership: a helper that starts after the call returned still finds its counter.
+  auto progress = std::make_shared<Progress>();
+  auto work = [progress, tiles, &run_tile] {
+    // run_tile is only used while some tile is unfinished, i.e. while the caller still waits.
+    for (int64_t t; (t = progress->next.fetch_add(1)) < tiles;) {
+      run_tile(t);
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, tiles - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
+  work();
+  while (progress->done.load(std::memory_order_acquire) < tiles) std::this_thread::yield();
+}
+
+// Computes tile t of y for all activation rows, kRowChunk rows per pass over the tile (so the
+// tile is read from memory once and from cache for the later rows); writes the valid columns.
+template <typename RowsFn>
+void tile_all_rows(int64_t t, int64_t M, int64_t N, float* y, const RowsFn& rows_fn) {
+  const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+  for (int64_t m = 0; m < M; m += kRowChunk) {
+    float out[kRowChunk][kTile];
+    const int64_t rows = std::min(kRowChunk, M - m);
+    rows_fn(m, rows, out);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < width; ++j) y[(m + r) * N + n0 + j] = out[r][j];
+  }
+}
+
+// Calls `tile_kernel<Rows>` for a chunk of `rows` (1..kRowChunk) rows into out[0..rows).
+template <template <int64_t> class Kernel, typename... Args>
+void dispatch_rows(int64_t rows, float (&out)[kRowChunk][kTile], Args... args) {
+  switch (rows) {
+    case 1: Kernel<1>::run(out, args...); break;
+    case 2: Kernel<2>::run(out, args...); break;
+    case 3: Kernel<3>::run(out, args...); break;
+    default: Kernel<4>::run(out, args...); break;
+  }
 }
 
 template <int64_t Rows>
-void rows_block(const float* x, const int8_t* w, const float* scale, float* y, int64_t K,
-                int64_t N) {
-#pragma omp parallel
-  {
-    // An even split of the columns over the threads (in multiples of 16 = one AVX-512 vector),
-    // so that 768-column matrices keep both cores busy; each thread walks its range in tiles.
-    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-    const int64_t per = ((N + threads - 1) / threads + 15) / 16 * 16;
-    const int64_t begin = std::min(N, me * per), end = std::min(N, begin + per);
-    for (int64_t n0 = begin; n0 < end; n0 += kTileN)
-      tile<Rows>(x, w, scale, y, K, N, n0, std::min(kTileN, end - n0));
+struct Int8Rows {
+  static void run(float (&out)[kRowChunk][kTile], const float* x, int64_t ldx, const int8_t* w,
+                  const float* scale, int64_t K) {
+    float acc[Rows][kTile];
+    int8_tile<Rows>(x, ldx, w, K, acc);
+    for (int64_t r = 0; r < Rows; ++r)
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) out[r][j] = acc[r][j] * scale[j];
   }
-}
+};
 
-ffi::Error Int8MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || scale.element_count() != wd[1])
-    return ffi::Error::InvalidArgument("int8_matvec: expects x[M, K], w[K, N], scale[N]");
-  const int64_t M = xd[0], K = xd[1], N = wd[1];
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  for (int64_t m = 0; m < M; m += kMaxRows) {
-    const int64_t rows = std::min(kMaxRows, M - m);
-    const float* xm = xp + m * K;
-    float* ym = yp + m * N;
-    switch (rows) {
-      case 1: rows_block<1>(xm, w.typed_data(), scale.typed_data(), ym, K, N); break;
-      case 2: rows_block<2>(xm, w.typed_data(), scale.typed_data(), ym, K, N); break;
-      case 3: rows_block<3>(xm, w.typed_data(), scale.typed_data(), ym, K, N); break;
-      case 4: rows_block<4>(xm, w.typed_data(), scale.typed_data(), ym, K, N); break;
-      case 5: rows_block<5>(xm, w.typed_data(), scale.typed_data(), ym, K, N); break;
-      case 6: rows_block<6>(xm, w.typed_data(), scale.typed_data(), ym, K, N); break;
-      case 7: rows_block<7>(xm, w.typed_data(), scale.typed_data(), ym, K, N); break;
-      default: rows_block<8>(xm, w.typed_data(), scale.typed_data(), ym, K, N); break;
-    }
+template <int64_t Rows>
+struct Int4Rows {
+  static void run(float (&out)[kRowChunk][kTile], const float* x, int64_t ldx,
+                  const uint8_t* packed, const float* scale, int64_t ld_scale, int64_t K,
+                  int64_t group) {
+    float acc[Rows][kTile];
+    int4_tile<Rows>(x, ldx, packed, scale, ld_scale, K, group, acc);
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t j = 0; j < kTile; ++j) out[r][j] = acc[r][j];
   }
+};
+
+ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kTile || xd[1] != wd[1] ||
+      yd[0] != xd[0] || (yd[1] + kTile - 1) / kTile != wd[0] ||
+      scale.element_count() != wd[0] * kTile)
+    return ffi::Error::InvalidArgument(
+        "int8_matvec: expects x[M, K], w[tiles, K, 128], scale[tiles * 128] -> y[M, N]");
+  const int64_t M = xd[0], K = xd[1], N = yd[1];
+  const float* xp = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  const float* sp = scale.typed_data();
+  float* yp = y->typed_data();
+  parallel_tiles(pool, (N + kTile - 1) / kTile, [&](int64_t t) {
+    tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, auto& out) {
+      dispatch_rows<Int8Rows>(rows, out, xp + m * K, K, wp + t * K * kTile, sp + t * kTile, K);
+    });
+  });
   return ffi::Error::Success();
 }
 
-// int4, two values per byte along K (row 2p in the low nibble, 2p+1 in the high one), one scale
-// per group of `group` rows and column: partial sums of a group are scaled once at its end.
-template <int64_t Rows>
-void int4_tile(const float* x, const uint8_t* packed, const float* scale, float* y, int64_t K,
-               int64_t N, int64_t group, int64_t n0, int64_t width) {
-  float acc[Rows][kTileN] = {};
-  float part[Rows][kTileN];
-  float low[kTileN], high[kTileN];
-  for (int64_t g0 = 0; g0 < K; g0 += group) {
-    for (int64_t r = 0; r < Rows; ++r)
-      for (int64_t n = 0; n < kTileN; ++n) part[r][n] = 0.0f;
-    for (int64_t k = g0; k < g0 + group; k += 2) {
-      const uint8_t* row = packed + (k / 2) * N + n0;
-      if (width == kTileN) {
-#pragma omp simd
-        for (int64_t n = 0; n < kTileN; ++n) {
-          // Sign-extend each nibble with an arithmetic shift of a signed byte.
-          low[n] = static_cast<float>(static_cast<int8_t>(row[n] << 4) >> 4);
-          high[n] = static_cast<float>(static_cast<int8_t>(row[n]) >> 4);
-        }
-      } else {
-        for (int64_t n = 0; n < kTileN; ++n) {
-          const uint8_t b = n < width ? row[n] : 0;
-          low[n] = static_cast<float>(static_cast<int8_t>(b << 4) >> 4);
-          high[n] = static_cast<float>(static_cast<int8_t>(b) >> 4);
-        }
-      }
-      for (int64_t r = 0; r < Rows; ++r) {
-        const float x0 = x[r * K + k], x1 = x[r * K + k + 1];
-        float* a = part[r];
-#pragma omp simd
-        for (int64_t n = 0; n < kTileN; ++n) a[n] += x0 * low[n] + x1 * high[n];
-      }
-    }
-    const float* s = scale + (g0 / group) * N + n0;
-    for (int64_t r = 0; r < Rows; ++r)
-      for (int64_t n = 0; n < width; ++n) acc[r][n] += part[r][n] * s[n];
-  }
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t n = 0; n < width; ++n) y[r * N + n0 + n] = acc[r][n];
-}
-
-template <int64_t Rows>
-void int4_rows_block(const float* x, const uint8_t* packed, const float* scale, float* y,
-                     int64_t K, int64_t N, int64_t group) {
-#pragma omp parallel
-  {
-    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-    const int64_t per = ((N + threads - 1) / threads + 15) / 16 * 16;
-    const int64_t begin = std::min(N, me * per), end = std::min(N, begin + per);
-    for (int64_t n0 = begin; n0 < end; n0 += kTileN)
-      int4_tile<Rows>(x, packed, scale, y, K, N, group, n0, std::min(kTileN, end - n0));
-  }
-}
-
-ffi::Error Int4MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> packed,
-                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
-  const auto pd = packed.dimensions();
-  const auto sd = scale.dimensions();
-  if (xd.size() != 2 || pd.size() != 2 || sd.size() != 2 || xd[1] != 2 * pd[0] ||
-      sd[1] != pd[1] || sd[0] < 1 || xd[1] % sd[0] || (xd[1] / sd[0]) % 2)
+ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> scale,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), sd = scale.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || sd.size() != 2 || yd.size() != 2 || pd[2] != kTile ||
+      xd[1] != 2 * pd[1] || sd[1] != pd[0] * kTile || yd[0] != xd[0] ||
+      (yd[1] + kTile - 1) / kTile != pd[0] || sd[0] < 1 || xd[1] % sd[0] ||
+      (xd[1] / sd[0]) % 2)
     return ffi::Error::InvalidArgument(
-        "int4_matvec: expects x[M, K], packed[K/2, N], scale[K/group, N], even group");
-  const int64_t M = xd[0], K = xd[1], N = pd[1], group = K / sd[0];
-  for (int64_t m = 0; m < M; m += kMaxRows) {
-    const int64_t rows = std::min(kMaxRows, M - m);
-    const float* xm = x.typed_data() + m * K;
-    float* ym = y->typed_data() + m * N;
-    const uint8_t* p = packed.typed_data();
-    const float* s = scale.typed_data();
-    switch (rows) {
-      case 1: int4_rows_block<1>(xm, p, s, ym, K, N, group); break;
-      case 2: int4_rows_block<2>(xm, p, s, ym, K, N, group); break;
-      case 3: int4_rows_block<3>(xm, p, s, ym, K, N, group); break;
-      case 4: int4_rows_block<4>(xm, p, s, ym, K, N, group); break;
-      case 5: int4_rows_block<5>(xm, p, s, ym, K, N, group); break;
-      case 6: int4_rows_block<6>(xm, p, s, ym, K, N, group); break;
-      case 7: int4_rows_block<7>(xm, p, s, ym, K, N, group); break;
-      default: int4_rows_block<8>(xm, p, s, ym, K, N, group); break;
-    }
-  }
+        "int4_matvec: expects x[M, K], packed[tiles, K/2, 128], scale[K/group, tiles * 128] "
+        "with an even group -> y[M, N]");
+  const int64_t M = xd[0], K = xd[1], N = yd[1], group = K / sd[0], ld_scale = sd[1];
+  const float* xp = x.typed_data();
+  const uint8_t* pp = packed.typed_data();
+  const float* sp = scale.typed_data();
+  float* yp = y->typed_data();
+  parallel_tiles(pool, (N + kTile - 1) / kTile, [&](int64_t t) {
+    tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, auto& out) {
+      dispatch_rows<Int4Rows>(rows, out, xp + m * K, K, pp + t * (K / 2) * kTile,
+                              sp + t * kTile, ld_scale, K, group);
+    });
+  });
   return ffi::Error::Success();
 }
 
@@ -178,6 +214,7 @@ ffi::Error Int4MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> packed,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt4Matvec, Int4MatvecImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -185,6 +222,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt4Matvec, Int4MatvecImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt8Matvec, Int8MatvecImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -98,13 +98,29 @@ class Fp8Weight(eqx.Module):
         return dequantize(self.values, self.scales[..., None, :])
 
 
+def int8_weight_only_matmul(x: Float[Array, "*batch d_in"], values: Int8[Array, "d_in d_out"],
+                            scales: Float[Array, " d_out"]) -> Float[Array, "*batch d_out"]:
+    """`(x @ values) * scales`: the scale is constant along d_in, so it is applied once to the
+    output instead of to every weight."""
+    y = jnp.matmul(x, values.astype(x.dtype), preferred_element_type=jnp.float32)
+    return _scale_columns(y, scales).astype(x.dtype)
+
+
+def int4_weight_only_matmul(x: Float[Array, "*batch d_in"],
+                            packed: UInt8[Array, "half_padded_d_in d_out"],
+                            scales: Float[Array, "groups d_out"], d_in: int
+                            ) -> Float[Array, "*batch d_out"]:
+    """`x @ (q * scale[group])`: unpacked and scaled right before the dot."""
+    w = int4_dequantize_groups(unpack_int4(packed), scales, d_in).astype(x.dtype)
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 class Int8WeightOnlyDot(MatmulOp):
     """`(x @ q) * scale` with int8 weights; int8 values are exact in bf16 and f32."""
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: Int8Weight
                  ) -> Float[Array, "*batch d_out"]:
-        y = jnp.matmul(x, weight.values.astype(x.dtype), preferred_element_type=jnp.float32)
-        return _scale_columns(y, weight.scales).astype(x.dtype)
+        return int8_weight_only_matmul(x, weight.values, weight.scales)
 
 
 class Fp8WeightOnlyDot(MatmulOp):
@@ -121,8 +137,7 @@ class Int4WeightOnlyDot(MatmulOp):
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: Int4Weight
                  ) -> Float[Array, "*batch d_out"]:
-        w = weight.dequantize().astype(x.dtype)
-        return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        return int4_weight_only_matmul(x, weight.packed, weight.scales, weight.d_in)
 
 
 QUANTIZED_WEIGHTS = (Int8Weight, Int4Weight, Fp8Weight)
