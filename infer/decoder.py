@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int
 from hpllm.config import ModelConfig
 from hpllm.kvcache import KVCache
 from hpllm.linear import Linear
-from hpllm.model import Block, RMSNorm, Transformer, cache_mask, rope_angles
+from hpllm.model import Block, RMSNorm, Transformer, cache_mask, output_logits, rope_angles
 
 LayerCaches = tuple[KVCache, ...]
 
@@ -52,14 +52,7 @@ class UnrolledDecoder(eqx.Module):
                      for _ in range(self.cfg.n_layers))
 
     def logits(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq vocab"]:
-        x = self.final_norm(x)
-        if self.lm_head is None:
-            # Tied head, scaled exactly as in `Transformer._logits`.
-            head = self.embed.T.astype(x.dtype) / jnp.sqrt(jnp.float32(x.shape[-1])).astype(x.dtype)
-            logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(jnp.float32)
+        return output_logits(x, self.final_norm, self.embed, self.lm_head)
 
     def hidden(
         self,

@@ -1,6 +1,7 @@
 """`python -m infer` end to end on a trained-looking checkpoint built here (random tiny model +
 a tokenizer trained on a few sentences): convert, load, generate, chat, and bad input."""
 
+import io
 import json
 import os
 import subprocess
@@ -174,3 +175,30 @@ def test_bench_json_has_the_plainly_named_keys(run_dir, capsys):
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_step",
                     "bytes_per_step", "achieved_GB_per_s", "percent_of_measured_bandwidth"):
             assert row[key] > 0
+
+
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(run_dir, capsys):
+    loaded = load(run_dir)
+    chat = Chat(loaded.model, loaded.tokenizer, sampling=SamplingConfig(greedy=True),
+                max_new_tokens=16)
+    start = chat.generator.start
+    kept = []
+
+    class InterruptedAfterOneChunk:
+        """A generation the user interrupts (Ctrl-C) once its first chunk has streamed."""
+
+        def __init__(self, generation):
+            self.tokens = generation.tokens
+            self.chunks = iter(generation)
+
+        def __iter__(self):
+            kept.append(next(self.chunks)[0])
+            raise KeyboardInterrupt
+
+    chat.generator.start = lambda *args, **kwargs: InterruptedAfterOneChunk(start(*args, **kwargs))
+    chat.loop(io.BytesIO(b"hello world\nthe cat sat\n/stats\n"), sys.stdout, sys.stderr)
+    out, err = capsys.readouterr()
+    assert err.count("[stopped]") == 2 and "history: 2 turns" in err
+    assert len(out.splitlines()) == 2  # each reply ended with its newline
+    # The history keeps what was streamed before the interrupt, nothing more.
+    assert [turn.reply for turn in chat.history] == kept

@@ -188,6 +188,23 @@ class Block(eqx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache
 
 
+def output_logits(
+    x: Float[Array, "batch seq d_model"],
+    final_norm: RMSNorm,
+    embed: Float[Array, "vocab d_model"],
+    lm_head: Linear | None,
+) -> Float[Array, "batch seq vocab"]:
+    """Final norm, then the LM head (or the tied embeddings) -> float32 logits."""
+    x = final_norm(x)
+    if lm_head is None:
+        # Tied head: scaled by 1/sqrt(d_model) so unit-RMS embeddings give unit logits.
+        head = embed.T.astype(x.dtype) / jnp.sqrt(jnp.float32(x.shape[-1])).astype(x.dtype)
+        logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
+    else:
+        logits = lm_head(x)
+    return logits.astype(jnp.float32)
+
+
 class Transformer(eqx.Module):
     """The decoder. `blocks` holds every layer's leaves stacked along a leading layer axis."""
 
@@ -216,14 +233,7 @@ class Transformer(eqx.Module):
         return jnp.take(self.embed, tokens, axis=0).astype(self.compute_dtype)
 
     def _logits(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq vocab"]:
-        x = self.final_norm(x)
-        if self.lm_head is None:
-            # Tied head: scaled by 1/sqrt(d_model) so unit-RMS embeddings give unit logits.
-            head = self.embed.T.astype(x.dtype) / jnp.sqrt(jnp.float32(x.shape[-1])).astype(x.dtype)
-            logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(jnp.float32)
+        return output_logits(x, self.final_norm, self.embed, self.lm_head)
 
     def __call__(
         self,
