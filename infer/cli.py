@@ -82,7 +82,7 @@ def build_parser() -> Parser:
     bench.add_argument("--quantize-head", action="store_true",
                        help="with --to: quantize the LM head too")
     bench.add_argument("--no-native-kernels", action="store_true",
-                       help="use only XLA ops (no native int8 kernel)")
+                       help="use only XLA ops (no native int8/int4 kernels)")
     bench.add_argument("--batch-sizes", default="1,8", metavar="LIST")
     bench.add_argument("--prompt-len", type=_positive_int, default=128, metavar="N")
     bench.add_argument("--new-tokens", type=_positive_int, default=128, metavar="N")

@@ -1,9 +1,11 @@
-"""A native int8 matrix-vector kernel for CPU decoding, called through `jax.ffi`.
+"""Native int8 / int4 weight-only matmul kernels for CPU inference, called through `jax.ffi`.
 
 Why: XLA's CPU backend never fuses a dtype conversion into a dot. `x @ w_int8.astype(f32)`
 becomes a full f32 copy of the weight followed by an f32 dot, so int8 (and bf16) weights decode
-*slower* than f32 ones (docs/performance.md has the figures). `int8_matvec.cc` reads each int8
-weight once and widens it in registers.
+no faster than f32 ones (docs/performance.md has the figures). `int8_matvec.cc` reads each
+quantized weight once and widens it in registers. It wants the weights in 128-column tiles
+(`TiledInt8Weight`, `TiledInt4Weight`: one contiguous stream per tile), made once at load
+time by `native_int8_ops`; checkpoints keep the plain `[d_in, d_out]` layout.
 
 The kernel is compiled on first use with the system C++ compiler (`-O3 -march=native`)
 into a cache folder (`$HPLLM_CACHE` or `~/.cache/hpllm`), keyed by a hash of the source, the
