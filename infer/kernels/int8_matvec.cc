@@ -52,39 +52,51 @@ void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, float (&
 }
 
 #if defined(__AVX512F__)
-// The int4 tile for one activation row in AVX-512 intrinsics. The portable loop below widens
-// each k-pair into two staging arrays and reads them back, because GCC does not vectorise the
-// fused loop (u8 -> u32 -> f32 with two uses of the byte); here the nibbles go from one load to
-// two FMAs in registers: ~1.45x faster per core (C++ micro-benchmark, 768 x 768, one thread).
-void int4_row_avx512(const float* x, const uint8_t* packed, const float* scale,
-                     int64_t ld_scale, int64_t K, int64_t group, float (&acc)[kTile]) {
-  constexpr int kVectors = kTile / 16;
+// The int4 tile in AVX-512 intrinsics. The portable loop below widens each k-pair into two
+// staging arrays and reads them back, because GCC does not vectorise the fused loop (u8 -> u32
+// -> f32 with two uses of the byte); here the nibbles go from one load to FMAs in registers:
+// ~1.45x faster per core for one row (C++ micro-benchmark, 768 x 768, one thread). The
+// partial sums of `Rows` rows x `kVectors` vectors stay in registers (16 of the 32), so with
+// more than two rows the tile is done in two column halves.
+template <int64_t Rows>
+void int4_tile_avx512(const float* x, int64_t ldx, const uint8_t* packed, const float* scale,
+                      int64_t ld_scale, int64_t K, int64_t group, float (&acc)[Rows][kTile]) {
+  constexpr int kVectors = Rows <= 2 ? 8 : 4;
   const __m512i low_nibble = _mm512_set1_epi32(15);
-  __m512 total[kVectors];
-  for (int v = 0; v < kVectors; ++v) total[v] = _mm512_setzero_ps();
-  for (int64_t g0 = 0; g0 < K; g0 += group) {
-    __m512 part[kVectors];
-    for (int v = 0; v < kVectors; ++v) part[v] = _mm512_setzero_ps();
-    float x_sum = 0.0f;
-    for (int64_t k = g0; k < g0 + group; k += 2) {
-      const uint8_t* row = packed + (k / 2) * kTile;
-      const __m512 x0 = _mm512_set1_ps(x[k]), x1 = _mm512_set1_ps(x[k + 1]);
-      x_sum += x[k] + x[k + 1];
-      for (int v = 0; v < kVectors; ++v) {
-        const __m512i bytes =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v)));
-        part[v] = _mm512_fmadd_ps(x0, _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low_nibble)),
-                                  part[v]);
-        part[v] = _mm512_fmadd_ps(x1, _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), part[v]);
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t j = 0; j < kTile; ++j) acc[r][j] = 0.0f;
+  for (int64_t c0 = 0; c0 < kTile; c0 += 16 * kVectors) {
+    for (int64_t g0 = 0; g0 < K; g0 += group) {
+      __m512 part[Rows][kVectors];
+      float x_sum[Rows] = {};
+      for (int64_t r = 0; r < Rows; ++r)
+        for (int v = 0; v < kVectors; ++v) part[r][v] = _mm512_setzero_ps();
+      for (int64_t k = g0; k < g0 + group; k += 2) {
+        const uint8_t* row = packed + (k / 2) * kTile + c0;
+        for (int v = 0; v < kVectors; ++v) {
+          const __m512i bytes = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v)));
+          const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low_nibble));
+          const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+          for (int64_t r = 0; r < Rows; ++r) {
+            part[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), low, part[r][v]);
+            part[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k + 1]), high, part[r][v]);
+          }
+        }
+        for (int64_t r = 0; r < Rows; ++r) x_sum[r] += x[r * ldx + k] + x[r * ldx + k + 1];
+      }
+      const float* s = scale + (g0 / group) * ld_scale + c0;
+      for (int64_t r = 0; r < Rows; ++r) {
+        const __m512 offset = _mm512_set1_ps(8.0f * x_sum[r]);
+        for (int v = 0; v < kVectors; ++v) {
+          float* out = acc[r] + c0 + 16 * v;
+          _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_sub_ps(part[r][v], offset),
+                                                _mm512_loadu_ps(s + 16 * v),
+                                                _mm512_loadu_ps(out)));
+        }
       }
     }
-    const __m512 offset = _mm512_set1_ps(8.0f * x_sum);
-    const float* s = scale + (g0 / group) * ld_scale;
-    for (int v = 0; v < kVectors; ++v)
-      total[v] = _mm512_fmadd_ps(_mm512_sub_ps(part[v], offset), _mm512_loadu_ps(s + 16 * v),
-                                 total[v]);
   }
-  for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(acc + 16 * v, total[v]);
 }
 #endif
 
@@ -97,7 +109,7 @@ template <int64_t Rows>
 void int4_tile(const float* x, int64_t ldx, const uint8_t* packed, const float* scale,
                int64_t ld_scale, int64_t K, int64_t group, float (&acc)[Rows][kTile]) {
 #if defined(__AVX512F__)
-  if constexpr (Rows == 1) return int4_row_avx512(x, packed, scale, ld_scale, K, group, acc[0]);
+  return int4_tile_avx512<Rows>(x, ldx, packed, scale, ld_scale, K, group, acc);
 #endif
   for (int64_t r = 0; r < Rows; ++r)
     for (int64_t j = 0; j < kTile; ++j) acc[r][j] = 0.0f;
