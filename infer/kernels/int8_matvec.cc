@@ -9,9 +9,9 @@
 //
 // Layout is what makes them fast. The weights arrive *tiled*: w[N / kTile][K][kTile], so the K
 // rows of one 128-column tile are one contiguous stream. Walking the plain [K, N] layout tile by
-// tile instead reads 128 bytes, jumps N bytes, reads 128 bytes...: measured on base's matrices
-// at one activation row, that ran at ~15 GB/s against ~40-67 GB/s for the tiled layout with the
-// same arithmetic (docs/performance.md). A tile's 128 f32 accumulators per activation row stay
+// tile instead reads 128 bytes, jumps N bytes, reads 128 bytes...: on base's matrices at one
+// activation row that is 1.4-2x slower with the same arithmetic (bench/kernel_variants.cc,
+// figures in docs/performance.md). A tile's 128 f32 accumulators per activation row stay
 // in registers (8 AVX-512 or 16 AVX2 vectors); the compiler vectorises the plain loops below
 // under -march=native. Tiles are shared out over XLA's CPU threads, and every row chunk of the
 // activations reuses a tile while it is in cache, so prefill reads each weight from memory once.
@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -33,14 +34,16 @@ namespace {
 
 constexpr int64_t kTile = 128;  // must equal infer.kernels.TILE
 // Activation rows that share one pass over a tile: 4 x 128 accumulators still fit the 32 vector
-// registers of AVX-512; 8 rows spilled and ran ~4x slower per row (measured).
+// registers of AVX-512; one pass of 8 rows spills and takes 1.8x as long as two passes of 4
+// (bench/kernel_variants.cc).
 constexpr int64_t kRowChunk = 4;
 
-// One tile, `Rows` activation rows: acc[r][j] = sum_k x[r, k] * w[k, j].
+// One tile, `Rows` activation rows: out[r][j] = scale[j] * sum_k x[r, k] * w[k, j]. The sums
+// build up in a local array, which the compiler keeps in registers.
 template <int64_t Rows>
-void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, float (&acc)[Rows][kTile]) {
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t j = 0; j < kTile; ++j) acc[r][j] = 0.0f;
+void int8_tile(const float* x, int64_t ldx, const int8_t* w, const float* scale, int64_t K,
+               float (*out)[kTile]) {
+  float acc[Rows][kTile] = {};
   for (int64_t k = 0; k < K; ++k) {
     const int8_t* row = w + k * kTile;
     for (int64_t r = 0; r < Rows; ++r) {
@@ -49,22 +52,25 @@ void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, float (&
       for (int64_t j = 0; j < kTile; ++j) acc[r][j] += xv * static_cast<float>(row[j]);
     }
   }
+  for (int64_t r = 0; r < Rows; ++r)
+#pragma omp simd
+    for (int64_t j = 0; j < kTile; ++j) out[r][j] = acc[r][j] * scale[j];
 }
 
 #if defined(__AVX512F__)
 // The int4 tile in AVX-512 intrinsics. The portable loop below widens each k-pair into two
 // staging arrays and reads them back, because GCC does not vectorise the fused loop (u8 -> u32
 // -> f32 with two uses of the byte); here the nibbles go from one load to FMAs in registers:
-// ~1.45x faster per core for one row (C++ micro-benchmark, 768 x 768, one thread). The
+// 1.4x faster for one row, 1.6x for four (bench/kernel_variants.cc). The
 // partial sums of `Rows` rows x `kVectors` vectors stay in registers (16 of the 32), so with
 // more than two rows the tile is done in two column halves.
 template <int64_t Rows>
 void int4_tile_avx512(const float* x, int64_t ldx, const uint8_t* packed, const float* scale,
-                      int64_t ld_scale, int64_t K, int64_t group, float (&acc)[Rows][kTile]) {
+                      int64_t ld_scale, int64_t K, int64_t group, float (*out)[kTile]) {
   constexpr int kVectors = Rows <= 2 ? 8 : 4;
   const __m512i low_nibble = _mm512_set1_epi32(15);
   for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t j = 0; j < kTile; ++j) acc[r][j] = 0.0f;
+    for (int64_t j = 0; j < kTile; ++j) out[r][j] = 0.0f;
   for (int64_t c0 = 0; c0 < kTile; c0 += 16 * kVectors) {
     for (int64_t g0 = 0; g0 < K; g0 += group) {
       __m512 part[Rows][kVectors];
@@ -89,10 +95,10 @@ void int4_tile_avx512(const float* x, int64_t ldx, const uint8_t* packed, const 
       for (int64_t r = 0; r < Rows; ++r) {
         const __m512 offset = _mm512_set1_ps(8.0f * x_sum[r]);
         for (int v = 0; v < kVectors; ++v) {
-          float* out = acc[r] + c0 + 16 * v;
-          _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_sub_ps(part[r][v], offset),
-                                                _mm512_loadu_ps(s + 16 * v),
-                                                _mm512_loadu_ps(out)));
+          float* total = out[r] + c0 + 16 * v;
+          _mm512_storeu_ps(total, _mm512_fmadd_ps(_mm512_sub_ps(part[r][v], offset),
+                                                  _mm512_loadu_ps(s + 16 * v),
+                                                  _mm512_loadu_ps(total)));
         }
       }
     }
@@ -100,19 +106,12 @@ void int4_tile_avx512(const float* x, int64_t ldx, const uint8_t* packed, const 
 }
 #endif
 
-// int4 tile: values packed two per byte along K (row 2p in the low nibble, 2p+1 in the high
-// one) in offset binary (q + 8, 0..15: `TiledInt4Weight` flips the sign bits of the two's
-// complement checkpoint format), one scale per `group` rows and column.
-// sum_k x_k * q_k = sum_k x_k * (q_k + 8) - 8 * sum_k x_k, so a nibble widens with one AND or
-// shift and one convert; the correction and the group's scale are applied once per group.
+// The int4 tile in plain loops that the compiler vectorises (any x86 or other CPU).
 template <int64_t Rows>
-void int4_tile(const float* x, int64_t ldx, const uint8_t* packed, const float* scale,
-               int64_t ld_scale, int64_t K, int64_t group, float (&acc)[Rows][kTile]) {
-#if defined(__AVX512F__)
-  return int4_tile_avx512<Rows>(x, ldx, packed, scale, ld_scale, K, group, acc);
-#endif
+void int4_tile_portable(const float* x, int64_t ldx, const uint8_t* packed, const float* scale,
+                        int64_t ld_scale, int64_t K, int64_t group, float (*out)[kTile]) {
   for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t j = 0; j < kTile; ++j) acc[r][j] = 0.0f;
+    for (int64_t j = 0; j < kTile; ++j) out[r][j] = 0.0f;
   for (int64_t g0 = 0; g0 < K; g0 += group) {
     float part[Rows][kTile] = {}, x_sum[Rows] = {};
     for (int64_t k = g0; k < g0 + group; k += 2) {
@@ -136,17 +135,31 @@ void int4_tile(const float* x, int64_t ldx, const uint8_t* packed, const float* 
     for (int64_t r = 0; r < Rows; ++r) {
       const float offset = 8.0f * x_sum[r];
 #pragma omp simd
-      for (int64_t j = 0; j < kTile; ++j) acc[r][j] += (part[r][j] - offset) * s[j];
+      for (int64_t j = 0; j < kTile; ++j) out[r][j] += (part[r][j] - offset) * s[j];
     }
   }
+}
+
+// int4 tile: values packed two per byte along K (row 2p in the low nibble, 2p+1 in the high
+// one) in offset binary (q + 8, 0..15: `TiledInt4Weight` flips the sign bits of the two's
+// complement checkpoint format), one scale per `group` rows and column.
+// sum_k x_k * q_k = sum_k x_k * (q_k + 8) - 8 * sum_k x_k, so a nibble widens with one AND or
+// shift and one convert; the correction and the group's scale are applied once per group.
+template <int64_t Rows>
+void int4_tile(const float* x, int64_t ldx, const uint8_t* packed, const float* scale,
+               int64_t ld_scale, int64_t K, int64_t group, float (*out)[kTile]) {
+#if defined(__AVX512F__)
+  int4_tile_avx512<Rows>(x, ldx, packed, scale, ld_scale, K, group, out);
+#else
+  int4_tile_portable<Rows>(x, ldx, packed, scale, ld_scale, K, group, out);
+#endif
 }
 
 // Runs `run_tile(t, out)` for every tile t on the calling thread and on XLA's CPU thread pool.
 //
 // Why not OpenMP: called ~85 times per decode step from inside an XLA program, an OpenMP
-// parallel region paid ~40 us per call to wake its sleeping team (libgomp's default wait
-// policy), more than the 768x768 matvec itself (~15 us): 85 calls took 5.6 ms with 2 threads
-// against 3.8 ms with one. Here the tiles are handed out by an atomic counter: the caller takes
+// parallel region paid more to wake its sleeping team (libgomp's default wait policy) than a
+// 768x768 matvec costs: in a scratch run, 2 threads were slower than one. Here the tiles are handed out by an atomic counter: the caller takes
 // tiles until none are left, helpers scheduled on XLA's pool take tiles when (and if) they
 // start. The caller never waits for a helper that has not started, only for tiles a helper is
 // already computing, so a busy or late core costs at most one tile.
@@ -184,40 +197,17 @@ void tile_all_rows(int64_t t, int64_t M, int64_t N, float* y, const RowsFn& rows
   }
 }
 
-// Calls `tile_kernel<Rows>` for a chunk of `rows` (1..kRowChunk) rows into out[0..rows).
-template <template <int64_t> class Kernel, typename... Args>
-void dispatch_rows(int64_t rows, float (&out)[kRowChunk][kTile], Args... args) {
+// Calls f(std::integral_constant<int64_t, R>{}) with R = rows (1..kRowChunk): the tile
+// kernels are compiled once per row count, so their row loops have fixed trip counts.
+template <typename F>
+void with_rows(int64_t rows, const F& f) {
   switch (rows) {
-    case 1: Kernel<1>::run(out, args...); break;
-    case 2: Kernel<2>::run(out, args...); break;
-    case 3: Kernel<3>::run(out, args...); break;
-    default: Kernel<4>::run(out, args...); break;
+    case 1: f(std::integral_constant<int64_t, 1>{}); break;
+    case 2: f(std::integral_constant<int64_t, 2>{}); break;
+    case 3: f(std::integral_constant<int64_t, 3>{}); break;
+    default: f(std::integral_constant<int64_t, 4>{}); break;
   }
 }
-
-template <int64_t Rows>
-struct Int8Rows {
-  static void run(float (&out)[kRowChunk][kTile], const float* x, int64_t ldx, const int8_t* w,
-                  const float* scale, int64_t K) {
-    float acc[Rows][kTile];
-    int8_tile<Rows>(x, ldx, w, K, acc);
-    for (int64_t r = 0; r < Rows; ++r)
-#pragma omp simd
-      for (int64_t j = 0; j < kTile; ++j) out[r][j] = acc[r][j] * scale[j];
-  }
-};
-
-template <int64_t Rows>
-struct Int4Rows {
-  static void run(float (&out)[kRowChunk][kTile], const float* x, int64_t ldx,
-                  const uint8_t* packed, const float* scale, int64_t ld_scale, int64_t K,
-                  int64_t group) {
-    float acc[Rows][kTile];
-    int4_tile<Rows>(x, ldx, packed, scale, ld_scale, K, group, acc);
-    for (int64_t r = 0; r < Rows; ++r)
-      for (int64_t j = 0; j < kTile; ++j) out[r][j] = acc[r][j];
-  }
-};
 
 ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
@@ -233,8 +223,10 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
   parallel_tiles(pool, (N + kTile - 1) / kTile, [&](int64_t t) {
-    tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, auto& out) {
-      dispatch_rows<Int8Rows>(rows, out, xp + m * K, K, wp + t * K * kTile, sp + t * kTile, K);
+    tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, float (*out)[kTile]) {
+      with_rows(rows, [&](auto r) {
+        int8_tile<decltype(r)::value>(xp + m * K, K, wp + t * K * kTile, sp + t * kTile, K, out);
+      });
     });
   });
   return ffi::Error::Success();
@@ -258,9 +250,11 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
   parallel_tiles(pool, (N + kTile - 1) / kTile, [&](int64_t t) {
-    tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, auto& out) {
-      dispatch_rows<Int4Rows>(rows, out, xp + m * K, K, pp + t * (K / 2) * kTile,
-                              sp + t * kTile, ld_scale, K, group);
+    tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, float (*out)[kTile]) {
+      with_rows(rows, [&](auto r) {
+        int4_tile<decltype(r)::value>(xp + m * K, K, pp + t * (K / 2) * kTile, sp + t * kTile,
+                                      ld_scale, K, group, out);
+      });
     });
   });
   return ffi::Error::Success();
