@@ -53,22 +53,23 @@ def step_chain(op, weights):
     return step
 
 
-def make_weights(kind: str):
+# name -> (float weight -> the format's weight, the op that multiplies by it)
+FORMATS = {
+    "f32 XLA": (lambda w: w, lambda x, w: x @ w),
+    "int8 XLA": (Int8Weight, Int8WeightOnlyDot()),
+    "int4 XLA": (lambda w: Int4Weight(w, 128), Int4WeightOnlyDot()),
+    "int8 native": (lambda w: TiledInt8Weight(Int8Weight(w)), NativeInt8Dot()),
+    "int4 native": (lambda w: TiledInt4Weight(Int4Weight(w, 128)), NativeInt4Dot()),
+}
+
+
+def make_weights(kind: str) -> list:
+    """The 85 weights of one step (random, fan-in scaled) in format `kind`."""
     shapes = [shape for _ in range(LAYERS) for shape in LAYER_SHAPES] + [(D_MODEL, VOCAB)]
     keys = jax.random.split(jax.random.key(0), len(shapes))
-    floats = [jax.random.normal(key, shape, jnp.float32) / shape[0] ** 0.5
-              for key, shape in zip(keys, shapes, strict=True)]
-    make = {"f32 XLA": lambda w: w,
-            "int8 XLA": Int8Weight,
-            "int8 native": lambda w: TiledInt8Weight(Int8Weight(w)),
-            "int4 native": lambda w: TiledInt4Weight(Int4Weight(w, 128)),
-            "int4 XLA": lambda w: Int4Weight(w, 128)}[kind]
-    return [make(w) for w in floats]
-
-
-OPS = {"f32 XLA": lambda x, w: x @ w, "int8 XLA": Int8WeightOnlyDot(),
-       "int8 native": NativeInt8Dot(), "int4 native": NativeInt4Dot(),
-       "int4 XLA": Int4WeightOnlyDot()}
+    convert = FORMATS[kind][0]
+    return [convert(jax.random.normal(key, shape, jnp.float32) / shape[0] ** 0.5)
+            for key, shape in zip(keys, shapes, strict=True)]
 
 
 def main() -> None:
@@ -76,13 +77,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1, help="activation rows (batch size)")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    kinds = ["f32 XLA", "int8 XLA", "int4 XLA"]
-    if available():
-        kinds += ["int8 native", "int4 native"]
+    kinds = [kind for kind in FORMATS if "native" not in kind or available()]
     runs = {}
     for kind in kinds:
         weights = make_weights(kind)
-        step = step_chain(OPS[kind], weights)
+        step = step_chain(FORMATS[kind][1], weights)
 
         @jax.jit
         def steps(x, step=step):
