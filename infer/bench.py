@@ -241,8 +241,7 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
         head = "quantized" if report.get("lm_head_quantized") else "f32"
-        native = report.get("native_kernel", report.get("native_int8_kernel"))
-        kernel = "native" if native else "XLA"
+        kernel = "native" if report["native_kernel"] else "XLA"
         if report["weights"] in ("f32", "bf16", "fp8"):
             kernel = "XLA"
         weights = report["weights"] + (" (bf16 compute)" if report["compute_dtype"] == "bfloat16"

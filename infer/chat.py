@@ -52,7 +52,9 @@ class Chat:
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.context = model.cfg.max_seq_len
-        # Leave room for a reply of at least a quarter of the context.
+        # A reply may take at most a quarter of the context (`--max-new-tokens` is capped
+        # there), so that the conversation keeps three quarters; the prompt is cut to leave
+        # room for the whole reply.
         self.max_new_tokens = max(1, min(max_new_tokens, self.context // 4))
         self.seed = seed
         self.generator = Generator(model, stop_ids=[tokenizer.eos_id, tokenizer.user_id],

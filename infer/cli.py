@@ -35,10 +35,13 @@ def _positive_int(text: str) -> int:
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    # "%(default)s" is filled in when help is printed, so chat's set_defaults shows there.
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                        help="default %(default)s")
     parser.add_argument("--temperature", type=float, default=1.0, metavar="F",
-                        help="0 = greedy (default 1.0)")
-    parser.add_argument("--top-k", type=int, default=0, metavar="N", help="0 = no cut")
+                        help="0 = greedy (default %(default)s)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="N",
+                        help="0 = no cut (default %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="F", help="in (0, 1]")
     parser.add_argument("--seed", type=int, default=0, metavar="N")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
@@ -66,7 +69,10 @@ def build_parser() -> Parser:
                           help="stop a completion at this text (repeatable)")
     _sampling_args(generate)
 
-    chat = commands.add_parser("chat", help="interactive multi-turn chat (the default)")
+    chat = commands.add_parser("chat", help="interactive multi-turn chat (the default)",
+                               description="Interactive multi-turn chat. A reply takes at most "
+                               "a quarter of the model's context (--max-new-tokens is capped "
+                               "there).")
     chat.add_argument("checkpoint", metavar="CKPT")
     _sampling_args(chat)
     chat.set_defaults(max_new_tokens=256, temperature=0.8, top_k=50)
