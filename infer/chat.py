@@ -19,7 +19,8 @@ from io import TextIOBase as TextIO
 
 from hpllm.model import Transformer
 from hpllm.tokenizer import Tokenizer
-from infer.generate import Generator, TextStream
+from infer.detokenizer import Detokenizer
+from infer.generate import Generator
 from infer.sampling import SamplingConfig
 
 HELP = """commands:
@@ -91,7 +92,7 @@ class Chat:
             self.history = self.history[dropped:]
             print(f"[dropped the {dropped} oldest turn(s) to fit the context of "
                   f"{self.context} tokens]", file=err, flush=True)
-        stream = TextStream(self.tokenizer.decode)
+        stream = Detokenizer(self.tokenizer.decode)
         started = time.perf_counter()
         generation = self.generator.start([prompt], max_new_tokens=self.max_new_tokens,
                                           sampling=self.sampling, seed=self.seed)

@@ -10,7 +10,8 @@ import time
 from collections.abc import Sequence
 
 from hpllm.checkpoint import CheckpointError
-from infer.generate import LAYOUTS, Generator, TextStream
+from infer.detokenizer import Detokenizer
+from infer.generate import LAYOUTS, Generator
 from infer.loading import SCHEMES, load, require_tokenizer
 from infer.sampling import SamplingConfig
 
@@ -135,7 +136,7 @@ def run_generate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     generation = generator.start(prompts, max_new_tokens=args.max_new_tokens,
                                  sampling=sampling, seed=args.seed)
-    streams = [TextStream(tokenizer.decode, args.stop) for _ in prompts]
+    streams = [Detokenizer(tokenizer.decode, args.stop) for _ in prompts]
     single = len(prompts) == 1
     if single:  # stream as it comes; a batch is printed once complete, in order
         sys.stdout.write(args.prompt[0])

@@ -10,7 +10,8 @@ import pytest
 import infer.generate as generate_module
 from hpllm.config import preset
 from hpllm.model import Transformer
-from infer.generate import Generator, PromptTooLongError, TextStream, bucket_length
+from infer.detokenizer import Detokenizer
+from infer.generate import Generator, PromptTooLongError, bucket_length
 from infer.loading import quantize
 from infer.sampling import SamplingConfig, filter_logits, sample
 
@@ -145,14 +146,14 @@ def test_invalid_sampling_settings_are_rejected(bad):
         SamplingConfig(**bad)
 
 
-def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_strings():
+def test_detokenizer_holds_back_partial_characters_and_cuts_at_stop_strings():
     pieces = ["Hel", "lo", " wo", "rld", "STOP", " more"]
-    stream = TextStream(lambda ids: "".join(pieces[i] for i in ids), stop_strings=["STOP"])
+    stream = Detokenizer(lambda ids: "".join(pieces[i] for i in ids), stop_strings=["STOP"])
     out = "".join(stream.push([i]) for i in range(len(pieces))) + stream.finish()
     assert out == "Hello world" and stream.stopped
 
     utf8 = "é".encode()
-    stream = TextStream(lambda ids: bytes(utf8[i] for i in ids).decode("utf-8", "replace"))
+    stream = Detokenizer(lambda ids: bytes(utf8[i] for i in ids).decode("utf-8", "replace"))
     assert stream.push([0]) == ""  # half a character waits for the rest
     assert stream.push([1]) == "é"
 
