@@ -23,7 +23,7 @@ from jaxtyping import Array, Bool, Int, PRNGKeyArray
 from hpllm.kvcache import KVCache
 from hpllm.model import Transformer
 from infer.decoder import LayerCaches, UnrolledDecoder
-from infer.kernels import native_int8_ops
+from infer.kernels import use_native_kernels
 from infer.sampling import SamplingConfig, sample
 
 Model = Transformer | UnrolledDecoder
@@ -233,7 +233,7 @@ class Generator:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = UnrolledDecoder(model) if layout == "unrolled" else model
         if native_kernels:
-            self.model = native_int8_ops(self.model)
+            self.model = use_native_kernels(self.model)
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.kv_cache_dtype = kv_cache_dtype
         self.chunk_size = chunk_size
