@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpllm.model import Transformer
+from hpllm.model import ModelCache, Transformer
 from infer.generate import Generator, decode_chunk
 from infer.kernels import available as native_kernels_available
 from infer.loading import DEFAULT_TARGETS, WITH_HEAD, load, quantize, random_model
@@ -62,14 +62,13 @@ def _nbytes(tree: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
 
 
-def bytes_per_step(model: Transformer, cache: Any, batch: int) -> tuple[int, int]:
-    """(weight bytes, KV-cache bytes) that one decode step reads."""
+def bytes_per_step(model: Transformer, cache: ModelCache, batch: int) -> tuple[int, int]:
+    """(weight bytes, KV-cache bytes) that one decode step reads (either layer layout)."""
     embed_rows = batch * model.embed.shape[1] * model.embed.dtype.itemsize
     weights = _nbytes(model.blocks) + _nbytes(model.final_norm) + _nbytes(model.lm_head)
     if model.lm_head is None:  # tied: the embedding table is the head
         weights += _nbytes(model.embed)
-    kv = sum(c.nbytes() for c in cache) if isinstance(cache, tuple) else cache.nbytes()
-    return weights + embed_rows, kv
+    return weights + embed_rows, _nbytes(cache)
 
 
 def _median_time(fn, repeats: int) -> float:
