@@ -44,8 +44,8 @@ class DecodeState(eqx.Module):
     """Everything the decode loop carries between steps; shapes never change.
 
     `last[b]` is the newest token of row b, not yet in the cache; it goes to slot
-    `positions[b]` on the next step: the number of slots row b fills. `budget[b]` counts the
-    tokens row b may still emit.
+    `positions[b]` on the next step (so `positions[b]` also counts the slots row b has filled).
+    `budget[b]` counts the tokens row b may still emit.
     """
 
     cache: ModelCache
@@ -99,8 +99,8 @@ def prefill(
     done = _finished(lengths, budget, first, stop_ids, max_len) | (budget < 0)
     is_stop = _finished(lengths, jnp.ones_like(budget), first, stop_ids, max_len + 1)
     emitted = jnp.where(is_stop | (budget < 0), NO_TOKEN, first)
-    state = DecodeState(cache=cache, last=first, positions=lengths,
-                        done=done, budget=budget, key=key)
+    state = DecodeState(cache=cache, last=first, positions=lengths, done=done, budget=budget,
+                        key=key)
     return state, emitted
 
 
