@@ -11,6 +11,7 @@ from hpllm.quant.api import (
     DEFAULT_TARGETS,
     MODES,
     SCHEMES,
+    WITH_HEAD,
     QuantConfig,
     linear_paths,
     quantize_for_training,
@@ -36,5 +37,5 @@ __all__ = [
     "Fp8WeightOnlyDot", "Int4Weight", "Int4WeightOnlyDot", "Int4WeightQATDot", "Int8Dot",
     "Int8QATDot", "Int8Weight", "Int8WeightOnlyDot", "QuantConfig", "fake_quant_ste", "fp8_dot",
     "fp8_matmul", "int8_dot", "int8_matmul", "linear_paths", "quantize_for_training",
-    "quantize_weights", "split_quant_state", "strip_training_quant", "training_op",
+    "quantize_weights", "split_quant_state", "strip_training_quant", "training_op", "WITH_HEAD",
 ]

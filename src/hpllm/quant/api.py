@@ -46,10 +46,15 @@ from hpllm.quant.weight_only import (
     Int8WeightOnlyDot,
 )
 
+# The project's quantization vocabulary, defined once: both command lines take their choices
+# from here. Training modes are the fake-quant (QAT) ops of `training_op`; inference schemes
+# are the weight formats of `quantize_weights`.
 MODES = ("none", "int8", "fp8", "int4w")
 SCALINGS = ("delayed", "current")
-SCHEMES = ("int8", "int4", "fp8", "bf16", "f32", "w8a8")
+SCHEMES = ("f32", "bf16", "int8", "int4", "fp8", "w8a8")
+# The layer weights; "lm_head" is added on request (the embeddings always stay float).
 DEFAULT_TARGETS = ("blocks.*",)
+WITH_HEAD = (*DEFAULT_TARGETS, "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)
