@@ -37,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 
 def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in [low, high] (no upper end if high is None)."""
-    def parse(text: str) -> int:
+    def integer(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
@@ -47,8 +47,7 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be >= {low}{upper}, got {value}")
         return value
 
-    parse.__name__ = "integer"
-    return parse
+    return integer
 
 
 def _finite_float(text: str) -> float:
