@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.model import ModelCache, Transformer
+from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
 from infer.generate import Generator, decode_chunk
 from infer.kernels import available as native_kernels_available
-from infer.loading import DEFAULT_TARGETS, WITH_HEAD, load, quantize, random_model
+from infer.loading import load, quantize, random_model
 from infer.sampling import SamplingConfig
 
 COPY_BYTES = 512 * 2**20

@@ -10,13 +10,14 @@ import time
 from collections.abc import Sequence
 
 from hpllm.checkpoint import CheckpointError
+from hpllm.kvcache import CACHE_DTYPE_ALIASES
+from hpllm.quant import SCHEMES
 from infer.detokenizer import Detokenizer
 from infer.generate import LAYOUTS, Generator
-from infer.loading import SCHEMES, load, require_tokenizer
+from infer.loading import load, require_tokenizer
 from infer.sampling import SamplingConfig
 
 COMMANDS = ("convert", "generate", "chat", "bench")
-CACHE_DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16", "int8": "int8"}
 
 
 class UsageError(Exception):
@@ -46,7 +47,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, metavar="F", help="in (0, 1]")
     parser.add_argument("--seed", type=int, default=0, metavar="N")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
-    parser.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_NAMES), default="f32")
+    parser.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
 
 
 def build_parser() -> Parser:
@@ -55,8 +56,9 @@ def build_parser() -> Parser:
 
     convert = commands.add_parser("convert", help="quantize a training checkpoint")
     convert.add_argument("checkpoint", metavar="RUN_OR_CKPT")
-    convert.add_argument("--to", required=True, metavar="SCHEME",
-                         help=f"one of {', '.join(s for s in SCHEMES if s != 'f32')}")
+    convert.add_argument("--to", required=True, choices=SCHEMES, metavar="SCHEME",
+                         help=f"weight format: one of {', '.join(SCHEMES)} (w8a8: int8 "
+                         "weights and per-token int8 activations)")
     convert.add_argument("--out", required=True, metavar="DIR")
     convert.add_argument("--group-size", type=int, default=128, metavar="{32,64,128}",
                          help="int4 group size (default 128)")
@@ -94,7 +96,7 @@ def build_parser() -> Parser:
     bench.add_argument("--prompt-len", type=_positive_int, default=128, metavar="N")
     bench.add_argument("--new-tokens", type=_positive_int, default=128, metavar="N")
     bench.add_argument("--repeats", type=_positive_int, default=3, metavar="N")
-    bench.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_NAMES), default="f32")
+    bench.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
     bench.add_argument("--layout", choices=LAYOUTS, default="unrolled")
     bench.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                        help="activation dtype (--preset only; default: the preset's)")
@@ -112,9 +114,6 @@ def _sampling(args: argparse.Namespace) -> SamplingConfig:
 def run_convert(args: argparse.Namespace) -> None:
     from infer.convert import convert
 
-    if args.to == "f32" or args.to not in SCHEMES:
-        raise UsageError(f"unknown scheme {args.to!r} for --to; choose one of "
-                         f"{', '.join(s for s in SCHEMES if s != 'f32')}")
     started = time.perf_counter()
     result = convert(args.checkpoint, args.to, args.out, args.group_size, args.quantize_head)
     mib = 2**20
@@ -132,7 +131,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if any(not p for p in prompts):
         raise UsageError("empty --prompt: give some text")
     generator = Generator(loaded.model, stop_ids=[tokenizer.eos_id],
-                          kv_cache_dtype=CACHE_DTYPE_NAMES[args.kv_cache_dtype])
+                          kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype])
     started = time.perf_counter()
     generation = generator.start(prompts, max_new_tokens=args.max_new_tokens,
                                  sampling=sampling, seed=args.seed)
@@ -172,7 +171,7 @@ def run_chat(args: argparse.Namespace) -> None:
     loaded = load(args.checkpoint)
     chat = Chat(loaded.model, require_tokenizer(loaded), sampling=sampling,
                 max_new_tokens=args.max_new_tokens, seed=args.seed,
-                kv_cache_dtype=CACHE_DTYPE_NAMES[args.kv_cache_dtype])
+                kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype])
     chat.loop(sys.stdin.buffer, sys.stdout, sys.stderr)
 
 

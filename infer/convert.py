@@ -11,7 +11,8 @@ import dataclasses
 from pathlib import Path
 
 from hpllm.checkpoint import CheckpointError, save_model
-from infer.loading import DEFAULT_TARGETS, WITH_HEAD, check_scheme, load, quantize
+from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
+from infer.loading import check_scheme, load, quantize
 
 
 @dataclasses.dataclass(frozen=True)

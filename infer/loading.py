@@ -26,13 +26,10 @@ from hpllm.checkpoint import (
 )
 from hpllm.config import ModelConfig, preset
 from hpllm.model import Transformer
+from hpllm.quant import DEFAULT_TARGETS, SCHEMES
 from hpllm.tokenizer import Tokenizer
 
-SCHEMES = ("f32", "bf16", "int8", "int4", "fp8")
 TOKENIZER_FILE = "tokenizer.json"
-# The layer weights; "lm_head" is added on request (the embeddings always stay float).
-DEFAULT_TARGETS = ("blocks.*",)
-WITH_HEAD = ("blocks.*", "lm_head")
 
 
 @dataclasses.dataclass

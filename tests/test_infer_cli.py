@@ -111,7 +111,7 @@ def test_generate_reads_converted_checkpoints_and_int8_kv_cache(run_dir, tmp_pat
 @pytest.mark.parametrize(("argv", "message"), [
     (["generate", "{tmp}/missing", "--prompt", "x"], "no such file"),
     (["generate", "{corrupt}", "--prompt", "x"], "unreadable or truncated"),
-    (["convert", "{run}", "--to", "int3", "--out", "{tmp}/o"], "unknown scheme"),
+    (["convert", "{run}", "--to", "int3", "--out", "{tmp}/o"], "invalid choice"),
     (["generate", "{run}", "--prompt", "the cat " * 100], "does not fit"),
     (["generate", "{run}", "--prompt", "x", "--top-p", "0"], "--top-p"),
     (["generate", "{run}", "--prompt", "x", "--top-p", "1.5"], "--top-p"),

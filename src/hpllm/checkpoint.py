@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from hpllm.config import ModelConfig
+from hpllm.errors import UserError
 from hpllm.model import Transformer
 
 FORMAT_VERSION = 1
@@ -37,7 +38,7 @@ _BYTE_VIEW_DTYPES = {
 }
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint is missing, corrupt or does not match what is being loaded."""
 
 
