@@ -52,6 +52,7 @@ from infer.sampling import RowSampling, SamplingConfig
 FINISH_STOP = "stop"  # an end token (or a stop string the caller found)
 FINISH_LENGTH = "length"  # the token budget or the context ran out
 FINISH_CANCELLED = "cancelled"
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED)
 
 
 class QueueFullError(RuntimeError):
@@ -181,6 +182,7 @@ class Engine:
         self._lock = threading.Lock()
         self._pending: collections.deque[Request] = collections.deque()
         self.wakeup = threading.Event()  # set by submit / cancel, for a waiting engine thread
+        self.finished: collections.Counter[str] = collections.Counter()  # requests by reason
         self.reset()
 
     def reset(self) -> None:
@@ -219,6 +221,14 @@ class Engine:
         self.wakeup.set()
 
     @property
+    def running(self) -> int:
+        return sum(s.request is not None for s in self.slots)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
     def busy(self) -> bool:
         return bool(self._pending) or any(s.request is not None for s in self.slots)
 
@@ -244,6 +254,17 @@ class Engine:
         if any(s.request is not None for s in self.slots):
             self._decode()
 
+    def fail_all(self, reason: str) -> None:
+        """End every queued and running request with `reason` and empty the engine (after a
+        failed step, whose state cannot be trusted)."""
+        with self._lock:
+            pending = list(self._pending)
+            self._pending.clear()
+        running = [s.request for s in self.slots if s.request is not None]
+        self.reset()
+        for request in pending + running:
+            request.on_tokens([], reason)
+
     def run_until_idle(self) -> None:
         while self.busy:
             self.step()
@@ -258,6 +279,7 @@ class Engine:
         slot.request = None
         self._clock += 1
         slot.last_used = self._clock
+        self.finished[reason] += 1
         request.on_tokens([], reason)
 
     def _drop_cancelled(self) -> None:
@@ -266,6 +288,7 @@ class Engine:
             for request in gone:
                 self._pending.remove(request)
         for request in gone:
+            self.finished[FINISH_CANCELLED] += 1
             request.on_tokens([], FINISH_CANCELLED)
         rows = [i for i, s in enumerate(self.slots) if s.request is not None and
                 s.request.cancelled]
