@@ -79,6 +79,7 @@ class Chat:
         # False prefills the whole conversation at every turn (the reference in the tests).
         self.reuse_cache = reuse_cache
         self.history: list[Turn] = []
+        self.last_cached = 0
         self.last = Stats()
         self.total = Stats()
 
@@ -136,6 +137,7 @@ class Chat:
         out.write("\n")
         out.flush()
         reply = list(request.generated)
+        self.last_cached = request.cached  # prompt tokens the cache already held
         self.last = Stats(len(reply), time.perf_counter() - started)
         self.total = Stats(self.total.tokens + self.last.tokens,
                            self.total.seconds + self.last.seconds)
