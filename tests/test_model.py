@@ -180,8 +180,7 @@ def _layer_rows(cache) -> list[np.ndarray]:
     return [leaf for layer in layers for leaf in _leaves(layer)]
 
 
-@pytest.mark.parametrize("layout", ["stacked", "unstacked"])
-@pytest.mark.parametrize("cache_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("layout, cache_dtype", [("unstacked", "float32"), ("stacked", "int8")])
 def test_finished_rows_and_positions_past_the_cache_write_nothing(key, layout, cache_dtype):
     model = _in_layout(Transformer(TINY, key=key), layout)
     max_len = 8
