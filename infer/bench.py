@@ -30,10 +30,8 @@ from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
 from infer.generate import Generator, decode_chunk
 from infer.kernels import available as native_kernels_available
 from infer.loading import load, quantize, random_model
-from infer.sampling import SamplingConfig
 
 COPY_BYTES = 512 * 2**20
-GREEDY = SamplingConfig(greedy=True)
 
 
 def measure_bandwidth(n_bytes: int = COPY_BYTES, repeats: int = 7, threads: int = 2) -> float:
@@ -113,7 +111,7 @@ def bench_batch(model: Transformer, batch: int, *, prompt_len: int, new_tokens: 
         jax.block_until_ready(state)
         started = time.perf_counter()
         for _ in range(n_chunks):
-            state, tokens = decode_chunk(runner, state, chunk, GREEDY, ())
+            state, tokens = decode_chunk(runner, state, chunk, ())
         jax.block_until_ready(tokens)
         state_holder["cache"] = state.cache
         return time.perf_counter() - started

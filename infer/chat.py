@@ -5,8 +5,10 @@ Template (token ids, so user text can never forge a turn boundary by accident):
     <|user|> text <|assistant|> reply <|endoftext|> <|user|> text <|assistant|> ...
 
 A reply ends at <|endoftext|>, at <|user|> (the model starting the next turn itself) or at the
-token limit. Each turn re-runs the whole conversation through one prefill (cheap next to
-decoding), so dropping the oldest turns to fit the context needs no cache surgery.
+token limit. The chat runs on `infer.engine` with one slot, whose cache keeps the conversation
+so far: a new turn prefills only its own tokens, so the time to its first token does not grow
+with the conversation. When the context is full, the oldest turns are dropped and the cache is
+rebuilt once from what is left.
 
 Input is one user turn per line, from a terminal or a pipe. Commands: /reset /help /stats /exit.
 Ctrl-C stops the current reply (the loop goes on); end of input (Ctrl-D) exits cleanly.
@@ -14,13 +16,14 @@ Ctrl-C stops the current reply (the loop goes on); end of input (Ctrl-D) exits c
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from io import BufferedIOBase as BinaryIO
 from io import TextIOBase as TextIO
 
 from hpllm.model import Transformer
 from hpllm.tokenizer import Tokenizer
 from infer.detokenizer import Detokenizer
-from infer.generate import Generator
+from infer.engine import Engine, Request
 from infer.sampling import SamplingConfig
 
 HELP = """commands:
@@ -30,6 +33,18 @@ HELP = """commands:
   /exit    leave (Ctrl-D does too); Ctrl-C stops a reply"""
 
 MAX_LINE_BYTES = 1 << 16
+
+
+def render_messages(tokenizer: Tokenizer, messages: Sequence[tuple[str, str]]) -> list[int]:
+    """The template's token ids for (role, text) messages, ready for the assistant's reply. A
+    system message is a user turn (the template has no system role)."""
+    ids: list[int] = []
+    for role, text in messages:
+        if role == "assistant":
+            ids += [tokenizer.assistant_id, *tokenizer.encode(text), tokenizer.eos_id]
+        else:
+            ids += [tokenizer.user_id, *tokenizer.encode(text)]
+    return ids + [tokenizer.assistant_id]
 
 
 @dataclasses.dataclass
@@ -49,7 +64,8 @@ class Stats:
 
 class Chat:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, sampling: SamplingConfig,
-                 max_new_tokens: int = 256, seed: int = 0, kv_cache_dtype: str = "float32"):
+                 max_new_tokens: int = 256, seed: int = 0, kv_cache_dtype: str = "float32",
+                 reuse_cache: bool = True):
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.context = model.cfg.max_seq_len
@@ -58,9 +74,12 @@ class Chat:
         # room for the whole reply.
         self.max_new_tokens = max(1, min(max_new_tokens, self.context // 4))
         self.seed = seed
-        self.generator = Generator(model, stop_ids=[tokenizer.eos_id, tokenizer.user_id],
-                                   kv_cache_dtype=kv_cache_dtype, chunk_size=8)
+        self.engine = Engine(model, max_batch=1, max_queue=0, kv_cache_dtype=kv_cache_dtype,
+                             stop_ids=[tokenizer.eos_id, tokenizer.user_id])
+        # False prefills the whole conversation at every turn (the reference in the tests).
+        self.reuse_cache = reuse_cache
         self.history: list[Turn] = []
+        self.last_cached = 0
         self.last = Stats()
         self.total = Stats()
 
@@ -91,28 +110,38 @@ class Chat:
         if dropped:
             self.history = self.history[dropped:]
             print(f"[dropped the {dropped} oldest turn(s) to fit the context of "
-                  f"{self.context} tokens]", file=err, flush=True)
+                  f"{self.context} tokens; rebuilding the cache]", file=err, flush=True)
+        if not self.reuse_cache:
+            self.engine.reset()
         stream = Detokenizer(self.tokenizer.decode)
+
+        def show(ids: list[int], finish: str | None) -> None:
+            piece = stream.push(ids)
+            if piece:
+                out.write(piece)
+                out.flush()
+
         started = time.perf_counter()
-        generation = self.generator.start([prompt], max_new_tokens=self.max_new_tokens,
-                                          sampling=self.sampling, seed=self.seed)
+        request = Request(prompt, self.max_new_tokens, show, self.sampling, self.seed)
         self.seed += 1  # a new draw for every reply, still reproducible from --seed
+        self.engine.submit(request)
         try:
-            for new in generation:
-                piece = stream.push(new[0])
-                if piece:
-                    out.write(piece)
-                    out.flush()
+            self.engine.run_until_idle()
             out.write(stream.finish())
         except KeyboardInterrupt:
+            # The interrupted step may have left the engine's state half-updated: start from
+            # an empty cache (the next turn prefills the whole conversation once).
+            self.engine.reset()
             out.write(stream.finish())
             print("\n[stopped]", file=err, flush=True)
         out.write("\n")
         out.flush()
-        self.last = Stats(len(generation.tokens[0]), time.perf_counter() - started)
+        reply = list(request.generated)
+        self.last_cached = request.cached  # prompt tokens the cache already held
+        self.last = Stats(len(reply), time.perf_counter() - started)
         self.total = Stats(self.total.tokens + self.last.tokens,
                            self.total.seconds + self.last.seconds)
-        self.history.append(Turn(user, list(generation.tokens[0])))
+        self.history.append(Turn(user, reply))
 
     def command(self, line: str, err: TextIO) -> bool:
         """Run a /command; False means leave the loop."""

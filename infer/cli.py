@@ -1,4 +1,4 @@
-"""Command line of `python -m infer`: convert, generate, chat (the default), bench.
+"""Command line of `python -m infer`: convert, generate, chat (the default), bench, serve.
 
 Mistakes in the input (missing or corrupt checkpoint, bad flag value, prompt too long, an
 `--out` that would overwrite something, a full or read-only disk) end with one line
@@ -22,7 +22,7 @@ from infer.generate import LAYOUTS, Generator
 from infer.loading import GROUP_SIZES, Loaded, load, require_tokenizer
 from infer.sampling import SamplingConfig
 
-COMMANDS = ("convert", "generate", "chat", "bench")
+COMMANDS = ("convert", "generate", "chat", "bench", "serve")
 MAX_SEED = 2**32 - 1
 MAX_BATCH = 4096  # bench batch sizes: beyond this a KV cache alone outgrows any CPU's memory
 
@@ -173,6 +173,29 @@ def build_parser() -> Parser:
     bench.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                        help="activation dtype (--preset only; default: the preset's)")
     bench.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with continuous batching",
+        description="Serve CKPT over an OpenAI-compatible HTTP API (/v1/chat/completions, "
+        "/v1/completions, /v1/models, /health). Every shape is compiled before the server "
+        "listens; SIGTERM or Ctrl-C finishes the requests in flight, then exits.")
+    serve.add_argument("checkpoint", metavar="CKPT")
+    serve.add_argument("--host", default="127.0.0.1", help="default %(default)s")
+    serve.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    serve.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
+                       help="requests decoded together (default %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=64, metavar="N",
+                       help="requests waiting for a slot before 429 (default %(default)s)")
+    serve.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
+    serve.add_argument("--max-seq-len", type=_positive_int, default=None, metavar="N",
+                       help="cache slots per request (default: the model's context)")
+    serve.add_argument("--chunk-size", type=_positive_int, default=4, metavar="N",
+                       help="decode steps between scheduling rounds (default %(default)s)")
+    serve.add_argument("--model-name", default=None, metavar="NAME",
+                       help="the model id clients ask for (default: CKPT's folder name)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                       help="seconds to finish requests in flight on shutdown "
+                       "(default %(default)s)")
     return parser
 
 
@@ -281,6 +304,7 @@ def run_chat(args: argparse.Namespace) -> None:
     if chat.max_new_tokens < args.max_new_tokens:
         _note(f"replies are at most {chat.max_new_tokens} tokens (a quarter of the context of "
               f"{chat.context}), not --max-new-tokens {args.max_new_tokens}")
+    chat.engine.warm_up()  # every prefill length compiles now, not during a turn
     chat.loop(sys.stdin.buffer, sys.stdout, sys.stderr)
 
 
@@ -288,6 +312,30 @@ def run_bench(args: argparse.Namespace) -> None:
     from infer.bench import run_from_args
 
     run_from_args(args)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from infer.engine import Engine
+    from infer.server import serve
+
+    if args.max_queue < 0:
+        raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
+    loaded = load(args.checkpoint)
+    tokenizer = require_tokenizer(loaded)
+    engine = Engine(loaded.model, max_batch=args.max_batch, max_queue=args.max_queue,
+                    context=args.max_seq_len, chunk_size=args.chunk_size,
+                    kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype],
+                    stop_ids=[tokenizer.eos_id, tokenizer.user_id])
+    started = time.perf_counter()
+    print(f"compiling {len(engine.buckets)} prefill lengths and the decode chunk...",
+          file=sys.stderr, flush=True)
+    engine.warm_up()
+    print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    serve(engine, tokenizer, name, host=args.host, port=args.port,
+          shutdown_timeout=args.shutdown_timeout)
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -312,7 +360,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     runners = {"convert": run_convert, "generate": run_generate, "chat": run_chat,
-               "bench": run_bench}
+               "bench": run_bench, "serve": run_serve}
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
         runners[args.command](args)

@@ -12,7 +12,10 @@
   (`Generation.stop_row`).
 
 Each row's position (the next cache slot it writes) lives in `DecodeState.positions` and
-nowhere else; the cache records no lengths.
+nowhere else; the cache records no lengths. Each row also carries its own sampling settings
+(`RowSampling`, arrays, so any mix of settings runs one compiled program) and its own random
+key, so what a row draws does not depend on the rows beside it. `infer.engine` drives the same
+`prefill` and `decode_chunk` for a server's slots.
 """
 
 import dataclasses
@@ -22,11 +25,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Int, Key
 
 from hpllm.model import ModelCache, Transformer, cache_max_len
 from infer.kernels import use_native_kernels
-from infer.sampling import SamplingConfig, sample
+from infer.sampling import RowSampling, SamplingConfig, sample_rows
 
 LAYOUTS = ("unrolled", "scanned")  # the model's blocks unstacked (the fast one) or stacked
 
@@ -44,8 +47,8 @@ class DecodeState(eqx.Module):
     """Everything the decode loop carries between steps; shapes never change.
 
     `last[b]` is the newest token of row b, not yet in the cache; it goes to slot
-    `positions[b]` on the next step (so `positions[b]` also counts the slots row b has filled).
-    `budget[b]` counts the tokens row b may still emit.
+    `positions[b]` on the next step: the number of slots row b fills. `budget[b]` counts the
+    tokens row b may still emit; `keys[b]` and `sampling` row b are its own.
     """
 
     cache: ModelCache
@@ -53,7 +56,8 @@ class DecodeState(eqx.Module):
     positions: Int[Array, " batch"]
     done: Bool[Array, " batch"]
     budget: Int[Array, " batch"]
-    key: PRNGKeyArray
+    keys: Key[Array, " batch"]
+    sampling: RowSampling
 
 
 def bucket_length(length: int, limit: int) -> int:
@@ -65,6 +69,15 @@ def bucket_length(length: int, limit: int) -> int:
     return min(bucket, limit)
 
 
+RowKeys = Key[Array, " batch"]
+
+
+def split_rows(keys: RowKeys) -> tuple[RowKeys, RowKeys]:
+    """Each row's key split in two: (the keys to carry on, the keys to draw with now)."""
+    both = jax.vmap(jax.random.split)(keys)
+    return both[:, 0], both[:, 1]
+
+
 def _finished(state_positions, budget, token, stop_ids: tuple[int, ...], max_len: int):
     is_stop = jnp.zeros_like(token, dtype=bool)
     for stop_id in stop_ids:
@@ -72,36 +85,44 @@ def _finished(state_positions, budget, token, stop_ids: tuple[int, ...], max_len
     return is_stop | (budget <= 0) | (state_positions >= max_len)
 
 
-@eqx.filter_jit(donate="all-except-first")
-def prefill(
+def prefill_rows(
     model: Transformer,
     tokens: Int[Array, "batch bucket"],
+    starts: Int[Array, " batch"],
     lengths: Int[Array, " batch"],
     budget: Int[Array, " batch"],
     cache: ModelCache,
-    key: PRNGKeyArray,
-    sampling: SamplingConfig,
+    keys: Key[Array, " batch"],
+    sampling: RowSampling,
     stop_ids: tuple[int, ...],
 ) -> tuple[DecodeState, Int[Array, " batch"]]:
-    """Run the padded prompts through the model and sample each row's first new token.
+    """Run the padded new tokens through the model and sample each row's first new token.
 
-    Returns the decode state and the first tokens (`NO_TOKEN` where a row stopped at once).
+    Row b's `lengths[b]` new tokens go to cache slots `starts[b]`, `starts[b] + 1`, ...: the
+    slots before `starts[b]` already hold the keys/values of the tokens before them (a chat's
+    earlier turns), or nothing when `starts[b]` is 0. Returns the decode state and the first
+    tokens (`NO_TOKEN` where a row stopped at once). Not jitted: `prefill` and
+    `infer.engine.prefill_slot` jit it.
     """
     batch, bucket = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
-    # Only each row's last prompt token goes through the LM head (a vocab-wide matmul).
+    positions = starts[:, None] + jnp.arange(bucket, dtype=jnp.int32)[None, :]
+    # Only each row's last new token goes through the LM head (a vocab-wide matmul).
     logits, cache = model.decode(tokens, positions, cache, logits_at=lengths - 1)
     last_logits = logits[:, 0]
     max_len = cache_max_len(cache)
-    key, step_key = jax.random.split(key)
-    first = sample(last_logits, step_key, sampling)
+    keys, step_keys = split_rows(keys)
+    first = sample_rows(last_logits, step_keys, sampling)
+    ends = starts + lengths
     budget = budget - 1
-    done = _finished(lengths, budget, first, stop_ids, max_len) | (budget < 0)
-    is_stop = _finished(lengths, jnp.ones_like(budget), first, stop_ids, max_len + 1)
+    done = _finished(ends, budget, first, stop_ids, max_len) | (budget < 0)
+    is_stop = _finished(ends, jnp.ones_like(budget), first, stop_ids, max_len + 1)
     emitted = jnp.where(is_stop | (budget < 0), NO_TOKEN, first)
-    state = DecodeState(cache=cache, last=first, positions=lengths, done=done, budget=budget,
-                        key=key)
+    state = DecodeState(cache=cache, last=first, positions=ends, done=done, budget=budget,
+                        keys=keys, sampling=sampling)
     return state, emitted
+
+
+prefill = eqx.filter_jit(donate="all-except-first")(prefill_rows)
 
 
 @eqx.filter_jit(donate="all-except-first")
@@ -109,7 +130,6 @@ def decode_chunk(
     model: Transformer,
     state: DecodeState,
     n_steps: int,
-    sampling: SamplingConfig,
     stop_ids: tuple[int, ...],
 ) -> tuple[DecodeState, Int[Array, "batch n_steps"]]:
     """Up to `n_steps` decode steps in one call (fewer if every row finishes first).
@@ -128,8 +148,8 @@ def decode_chunk(
         active = ~state.done
         logits, cache = model.decode(state.last[:, None], state.positions[:, None], state.cache,
                                      active=active)
-        key, step_key = jax.random.split(state.key)
-        token = sample(logits[:, -1], step_key, sampling)
+        keys, step_keys = split_rows(state.keys)
+        token = sample_rows(logits[:, -1], step_keys, state.sampling)
         positions = state.positions + active.astype(jnp.int32)
         budget = state.budget - active.astype(jnp.int32)
         is_stop = _finished(positions, jnp.ones_like(budget), token, stop_ids, max_len + 1)
@@ -137,7 +157,8 @@ def decode_chunk(
         emitted = emitted.at[:, step].set(jnp.where(emit, token, NO_TOKEN))
         done = state.done | _finished(positions, budget, token, stop_ids, max_len)
         new_state = DecodeState(cache=cache, last=jnp.where(active, token, state.last),
-                                positions=positions, done=done, budget=budget, key=key)
+                                positions=positions, done=done, budget=budget, keys=keys,
+                        sampling=state.sampling)
         return step + 1, new_state, emitted
 
     emitted = jnp.full((batch, n_steps), NO_TOKEN, jnp.int32)
@@ -156,7 +177,6 @@ class Generation:
     model: Transformer
     state: DecodeState
     first: list[int]
-    sampling: SamplingConfig
     stop_ids: tuple[int, ...]
     chunk_size: int
 
@@ -182,7 +202,7 @@ class Generation:
             raise StopIteration
         else:
             self.state, emitted = decode_chunk(self.model, self.state, self.chunk_size,
-                                               self.sampling, self.stop_ids)
+                                               self.stop_ids)
             new = [[t for t in row if t != NO_TOKEN] for row in jax.device_get(emitted).tolist()]
         for row, ids in zip(self.tokens, new, strict=True):
             row.extend(ids)
@@ -243,12 +263,13 @@ class Generator:
         batch = len(prompts)
         cache = self.model.allocate_cache(batch, cache_len, self.kv_cache_dtype)
         state, first = prefill(
-            self.model, jnp.asarray(padded, jnp.int32),
+            self.model, jnp.asarray(padded, jnp.int32), jnp.zeros((batch,), jnp.int32),
             jnp.asarray([len(p) for p in prompts], jnp.int32),
-            jnp.full((batch,), max_new_tokens, jnp.int32), cache, jax.random.key(seed),
-            sampling, self.stop_ids)
-        return Generation(self.model, state, jax.device_get(first).tolist(), sampling,
-                          self.stop_ids, self.chunk_size)
+            jnp.full((batch,), max_new_tokens, jnp.int32), cache,
+            jax.random.split(jax.random.key(seed), batch), RowSampling.of([sampling] * batch),
+            self.stop_ids)
+        return Generation(self.model, state, jax.device_get(first).tolist(), self.stop_ids,
+                          self.chunk_size)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: SamplingConfig = GREEDY, seed: int = 0

@@ -5,10 +5,12 @@ argument: each setting compiles once, and greedy decoding pays for no sort.
 """
 
 import dataclasses
+from collections.abc import Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from hpllm.errors import UserError
 
@@ -16,6 +18,7 @@ from hpllm.errors import UserError
 # the point where every token is equally likely.
 MIN_TEMPERATURE = 1e-6
 MAX_TEMPERATURE = 1e6
+INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,30 +50,60 @@ class SamplingConfig:
         return self.greedy or self.temperature == 0
 
 
+class RowSampling(eqx.Module):
+    """Sampling settings per row, as arrays (a server's rows each serve their own request):
+    the same meaning as `SamplingConfig`'s fields, temperature 0 meaning greedy."""
+
+    temperature: Float[Array, " batch"]
+    top_k: Int[Array, " batch"]
+    top_p: Float[Array, " batch"]
+
+    @classmethod
+    def of(cls, configs: Sequence[SamplingConfig]) -> "RowSampling":
+        return cls(
+            temperature=jnp.asarray([0.0 if c.is_greedy else c.temperature for c in configs],
+                                    jnp.float32),
+            # Any top_k past the vocabulary cuts nothing; clamped so it fits an int32.
+            top_k=jnp.asarray([min(c.top_k, INT32_MAX) for c in configs], jnp.int32),
+            top_p=jnp.asarray([c.top_p for c in configs], jnp.float32))
+
+
+def filter_rows(logits: Float[Array, "batch vocab"], rows: RowSampling
+                ) -> Float[Array, "batch vocab"]:
+    """Tempered logits with every token outside its row's top-k / top-p set set to -inf
+    (a greedy row is tempered by 1)."""
+    temperature = jnp.where(rows.temperature > 0, rows.temperature, 1.0)
+    logits = logits.astype(jnp.float32) / temperature[:, None]
+    vocab = logits.shape[-1]
+    ordered = jnp.sort(logits, axis=-1, descending=True)
+    ranks = jnp.arange(vocab)[None, :]
+    cut_k = (rows.top_k > 0) & (rows.top_k < vocab)
+    kth = jnp.take_along_axis(ordered, jnp.clip(rows.top_k - 1, 0, vocab - 1)[:, None],
+                              axis=-1)[:, 0]
+    threshold = jnp.where(cut_k, kth, -jnp.inf)
+    kept = jnp.where((rows.top_k[:, None] == 0) | (ranks < rows.top_k[:, None]), ordered,
+                     -jnp.inf)
+    probs = jax.nn.softmax(kept, axis=-1)
+    # A token is kept while the probability of the tokens ranked before it is below top_p,
+    # so the most likely token always survives.
+    before = jnp.cumsum(probs, axis=-1) - probs
+    # At least rank 0: a top_p below float32's smallest number compares true nowhere.
+    last_kept = jnp.maximum(jnp.sum(before < rows.top_p[:, None], axis=-1) - 1, 0)
+    nucleus = jnp.take_along_axis(ordered, last_kept[:, None], axis=-1)[:, 0]
+    threshold = jnp.where(rows.top_p < 1.0, jnp.maximum(threshold, nucleus), threshold)
+    return jnp.where(logits >= threshold[:, None], logits, -jnp.inf)
+
+
 def filter_logits(logits: Float[Array, "batch vocab"], config: SamplingConfig
                   ) -> Float[Array, "batch vocab"]:
     """Tempered logits with every token outside the top-k / top-p set set to -inf."""
-    logits = logits.astype(jnp.float32) / jnp.float32(config.temperature)
-    vocab = logits.shape[-1]
-    top_k = config.top_k if config.top_k < vocab else 0  # the whole vocabulary: no cut
-    if top_k == 0 and config.top_p == 1.0:
-        return logits
-    ordered = jnp.sort(logits, axis=-1, descending=True)
-    threshold = jnp.full(logits.shape[:1], -jnp.inf, jnp.float32)
-    if top_k > 0:
-        threshold = ordered[:, top_k - 1]
-    if config.top_p < 1.0:
-        ranks = jnp.arange(vocab)[None, :]
-        kept = ordered if top_k == 0 else jnp.where(ranks < top_k, ordered, -jnp.inf)
-        probs = jax.nn.softmax(kept, axis=-1)
-        # A token is kept while the probability of the tokens ranked before it is below top_p,
-        # so the most likely token always survives (also when top_p is below float32's
-        # smallest number and the comparison keeps nothing).
-        before = jnp.cumsum(probs, axis=-1) - probs
-        last_kept = jnp.maximum(jnp.sum(before < config.top_p, axis=-1) - 1, 0)
-        threshold = jnp.maximum(threshold, jnp.take_along_axis(
-            ordered, last_kept[:, None], axis=-1)[:, 0])
-    return jnp.where(logits >= threshold[:, None], logits, -jnp.inf)
+    if config.top_k == 0 and config.top_p == 1.0:
+        return logits.astype(jnp.float32) / jnp.float32(config.temperature)
+    batch = logits.shape[0]
+    rows = RowSampling(temperature=jnp.full((batch,), config.temperature, jnp.float32),
+                       top_k=jnp.full((batch,), config.top_k, jnp.int32),
+                       top_p=jnp.full((batch,), config.top_p, jnp.float32))
+    return filter_rows(logits, rows)
 
 
 def sample(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, config: SamplingConfig
@@ -80,3 +113,20 @@ def sample(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, config: Sampl
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits, config)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits: Float[Array, "batch vocab"], keys: Key[Array, " batch"],
+                rows: RowSampling
+                ) -> Int[Array, " batch"]:
+    """One token per row, each row with its own settings and its own key (`keys[b]`), so a
+    row's draws do not depend on which other rows share the batch. The sort that top-k /
+    top-p need is skipped when every row is greedy."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw() -> Int[Array, " batch"]:
+        filtered = filter_rows(logits, rows)
+        return jax.vmap(lambda k, row: jax.random.categorical(k, row))(
+            keys, filtered).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(rows.temperature > 0), draw, lambda: greedy)
+    return jnp.where(rows.temperature > 0, drawn, greedy)

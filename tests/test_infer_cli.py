@@ -181,21 +181,17 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(run_dir, capsys):
     loaded = load(run_dir)
     chat = Chat(loaded.model, loaded.tokenizer, sampling=SamplingConfig(greedy=True),
                 max_new_tokens=16)
-    start = chat.generator.start
+    step = chat.engine.step
     kept = []
 
-    class InterruptedAfterOneChunk:
-        """A generation the user interrupts (Ctrl-C) once its first chunk has streamed."""
+    def interrupted_after_one_round():
+        """The user interrupts (Ctrl-C) once the reply's first tokens have streamed."""
+        step()
+        request = chat.engine.slots[0].request
+        kept.append(list(request.generated) if request is not None else [])
+        raise KeyboardInterrupt
 
-        def __init__(self, generation):
-            self.tokens = generation.tokens
-            self.chunks = iter(generation)
-
-        def __iter__(self):
-            kept.append(next(self.chunks)[0])
-            raise KeyboardInterrupt
-
-    chat.generator.start = lambda *args, **kwargs: InterruptedAfterOneChunk(start(*args, **kwargs))
+    chat.engine.step = interrupted_after_one_round
     chat.loop(io.BytesIO(b"hello world\nthe cat sat\n/stats\n"), sys.stdout, sys.stderr)
     out, err = capsys.readouterr()
     assert err.count("[stopped]") == 2 and "history: 2 turns" in err

@@ -1,0 +1,361 @@
+"""The serving engine: continuous batching over a fixed set of slots, and prompt-cache reuse.
+
+One `Engine` owns the model and `max_batch` slots. Each slot is one row of a preallocated KV
+cache (`DecodeState`: the row's position, budget, sampling settings and random key ride along).
+`step()` is one round of the scheduler:
+
+1. requests cancelled since the last round leave their slots (the row is marked done, so it
+   never writes into the cache again);
+2. queued requests are prefilled, one at a time, into free slots (`prefill_slot`: the row's
+   cache is cut out, `prefill_rows` writes the new tokens, the row goes back) and join the batch;
+3. one decode chunk (`infer.generate.decode_chunk`) runs over every slot; finished rows stay in
+   the batch, emit nothing and write nothing, and their slots are free for the next round.
+
+Nobody waits for the longest request: a request joins between two chunks and leaves as soon as
+it is done. Shapes never change (the cache is allocated once; prompts are padded to a few
+bucket lengths), so `warm_up()` compiles every program the engine will run, once.
+
+A free slot keeps the tokens whose keys/values its row holds. A new request goes to the free
+slot whose tokens share the longest prefix with its prompt, and only the rest of the prompt is
+prefilled: a chat's next turn prefills its new tokens only (llama.cpp's server picks slots the
+same way).
+
+The engine is not thread-safe except for `submit` and `Request.cancel`: one thread (a server's
+engine thread, or the chat loop itself) calls `step()`.
+"""
+
+import collections
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Int, Key
+
+from hpllm.model import ModelCache, Transformer
+from infer.generate import (
+    GREEDY,
+    MIN_BUCKET,
+    NO_TOKEN,
+    DecodeState,
+    PromptTooLongError,
+    bucket_length,
+    decode_chunk,
+    prefill_rows,
+)
+from infer.kernels import use_native_kernels
+from infer.sampling import RowSampling, SamplingConfig
+
+FINISH_STOP = "stop"  # an end token (or a stop string the caller found)
+FINISH_LENGTH = "length"  # the token budget or the context ran out
+FINISH_CANCELLED = "cancelled"
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED)
+
+
+class QueueFullError(RuntimeError):
+    """Every slot is busy and the queue holds `max_queue` requests already."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One completion. `on_tokens(new_ids, finish_reason)` is called from the engine's thread
+    with each batch of new tokens, and once more with the finish reason (one of the FINISH_*
+    names) when the request ends; `cached` then says how many prompt tokens were found in the
+    cache rather than prefilled."""
+
+    prompt: list[int]
+    max_tokens: int
+    on_tokens: Callable[[list[int], str | None], None]
+    sampling: SamplingConfig = GREEDY
+    seed: int = 0
+    cached: int = 0
+
+    def __post_init__(self) -> None:
+        self._cancelled = threading.Event()
+        self.generated: list[int] = []
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request (safe from any thread): it leaves its slot, or
+        the queue, at the next round."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclasses.dataclass
+class Slot:
+    """The host's view of one cache row: the request in it (None when free) and the tokens
+    whose keys/values the row holds, in order."""
+
+    request: Request | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    last_used: int = 0
+
+
+def _batch_axis(cache: ModelCache) -> int:
+    return 0 if isinstance(cache, tuple) else 1  # stacked layers lead with the layer axis
+
+
+@eqx.filter_jit(donate="all-except-first")
+def prefill_slot(
+    model: Transformer,
+    state: DecodeState,
+    slot: Int[Array, ""],
+    tokens: Int[Array, "1 bucket"],
+    start: Int[Array, " 1"],
+    length: Int[Array, " 1"],
+    budget: Int[Array, " 1"],
+    keys: Key[Array, " 1"],
+    sampling: RowSampling,
+    stop_ids: tuple[int, ...],
+) -> tuple[DecodeState, Int[Array, " 1"]]:
+    """Prefill one request into row `slot` of the shared state; the other rows are untouched.
+
+    The row's cache is cut out, `prefill_rows` writes the new tokens at `start`, ... (the slots
+    before `start` keep what they hold), and the row goes back in place.
+    """
+    axis = _batch_axis(state.cache)
+    row_cache = jax.tree.map(lambda c: lax.dynamic_slice_in_dim(c, slot, 1, axis=axis),
+                             state.cache)
+    row, first = prefill_rows(model, tokens, start, length, budget, row_cache, keys, sampling,
+                              stop_ids)
+    cache = jax.tree.map(lambda c, r: lax.dynamic_update_slice_in_dim(c, r, slot, axis=axis),
+                         state.cache, row.cache)
+
+    def put(whole, one):
+        return jax.tree.map(lambda w, o: lax.dynamic_update_slice_in_dim(w, o, slot, axis=0),
+                            whole, one)
+
+    state = DecodeState(cache=cache, last=put(state.last, row.last),
+                        positions=put(state.positions, row.positions),
+                        done=put(state.done, row.done), budget=put(state.budget, row.budget),
+                        keys=put(state.keys, row.keys), sampling=put(state.sampling, row.sampling))
+    return state, first
+
+
+def prefill_buckets(context: int) -> list[int]:
+    """Every padded prefill length the engine uses for a context of `context` slots."""
+    buckets = [min(MIN_BUCKET, context)]
+    while buckets[-1] < context:
+        buckets.append(min(buckets[-1] * 2, context))
+    return buckets
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots of `context` cache slots each.
+
+    `submit` queues a request (at most `max_queue` wait for a slot; more raise
+    `QueueFullError`); `step` runs one round of the scheduler; `run_until_idle` steps until
+    nothing is left. `layout` and `native_kernels` are as for `infer.generate.Generator`.
+    """
+
+    def __init__(self, model: Transformer, *, max_batch: int = 8, max_queue: int = 64,
+                 context: int | None = None, kv_cache_dtype: str = "float32",
+                 chunk_size: int = 4, stop_ids: Sequence[int] = (), layout: str = "unrolled",
+                 native_kernels: bool = True):
+        if max_batch < 1 or max_queue < 0 or chunk_size < 1:
+            raise ValueError(f"need max_batch >= 1, max_queue >= 0, chunk_size >= 1; got "
+                             f"{max_batch}, {max_queue}, {chunk_size}")
+        self.model = model.unstacked() if layout == "unrolled" else model.stacked()
+        if native_kernels:
+            self.model = use_native_kernels(self.model)
+        self.max_batch, self.max_queue, self.chunk_size = max_batch, max_queue, chunk_size
+        self.context = model.cfg.max_seq_len if context is None else min(
+            context, model.cfg.max_seq_len)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.stop_ids = tuple(int(i) for i in stop_ids)
+        self.buckets = prefill_buckets(self.context)
+        self._lock = threading.Lock()
+        self._pending: collections.deque[Request] = collections.deque()
+        self.wakeup = threading.Event()  # set by submit / cancel, for a waiting engine thread
+        self.finished: collections.Counter[str] = collections.Counter()  # requests by reason
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty every slot and forget every cached prefix (a fresh cache)."""
+        self.state = DecodeState(
+            cache=self.model.allocate_cache(self.max_batch, self.context, self.kv_cache_dtype),
+            last=jnp.zeros((self.max_batch,), jnp.int32),
+            positions=jnp.zeros((self.max_batch,), jnp.int32),
+            done=jnp.ones((self.max_batch,), bool),
+            budget=jnp.zeros((self.max_batch,), jnp.int32),
+            keys=jax.random.split(jax.random.key(0), self.max_batch),
+            sampling=RowSampling.of([GREEDY] * self.max_batch))
+        self.slots = [Slot() for _ in range(self.max_batch)]
+        self._clock = 0
+
+    # --- called from any thread -------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue `request`. Raises `PromptTooLongError` for a prompt that does not fit the
+        context, ValueError for an empty one, `QueueFullError` when the queue is full."""
+        if not request.prompt:
+            raise ValueError("empty prompt: give at least one token")
+        if len(request.prompt) > self.context:
+            raise PromptTooLongError(
+                f"prompt of {len(request.prompt)} tokens does not fit the context of "
+                f"{self.context} tokens; shorten it")
+        if request.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {request.max_tokens}")
+        with self._lock:
+            busy = sum(s.request is not None for s in self.slots)
+            free = self.max_batch - busy
+            if len(self._pending) - free >= self.max_queue:
+                raise QueueFullError(f"{self.max_batch} requests running and {self.max_queue} "
+                                     "waiting already; try again later")
+            self._pending.append(request)
+        self.wakeup.set()
+
+    @property
+    def running(self) -> int:
+        return sum(s.request is not None for s in self.slots)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending) or any(s.request is not None for s in self.slots)
+
+    # --- called from the engine's thread only ----------------------------------------------
+
+    def warm_up(self) -> None:
+        """Compile every prefill bucket and the decode chunk now, so no request pays for it."""
+        for bucket in self.buckets:
+            self.state, _ = prefill_slot(
+                self.model, self.state, jnp.int32(0), jnp.zeros((1, bucket), jnp.int32),
+                jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32),
+                jnp.zeros((1,), jnp.int32), jax.random.split(jax.random.key(0), 1),
+                RowSampling.of([GREEDY]), self.stop_ids)
+        self.state, emitted = decode_chunk(self.model, self.state, self.chunk_size,
+                                           self.stop_ids)
+        jax.block_until_ready(emitted)
+        self.reset()
+
+    def step(self) -> None:
+        """One round: drop cancelled requests, admit queued ones, run one decode chunk."""
+        self._drop_cancelled()
+        self._admit()
+        if any(s.request is not None for s in self.slots):
+            self._decode()
+
+    def fail_all(self, reason: str) -> None:
+        """End every queued and running request with `reason` and empty the engine (after a
+        failed step, whose state cannot be trusted)."""
+        with self._lock:
+            pending = list(self._pending)
+            self._pending.clear()
+        running = [s.request for s in self.slots if s.request is not None]
+        self.reset()
+        for request in pending + running:
+            request.on_tokens([], reason)
+
+    def run_until_idle(self) -> None:
+        while self.busy:
+            self.step()
+
+    def _finish(self, index: int, reason: str, positions: int) -> None:
+        slot = self.slots[index]
+        request = slot.request
+        assert request is not None
+        # The row holds the keys/values of its first `positions` tokens (the newest token is
+        # not yet written).
+        slot.tokens = (request.prompt + request.generated)[:positions]
+        slot.request = None
+        self._clock += 1
+        slot.last_used = self._clock
+        self.finished[reason] += 1
+        request.on_tokens([], reason)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [r for r in self._pending if r.cancelled]
+            for request in gone:
+                self._pending.remove(request)
+        for request in gone:
+            self.finished[FINISH_CANCELLED] += 1
+            request.on_tokens([], FINISH_CANCELLED)
+        rows = [i for i, s in enumerate(self.slots) if s.request is not None and
+                s.request.cancelled]
+        if rows:
+            done = self.state.done.at[jnp.asarray(rows)].set(True)
+            self.state = eqx.tree_at(lambda s: s.done, self.state, done)
+            positions = jax.device_get(self.state.positions)
+            for i in rows:
+                self._finish(i, FINISH_CANCELLED, int(positions[i]))
+
+    def _choose_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The free slot to prefill `prompt` into, and how many of its tokens the slot's cache
+        already holds: the longest shared prefix wins, then the least recently used slot."""
+        best, best_key = -1, (-1, 0)
+        for i, slot in enumerate(self.slots):
+            if slot.request is not None:
+                continue
+            # At least one token is prefilled: its logits give the first new token.
+            shared = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+            key = (shared, -slot.last_used)
+            if key > best_key:
+                best, best_key = i, key
+        return best, best_key[0]
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending or all(s.request is not None for s in self.slots):
+                    return
+                request = self._pending.popleft()
+            index, shared = self._choose_slot(request.prompt)
+            slot = self.slots[index]
+            slot.request, request.cached = request, shared
+            new = request.prompt[shared:]
+            bucket = bucket_length(len(new), self.context)
+            self.state, first = prefill_slot(
+                self.model, self.state, jnp.int32(index),
+                jnp.asarray([new + [0] * (bucket - len(new))], jnp.int32),
+                jnp.asarray([shared], jnp.int32), jnp.asarray([len(new)], jnp.int32),
+                jnp.asarray([request.max_tokens], jnp.int32),
+                jax.random.split(jax.random.key(request.seed), 1),
+                RowSampling.of([request.sampling]), self.stop_ids)
+            first_id, done, position = jax.device_get(
+                (first[0], self.state.done[index], self.state.positions[index]))
+            if first_id != NO_TOKEN:
+                request.generated.append(int(first_id))
+                request.on_tokens([int(first_id)], None)
+            if done:
+                self._finish(index, self._reason(request, int(position)), int(position))
+
+    def _reason(self, request: Request, position: int) -> str:
+        if len(request.generated) >= request.max_tokens or position >= self.context:
+            return FINISH_LENGTH
+        return FINISH_STOP
+
+    def _decode(self) -> None:
+        self.state, emitted = decode_chunk(self.model, self.state, self.chunk_size,
+                                           self.stop_ids)
+        emitted, done, positions = jax.device_get(
+            (emitted, self.state.done, self.state.positions))
+        for i, slot in enumerate(self.slots):
+            request = slot.request
+            if request is None:
+                continue
+            new = [int(t) for t in emitted[i] if t != NO_TOKEN]
+            if new:
+                request.generated.extend(new)
+                request.on_tokens(new, None)
+            if done[i]:
+                self._finish(i, self._reason(request, int(positions[i])), int(positions[i]))

@@ -1,0 +1,98 @@
+"""The serving engine against independent references: each request decoded alone by
+`infer.generate.Generator`, and a chat that prefills its whole conversation at every turn."""
+
+import io
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+import infer.engine as engine_module
+from hpllm.config import preset
+from hpllm.model import Transformer
+from hpllm.tokenizer import Tokenizer
+from infer.chat import Chat
+from infer.engine import FINISH_CANCELLED, Engine, QueueFullError, Request
+from infer.generate import Generator
+from infer.sampling import SamplingConfig
+
+TINY = preset("tiny")
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return Transformer(TINY, key=jax.random.key(0))
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, TINY.vocab_size, length).tolist()
+
+
+def test_slots_join_and_leave_without_recompiling_and_match_each_request_alone(
+        model, monkeypatch):
+    buckets = len(engine_module.prefill_buckets(CONTEXT))
+    monkeypatch.setattr(engine_module, "prefill_slot", eqx.filter_jit(
+        eqx.debug.assert_max_traces(engine_module.prefill_slot.__wrapped__,
+                                    max_traces=buckets), donate="all-except-first"))
+    monkeypatch.setattr(engine_module, "decode_chunk", eqx.filter_jit(
+        eqx.debug.assert_max_traces(engine_module.decode_chunk.__wrapped__, max_traces=1),
+        donate="all-except-first"))
+    engine = Engine(model, max_batch=3, context=CONTEXT, chunk_size=3)
+    engine.warm_up()  # every shape the engine runs; anything traced later would raise
+    # 7 requests on 3 slots: they queue, join between chunks and leave at their own lengths.
+    prompts = [_prompt(i, 3 + 6 * i) for i in range(7)]
+    budgets = [20 - 2 * i for i in range(7)]
+    requests = [Request(p, n, lambda ids, finish: None) for p, n in zip(prompts, budgets,
+                                                                        strict=True)]
+    for request in requests:
+        engine.submit(request)
+    engine.run_until_idle()
+    alone = Generator(model, context=CONTEXT)
+    for request, prompt, budget in zip(requests, prompts, budgets, strict=True):
+        assert request.generated == alone.generate([prompt], max_new_tokens=budget)[0]
+    assert engine.finished["length"] == 7
+    # A prompt that extends a finished one reuses that slot's cache.
+    follow = requests[6].prompt + requests[6].generated + [5, 6]
+    again = Request(follow, 6, lambda ids, finish: None)
+    engine.submit(again)
+    engine.run_until_idle()
+    assert again.cached == len(requests[6].prompt) + len(requests[6].generated) - 1
+    assert again.generated == alone.generate([follow], max_new_tokens=6)[0]
+
+
+def test_cancelled_and_queued_requests_leave_and_a_full_queue_refuses(model):
+    engine = Engine(model, max_batch=1, max_queue=1, context=CONTEXT, chunk_size=2)
+    reasons = []
+    running = Request(_prompt(0, 5), 40, lambda ids, finish: reasons.append(finish))
+    waiting = Request(_prompt(1, 5), 40, lambda ids, finish: reasons.append(finish))
+    engine.submit(running)
+    engine.submit(waiting)
+    with pytest.raises(QueueFullError):
+        engine.submit(Request(_prompt(2, 5), 4, lambda ids, finish: None))
+    engine.step()
+    assert engine.running == 1 and engine.queued == 1
+    running.cancel()
+    waiting.cancel()
+    engine.step()
+    assert engine.running == 0 and engine.queued == 0
+    assert reasons.count(FINISH_CANCELLED) == 2 and engine.finished[FINISH_CANCELLED] == 2
+    assert len(running.generated) < 40
+
+
+def test_chat_with_cache_reuse_replies_as_a_fresh_prefill_of_the_whole_conversation(model):
+    tokenizer = Tokenizer.train(["the cat sat on the mat", "a dog ran in the park"] * 5,
+                                vocab_size=300)
+    chats = [Chat(model, tokenizer, sampling=SamplingConfig(greedy=True), max_new_tokens=6,
+                  reuse_cache=reuse) for reuse in (True, False)]
+    cached = []
+    for text in ("the cat", "a dog ran", "in the park", "the mat"):
+        for chat in chats:
+            chat.reply(text, io.StringIO(), io.StringIO())
+        cached.append(chats[0].last_cached)
+    assert [t.reply for t in chats[0].history] == [t.reply for t in chats[1].history]
+    # From the second turn on, only the new turn is prefilled.
+    assert cached[0] == 0
+    assert all(c > 0 for c in cached[1:]) and cached == sorted(cached)
+    assert chats[1].last_cached == 0
