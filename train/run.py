@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from hpllm.checkpoint import FORMAT_VERSION, CheckpointError
 from hpllm.config import ModelConfig
+from hpllm.errors import UserError
 from hpllm.model import Transformer
 from hpllm.quant import QuantConfig, quantize_for_training, split_quant_state
 from hpllm.sharding import check_batch_divisible, make_mesh, shard_batch, shard_tree
@@ -93,7 +94,7 @@ def read_checkpoint_tokenizer(checkpoint: Path) -> Tokenizer:
     file = checkpoint / "tokenizer.json"
     try:
         return Tokenizer.load(file)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, UserError) as error:
         raise CheckpointError(f"{file}: {error}") from None
 
 

@@ -305,7 +305,7 @@ def get_tokenizer(spec: str | Path, texts: Texts,
     if str(spec) != "train":
         try:
             return Tokenizer.load(spec)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, UserError) as err:
             raise DataError(f"{err}; pass a tokenizer.json path or --tokenizer train") from None
 
     def first_part() -> Iterator[str]:
