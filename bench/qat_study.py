@@ -42,13 +42,14 @@ import equinox as eqx
 import jax
 
 from hpllm.config import PRESETS
+from hpllm.errors import UserError
 from hpllm.model import Transformer
 from hpllm.quant import QuantConfig, quantize_weights
 from hpllm.tokenizer import Tokenizer
 from train.loop import Progress, eval_record, train_steps
 from train.run import Run, build_run
 from train.settings import Settings, UsageError, validate
-from train.sources import DEFAULT_DATA, DataError, get_tokenizer, open_splits
+from train.sources import DEFAULT_DATA, get_tokenizer, open_splits
 
 # Training runs: name -> (row label, QuantConfig fields). int4w trains with the group size of
 # its inference format (--int4-group-size).
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         done = run_study(args, log)
-    except (UsageError, DataError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(done["table"] + "\n" + comparison_table(done["results"]), end="")
