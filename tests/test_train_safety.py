@@ -45,12 +45,19 @@ def tokenizer_file(tmp_path_factory) -> Path:
     return small_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 
-@pytest.fixture
-def existing_run(tmp_path, tokenizer_file) -> Path:
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tokenizer_file) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4, trained once per module."""
+    out = tmp_path_factory.mktemp("trained") / "run"
     assert main(fast(out, tokenizer_file, "--steps", "4", "--save-every", "2", "--keep",
                      "0")) == 0
     return out
+
+
+@pytest.fixture
+def existing_run(tmp_path, trained_run) -> Path:
+    """A copy of `trained_run` for one test to change."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
 # --------------------------------------------------------------------------- what --out may be
