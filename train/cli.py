@@ -111,6 +111,9 @@ def advice(error: NonFiniteLossError, out: Path) -> str:
     if error.first:
         return ("the loss of the starting parameters is not finite, so the learning rate is not "
                 f"the cause: try --dtype f32 and check the data; {again}")
+    if newest is not None and newest.name == f"step_{error.step - 1:06d}":
+        again = (f"the newest checkpoint, {newest.name}, holds those parameters: resume from an "
+                 f"earlier one with python -m train --out {out} --resume-from STEP")
     return (f"the parameters after step {error.step - 1} already give a non-finite loss: "
             f"lower --lr or --clip, or raise --warmup; {again}")
 
