@@ -342,14 +342,14 @@ def test_random_numeric_flags_give_valid_settings_or_one_clean_error(tmp_path, v
     for name, text in values:
         argv += [f"{flag(name)}={text}"]
     try:
-        settings_, resume_from = parse(argv)
+        settings_, resume, resume_from = parse(argv)
     except UserError as error:
         assert "\n" not in str(error)
         return
     except SystemExit as stop:  # argparse's type conversion: one line, exit 2
         assert stop.code == 2
         return
-    assert resume_from is None
+    assert not resume and resume_from is None
     for name in NUMERIC:
         value = getattr(settings_, name)
         assert value is None or isinstance(value, value_type(FIELDS[name])) or (

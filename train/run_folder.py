@@ -70,6 +70,8 @@ def check_run_folder(out: Path, settings: Settings, resume: bool) -> None:
         if real == source or source in real.parents or real in source.parents:
             raise UsageError(f"--out {out} is, holds or lies inside {what} ({flag} {given}); "
                              "choose a run folder outside it")
+    if os.path.lexists(out) and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the run")
     run = saved_run_settings(out) is not None or bool(list_checkpoints(out))
     if not run:
         entries = []
