@@ -17,7 +17,8 @@ from hpllm.config import PRESETS
 from hpllm.errors import UserError
 from hpllm.kvcache import CACHE_DTYPE_ALIASES
 from hpllm.quant import SCHEMES
-from infer.generate import LAYOUTS, Generator, TextStream
+from infer.detokenizer import Detokenizer
+from infer.generate import LAYOUTS, Generator
 from infer.loading import GROUP_SIZES, Loaded, load, require_tokenizer
 from infer.sampling import SamplingConfig
 
@@ -37,7 +38,7 @@ class Parser(argparse.ArgumentParser):
 
 def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in [low, high] (no upper end if high is None)."""
-    def parse(text: str) -> int:
+    def integer(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
@@ -47,8 +48,7 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be >= {low}{upper}, got {value}")
         return value
 
-    parse.__name__ = "integer"
-    return parse
+    return integer
 
 
 def _finite_float(text: str) -> float:
@@ -100,12 +100,14 @@ _positive_int = _int_in(1)
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    # "%(default)s" is filled in when help is printed, so chat's set_defaults shows there.
     parser.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
                         help="at most N new tokens (>= 1; more than the context leaves is "
-                        "reduced to what fits, with a note)")
+                        "reduced to what fits, with a note; default %(default)s)")
     parser.add_argument("--temperature", type=_finite_float, default=1.0, metavar="F",
-                        help="0 = greedy (default 1.0)")
-    parser.add_argument("--top-k", type=_int_in(0), default=0, metavar="N", help="0 = no cut")
+                        help="0 = greedy (default %(default)s)")
+    parser.add_argument("--top-k", type=_int_in(0), default=0, metavar="N",
+                        help="0 = no cut (default %(default)s)")
     parser.add_argument("--top-p", type=_finite_float, default=1.0, metavar="F",
                         help="in (0, 1]")
     parser.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, metavar="N",
@@ -140,7 +142,10 @@ def build_parser() -> Parser:
                           metavar="TEXT", help="stop a completion at this text (repeatable)")
     _sampling_args(generate)
 
-    chat = commands.add_parser("chat", help="interactive multi-turn chat (the default)")
+    chat = commands.add_parser("chat", help="interactive multi-turn chat (the default)",
+                               description="Interactive multi-turn chat. A reply takes at most "
+                               "a quarter of the model's context (--max-new-tokens is capped "
+                               "there).")
     chat.add_argument("checkpoint", metavar="CKPT")
     _sampling_args(chat)
     chat.set_defaults(max_new_tokens=256, temperature=0.8, top_k=50)
@@ -236,7 +241,7 @@ def run_generate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     generation = generator.start(prompts, max_new_tokens=max_new_tokens,
                                  sampling=sampling, seed=args.seed)
-    streams = [TextStream(tokenizer.decode, args.stop) for _ in prompts]
+    streams = [Detokenizer(tokenizer.decode, args.stop) for _ in prompts]
     single = len(prompts) == 1
     if single:  # stream as it comes; a batch is printed once complete, in order
         sys.stdout.write(args.prompt[0])
