@@ -8,16 +8,16 @@ same order and the same settings, differing only in the quantizer in the forward
 float (no quantizer), int8 QAT (int8 activations per token, weights per channel), fp8 QAT with
 delayed and with current scaling (e4m3), and int4-weight QAT (group-wise int4 weights, float
 activations). Every model then runs on the same fixed held-out batches
-(`train.data.eval_batches`; loss = sum(loss * mask) / sum(mask)):
+(`train.batches.eval_batches`; loss = sum(loss * mask) / sum(mask)):
 - the float model as trained, and after PTQ to each inference format (`quantize_weights`);
 - each QAT model as trained (its fake-quant forward) and after conversion to its format.
 The gap is paired per seed (row's loss minus the float model's loss of the same seed), then
 averaged over seeds. All models compute in `--dtype` (default bf16), the "float" baseline is
 therefore bf16 matmuls.
 
-Training is driven in-process with the trainer's own pieces (train.cli's settings, init and
-optimizer, train.loop's jitted step and loop, train.data's batches), so each run is exactly
-what `python -m train` would do with those settings; each run folder holds config.json and
+Each run is set up by the trainer's own `train.run.build_run` and stepped by
+`train.loop.train_steps`, so it is exactly what `python -m train` would do with those settings
+(on one device, without checkpoints); each run folder holds config.json and
 metrics.jsonl in the trainer's format, so `python -m train plot` draws them.
 
 Outputs in --out: results.md (the table), results.json (every per-seed number and the
@@ -41,7 +41,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 
 from hpllm.config import PRESETS
 from hpllm.errors import PathError, UserError
@@ -50,16 +49,10 @@ from hpllm.model import Transformer
 from hpllm.outputs import check_output
 from hpllm.quant import QuantConfig, quantize_weights
 from hpllm.tokenizer import Tokenizer
-from train import data as train_data
-from train.cli import Settings, UsageError, initial_state, optimizer_for, validate
-from train.loop import (
-    Progress,
-    StepBatch,
-    evaluate,
-    make_train_step,
-    stack_micro_batches,
-    train_loop,
-)
+from train.loop import Progress, eval_record, train_steps
+from train.run import Run, build_run
+from train.settings import Settings, UsageError, validate
+from train.sources import DEFAULT_DATA, get_tokenizer, open_splits
 
 # Training runs: name -> (row label, QuantConfig fields). int4w trains with the group size of
 # its inference format (--int4-group-size).
@@ -103,57 +96,41 @@ def eval_rows(int4_group: int) -> list[EvalRow]:
     ]
 
 
-def to_device(batch: Any) -> list[jax.Array]:
-    arrays = stack_micro_batches([batch])
-    return [jnp.asarray(arrays[k][0]) for k in ("inputs", "targets", "segment_ids", "loss_mask")]
-
-
-def put_step_batch(host_batches: list) -> StepBatch:
-    return StepBatch(**{k: jnp.asarray(v) for k, v in stack_micro_batches(host_batches).items()})
-
-
-def train_one(settings: Settings, qcfg: QuantConfig, splits: train_data.Splits,
-              tokenizer: Tokenizer, held_out: list, run_dir: Path, log: Callable[[str], None]
-              ) -> tuple[Transformer, float]:
-    """Train one model as `python -m train` would (one device, no checkpoints); writes
-    run_dir/config.json and metrics.jsonl. Returns (model, training seconds)."""
-    # The trainer's CLI knows the modes none/int8/fp8 only; every other setting is checked.
-    cfg = validate(dataclasses.replace(settings, quant="none"))
-    state = initial_state(cfg, qcfg, settings)
-    optimizer = optimizer_for(state.params, settings)
-    step_fn = make_train_step(optimizer, peak_lr=settings.lr, warmup=settings.warmup,
-                              total_steps=settings.steps)
+def train_one(settings: Settings, qcfg: QuantConfig, tokenizer: Tokenizer, run_dir: Path,
+              log: Callable[[str], None]) -> tuple[Run, Transformer, float]:
+    """Train one model as `python -m train` would (same `build_run`; one device, no
+    checkpoints); writes run_dir/config.json and metrics.jsonl. Returns (run, model, training
+    seconds)."""
+    run = build_run(settings, quant=qcfg, tokenizer=tokenizer, devices=jax.devices()[:1])
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {"format_version": 1, "model": cfg.to_dict(), "quant": qcfg.to_dict(),
-              "train": settings.to_dict(), "devices": 1}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    batches = train_data.TrainBatches(splits.train, tokenizer, settings.seq_len,
-                                      settings.batch_size, seed=settings.seed)
+    (run_dir / "config.json").write_text(json.dumps(run.config(), indent=2) + "\n")
+    batches = run.batches()
+    progress = Progress(settings.steps, stream=sys.stderr, every=max(settings.steps // 5, 1))
+    state = run.state
     start = time.perf_counter()
-    with open(run_dir / "metrics.jsonl", "w") as metrics_file:
-        def log_metrics(record: dict) -> None:
-            metrics_file.write(json.dumps(record) + "\n")
-
-        try:
-            state, _ = train_loop(
-                state, step_fn, batches, total_steps=settings.steps,
-                grad_accum=settings.grad_accum, put_batch=put_step_batch,
-                eval_every=settings.eval_every,
-                run_eval=lambda model: evaluate(model, iter(held_out), to_device),
-                save_every=0, save=lambda _: None, log_metrics=log_metrics,
-                progress=Progress(settings.steps, stream=sys.stderr,
-                                  every=max(settings.steps // 5, 1)))
-        finally:
-            batches.close()
+    try:
+        with open(run_dir / "metrics.jsonl", "w") as metrics_file:
+            for state, record in train_steps(run.state, run.step_fn, batches, run.put_batch,
+                                             total_steps=settings.steps,
+                                             grad_accum=settings.grad_accum):
+                step = record["step"]
+                if settings.eval_every and (step % settings.eval_every == 0
+                                            or step == settings.steps):
+                    record |= eval_record(run.evaluate(state.model()))
+                metrics_file.write(json.dumps(record) + "\n")
+                progress.update(step, record["loss"], record["tokens_per_s"],
+                                record.get("eval_loss"))
+    finally:
+        batches.close()
     seconds = time.perf_counter() - start
     log(f"  trained {run_dir.name} in {seconds:.0f} s")
-    return state.model(), seconds
+    return run, state.model(), seconds
 
 
-def evaluate_row(model: Transformer, row: EvalRow, held_out: list) -> float:
+def evaluate_row(run: Run, model: Transformer, row: EvalRow) -> float:
     if row.scheme is not None:
         model = quantize_weights(model, row.scheme, group_size=row.group_size)
-    return evaluate(model, iter(held_out), to_device)
+    return run.evaluate(model)
 
 
 def spread(values: list[float]) -> float:
@@ -318,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="held-out loss during training every N steps (for the curves)")
     parser.add_argument("--eval-batches", type=int, default=16,
                         help="fixed held-out batches every model is evaluated on")
-    parser.add_argument("--data", default=str(train_data.DEFAULT_DATA),
+    parser.add_argument("--data", default=str(DEFAULT_DATA),
                         help="training text (default: the bundled corpus)")
     parser.add_argument("--out", default="runs/qat-study", help="output folder")
     parser.add_argument("--no-plot", action="store_true", help="skip the figure")
@@ -371,19 +348,13 @@ def _study(args: argparse.Namespace, log: Callable[[str], None], out: Path) -> d
     cfg = validate(base)
     rows = [r for r in eval_rows(args.int4_group_size) if r.run in args.modes]
 
-    splits = train_data.open_splits(args.data)
+    splits = open_splits(args.data)
     start = time.perf_counter()
     # One tokenizer for every run: the same token ids, so the losses are comparable.
-    tokenizer = train_data.get_tokenizer("train", splits.train, cfg.vocab_size)
-    held_out = list(train_data.eval_batches(splits.validation, tokenizer, args.seq_len,
-                                            args.batch_size, max_batches=args.eval_batches))
-    if not held_out:
-        raise UsageError("the held-out split is empty; give --data with more documents")
-    n_eval_tokens = int(sum(float(b.loss_mask.sum()) for b in held_out))
+    tokenizer = get_tokenizer("train", splits.train, cfg.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / "tokenizer.json")
-    log(f"tokenizer ({tokenizer.vocab_size} ids) in {time.perf_counter() - start:.0f} s; "
-        f"{len(held_out)} held-out batches, {n_eval_tokens} tokens")
+    log(f"tokenizer ({tokenizer.vocab_size} ids) in {time.perf_counter() - start:.0f} s")
 
     losses: dict[str, dict[int, float]] = {row.label: {} for row in rows}
     train_seconds: dict[str, dict[int, float]] = {mode: {} for mode in args.modes}
@@ -399,15 +370,19 @@ def _study(args: argparse.Namespace, log: Callable[[str], None], out: Path) -> d
             qcfg = QuantConfig(**fields)
             run_dir = out / "runs" / f"{mode}-seed{seed}"
             log(f"seed {seed}: training {label}")
-            model, seconds = train_one(dataclasses.replace(base, seed=seed, quant=qcfg.mode),
-                                       qcfg, splits, tokenizer, held_out, run_dir, log)
+            run, model, seconds = train_one(
+                dataclasses.replace(base, seed=seed, quant=qcfg.mode), qcfg, tokenizer,
+                run_dir, log)
+            # Every run packs the same held-out text with the same tokenizer and shapes:
+            # every model is evaluated on the same batches.
+            n_eval_tokens = int(sum(float(b.loss_mask.sum()) for b in run.held_out))
             train_seconds[mode][seed] = seconds
             run_dirs[seed].append(str(run_dir))
             for row in rows:
                 if row.run == mode:
-                    losses[row.label][seed] = evaluate_row(model, row, held_out)
+                    losses[row.label][seed] = evaluate_row(run, model, row)
                     log(f"  {row.label}: eval loss {losses[row.label][seed]:.4f}")
-            del model
+            del run, model
             eqx.clear_caches()  # each mode compiles its own step; keep memory flat
 
     summary = summarize(rows, losses, args.seeds)
@@ -455,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         done = run_study(args, log)
-    except (UsageError, UserError, train_data.DataError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # writing results into --out: full disk, permissions

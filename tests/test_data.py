@@ -13,17 +13,9 @@ from jaxtyping import TypeCheckError
 from hpllm.config import preset
 from hpllm.model import Transformer
 from hpllm.tokenizer import Tokenizer
-from train import data
-from train.data import (
-    Batch,
-    DataError,
-    TrainBatches,
-    eval_batches,
-    get_tokenizer,
-    load_texts,
-    open_splits,
-    pack_windows,
-)
+from train import batches as data
+from train.batches import Batch, TrainBatches, eval_batches, pack_windows
+from train.sources import DEFAULT_DATA, DataError, get_tokenizer, open_splits
 
 DOCS = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 31}" for j in range(5 + 3 * i))
         for i in range(12)]
@@ -149,23 +141,30 @@ def write_jsonl(path, docs, column="text"):
     path.write_text("".join(json.dumps({column: d, "id": i}) + "\n" for i, d in enumerate(docs)))
 
 
+def all_documents(path) -> list[str]:
+    """Every document of a source of fewer than 21 documents, in stored order: the hold-out
+    takes document 0 only."""
+    splits = open_splits(path)
+    return list(splits.validation) + list(splits.train)
+
+
 def test_reads_txt_jsonl_json_parquet(tmp_path):
     docs = ["first document,\nwith a comma", "second one: ünïcode", "third\tone"]
     write_jsonl(tmp_path / "d.jsonl", docs)
     (tmp_path / "d.json").write_text(json.dumps([{"text": d} for d in docs]))
     pq.write_table(pa.table({"text": docs, "n": [1, 2, 3]}), tmp_path / "d.parquet")
     for name in ("d.jsonl", "d.json", "d.parquet"):
-        assert list(load_texts(tmp_path / name)) == docs, name
+        assert all_documents(tmp_path / name) == docs, name
     # Text files: one paragraph (block between blank lines) per document.
     (tmp_path / "d.txt").write_text("\n\n".join(docs) + "\n")
-    assert list(load_texts(tmp_path / "d.txt")) == [d.rstrip("\n") for d in docs[:2]] + [
+    assert all_documents(tmp_path / "d.txt") == [d.rstrip("\n") for d in docs[:2]] + [
         "third\tone\n"]
 
 
-def test_text_stream_is_reiterable(tmp_path):
+def test_documents_are_reiterable(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", DOCS)
-    stream = load_texts(tmp_path / "d.jsonl")
-    assert list(stream) == list(stream) == DOCS
+    stream = open_splits(tmp_path / "d.jsonl").train
+    assert list(stream) == list(stream) == DOCS[1:]
 
 
 def test_folder_with_validation_file(tmp_path):
@@ -193,7 +192,7 @@ def test_source_without_validation_holds_out_every_20th_document(tmp_path):
 
 def test_default_source_is_the_bundled_corpus():
     splits = open_splits()
-    with (data.DEFAULT_DATA / "train.jsonl").open() as f:
+    with (DEFAULT_DATA / "train.jsonl").open() as f:
         first = json.loads(f.readline())["text"]
     stream = iter(splits.train)
     assert next(stream) == first
@@ -206,8 +205,8 @@ def read_jsonl(path) -> list[dict]:
 
 
 def test_bundled_corpus_size_and_disjoint_validation():
-    train_rows = read_jsonl(data.DEFAULT_DATA / "train.jsonl")
-    val_rows = read_jsonl(data.DEFAULT_DATA / "validation.jsonl")
+    train_rows = read_jsonl(DEFAULT_DATA / "train.jsonl")
+    val_rows = read_jsonl(DEFAULT_DATA / "validation.jsonl")
     size = sum(len(r["text"].encode()) for r in train_rows + val_rows)
     assert 2_800_000 < size < 3_600_000  # "about 3 MB" of text
     assert all(r["text"].strip() for r in train_rows + val_rows)
@@ -349,7 +348,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": "broken"\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:3") as info:
-        list(load_texts(path))
+        all_documents(path)
     one_line(info)
 
 
@@ -372,3 +371,59 @@ def test_get_tokenizer_trains_or_loads(tokenizer, tmp_path):
     assert trained == tokenizer  # deterministic training on the same text
     tokenizer.save(tmp_path / "tok.json")
     assert get_tokenizer(str(tmp_path / "tok.json"), DOCS, 999) == tokenizer
+
+
+# ----------------------------------------------------------------------------- clear messages
+
+
+def test_non_utf8_text_names_file_and_offset_and_reads_with_encoding(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("hello there\n\n\xa1 world\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.txt: byte 0xa1 at offset 13 .*--encoding"
+                       ) as info:
+        open_splits(path)
+    one_line(info)
+    splits = open_splits(path, encoding="latin-1")
+    assert list(splits.validation) + list(splits.train) == ["hello there", "\xa1 world\n"]
+
+
+def test_jsonl_of_bare_strings_says_what_a_line_must_be(tmp_path):
+    path = tmp_path / "bare.jsonl"
+    path.write_text('"first"\n"second"\n')
+    with pytest.raises(DataError, match=r"bare\.jsonl:1 is a JSON string, not an object"
+                       ) as info:
+        all_documents(path)
+    one_line(info)
+
+
+def test_a_number_in_the_text_column_names_the_row(tmp_path):
+    path = tmp_path / "ints.jsonl"
+    path.write_text('{"text": "a b"}\n{"text": "c"}\n{"text": 5}\n{"text": "d"}\n')
+    with pytest.raises(DataError, match=r"row 3 of .*holds int") as info:
+        all_documents(path)
+    one_line(info)
+
+
+def test_corrupt_parquet_is_one_error_and_no_log_line(tmp_path, capfd):
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"PAR1" + b"garbage" * 3 + b"PAR1")
+    with pytest.raises(DataError, match=r"bad\.parquet") as info:
+        open_splits(path)
+    one_line(info)
+    assert capfd.readouterr().err == ""
+
+
+def test_tokenizer_folder(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="is a folder without a tokenizer.json"):
+        get_tokenizer(tmp_path, DOCS, 300)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    assert get_tokenizer(tmp_path, DOCS, 300) == tokenizer  # the file inside it
+
+
+def test_mistyped_local_path_is_not_called_a_hub_dataset(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="data/trian does not exist .*not a hub dataset"
+                       ) as info:
+        open_splits("data/trian")
+    one_line(info)

@@ -1,7 +1,6 @@
 """The training step and loop, in process with stand-in batches (no data pipeline)."""
 
 import dataclasses
-import io
 import math
 
 import equinox as eqx
@@ -18,7 +17,6 @@ from hpllm.sharding import make_mesh, shard_batch, shard_tree, tree_shardings
 from train.loop import (
     FINAL_LR_RATIO,
     NonFiniteLossError,
-    Progress,
     StepBatch,
     TrainState,
     decay_mask,
@@ -26,7 +24,7 @@ from train.loop import (
     make_optimizer,
     make_train_step,
     stack_micro_batches,
-    train_loop,
+    train_steps,
 )
 
 TINY = preset("tiny")
@@ -161,24 +159,25 @@ def test_parameter_sharding_rule():
     assert shardings.final_norm.scale.spec == P()  # 64 floats: replicated
 
 
-class _Recorder:
-    def __init__(self):
-        self.saved, self.records = [], []
-
-
-def _loop(state, step_fn, batches, rec, *, total, save_every=0, interrupted=lambda: False):
+def steps_of(state, step_fn, batches, *, total):
+    """train_steps on one device."""
     mesh = make_mesh(jax.devices()[:1])
 
     def put(host):
         arrays = stack_micro_batches(host)
         return StepBatch(**{k: shard_batch(v, mesh, batch_axis=1) for k, v in arrays.items()})
 
-    return train_loop(
-        state, step_fn, batches, total_steps=total, grad_accum=1, put_batch=put, eval_every=0,
-        run_eval=lambda m: 0.0, save_every=save_every, save=lambda s: rec.saved.append(
-            int(s.step)), log_metrics=rec.records.append,
-        progress=Progress(total, stream=io.StringIO()),
-        interrupted=interrupted)
+    return train_steps(state, step_fn, batches, put, total_steps=total, grad_accum=1)
+
+
+def save_every(steps, every: int, *, out: tuple[list[int], list[dict]]):
+    """Drive `steps` like the CLI does: log each record into out[1], save every `every` steps
+    (the saved steps go into out[0])."""
+    saved, records = out
+    for state, record in steps:
+        records.append(record)
+        if record["step"] % every == 0:
+            saved.append(int(state.step))
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +194,12 @@ def test_non_finite_loss_stops_before_saving(shared_step):
             metrics = {**metrics, "loss": jnp.float32(jnp.nan)}
         return state, metrics
 
-    rec = _Recorder()
+    saved, records = [], []
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 4"):
-        _loop(initial_state(steps=10)[0], step_going_bad, random_batches(4), rec, total=10,
-              save_every=2)
-    assert rec.saved == [2]  # the good checkpoint at step 2; nothing written at or after 4
-    assert [r["step"] for r in rec.records] == [1, 2, 3]
+        save_every(steps_of(initial_state(steps=10)[0], step_going_bad, random_batches(4),
+                            total=10), 2, out=(saved, records))
+    assert saved == [2]  # the good checkpoint at step 2; nothing yielded at or after 4
+    assert [r["step"] for r in records] == [1, 2, 3]
 
 
 def test_diverging_update_is_never_saved():
@@ -208,18 +207,26 @@ def test_diverging_update_is_never_saved():
     parameters), but the parameters it leaves are not, so nothing may be saved."""
     state, optimizer = initial_state(steps=10, lr=float("inf"))
     step_fn = make_train_step(optimizer, peak_lr=float("inf"), warmup=2, total_steps=10)
-    rec = _Recorder()
+    saved, records = [], []
     with pytest.raises(NonFiniteLossError, match="non-finite parameters at step 1"):
-        _loop(state, step_fn, random_batches(4), rec, total=10, save_every=1)
-    assert rec.saved == [] and rec.records == []
+        save_every(steps_of(state, step_fn, random_batches(4), total=10), 1,
+                   out=(saved, records))
+    assert saved == [] and records == []
 
 
-def test_interrupt_saves_once_and_stops(shared_step):
-    rec = _Recorder()
-    state, completed = _loop(initial_state(steps=10)[0], shared_step, random_batches(4), rec,
-                             total=10, save_every=3, interrupted=lambda: len(rec.records) >= 3)
-    assert not completed and int(state.step) == 3 and rec.saved == [3]
-    assert set(rec.records[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
+def test_stopping_between_steps_keeps_the_state_of_the_last_step(shared_step):
+    """The caller decides when to stop (Ctrl-C in the CLI): the state it holds is the one of
+    the last record it saw, and the records carry the documented fields."""
+    records = []
+    for state, record in steps_of(initial_state(steps=10)[0], shared_step, random_batches(4),
+                                  total=10):
+        records.append(record)
+        if len(records) == 3:
+            last = state
+            break
+    assert int(last.step) == 3 and [r["step"] for r in records] == [1, 2, 3]
+    assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
+    assert all(r["tokens_per_s"] > 0 for r in records)
 
 
 def test_fp8_delayed_scaling_state_advances_once_per_micro_batch():

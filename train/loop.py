@@ -26,6 +26,7 @@ import optax
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from hpllm.errors import UserError
 from hpllm.model import Transformer
 
 # AdamW moments: beta2 0.95 (not 0.999) keeps the second moment responsive to the loss spikes
@@ -229,7 +230,7 @@ class Progress:
         line = (f"[{bar}] step {step}/{self.total} | loss {loss:.4f} | "
                 f"{tokens_per_s:,.0f} tok/s | ETA {eta}")
         if eval_loss is not None:
-            line += f" | eval {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50.0)):.1f})"
+            line += f" | eval {eval_loss:.4f} (ppl {perplexity(eval_loss):.1f})"
         if self.interactive:
             self.stream.write("\r" + line + "\033[K")
         elif step % self.every == 0 or step == self.total or eval_loss is not None:
@@ -237,43 +238,48 @@ class Progress:
         self.stream.flush()
 
 
-class NonFiniteLossError(Exception):
-    """The loss, the gradient norm or the updated parameters became NaN or infinite."""
+class NonFiniteLossError(UserError):
+    """The loss, the gradient norm or the updated parameters became NaN or infinite.
 
-    def __init__(self, step: int, loss: float, grad_norm: float, params_finite: bool):
+    `first`: at the first step of this process, i.e. with the parameters it started from.
+    """
+
+    def __init__(self, step: int, loss: float, grad_norm: float, params_finite: bool,
+                 first: bool):
         what = "loss" if params_finite else "parameters"
-        super().__init__(
-            f"non-finite {what} at step {step} (loss {loss}, grad norm {grad_norm}); training "
-            f"stopped, the last checkpoint was kept. Lower --lr, raise --warmup or lower --clip, "
-            f"then --resume")
-        self.step = step
+        super().__init__(f"non-finite {what} at step {step} (loss {loss}, grad norm "
+                         f"{grad_norm}); training stopped without saving it")
+        self.step, self.params_finite, self.first = step, params_finite, first
 
 
-def train_loop(
-    state: TrainState,
-    step_fn: Callable[[StepBatch, TrainState], tuple[TrainState, dict]],
-    batches: Iterator,
-    *,
-    total_steps: int,
-    grad_accum: int,
-    put_batch: Callable[[list], StepBatch],
-    eval_every: int,
-    run_eval: Callable[[Transformer], float],
-    save_every: int,
-    save: Callable[[TrainState], Any],
-    log_metrics: Callable[[dict], None],
-    progress: Progress,
-    interrupted: Callable[[], bool] = lambda: False,
-) -> tuple[TrainState, bool]:
-    """Run steps `state.step + 1 .. total_steps`; returns (state, completed).
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
 
-    Saves every `save_every` steps and at the end; on `interrupted()` it saves and returns
-    `completed=False`. Raises NonFiniteLossError before saving a bad state.
+
+def eval_record(loss: float) -> dict[str, float]:
+    """The metrics fields of one evaluation."""
+    return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
+
+
+def due(step: int, every: int, total: int) -> bool:
+    """Every `every` steps and at the last step (never when `every` is 0)."""
+    return every > 0 and (step % every == 0 or step == total)
+
+
+def train_steps(state: TrainState,
+                step_fn: Callable[[StepBatch, TrainState], tuple[TrainState, dict]],
+                batches: Iterator, put_batch: Callable[[list], StepBatch], *, total_steps: int,
+                grad_accum: int) -> Iterator[tuple[TrainState, dict[str, float]]]:
+    """Run steps `state.step + 1 .. total_steps`, yielding `(state, record)` after each, with
+    record = {step, loss, lr, grad_norm, tokens_per_s}. The caller evaluates, logs and saves
+    between steps; that time is not counted in tokens_per_s.
+
+    Raises NonFiniteLossError instead of yielding a state that went bad, so no caller can
+    save one.
     """
     start = int(state.step)
-    last_saved = start
-    tick = time.perf_counter()
     for step in range(start + 1, total_steps + 1):
+        tick = time.perf_counter()
         host_batches = [next(batches) for _ in range(grad_accum)]
         tokens = sum(int(np.sum(b.loss_mask)) for b in host_batches)
         state, metrics = step_fn(put_batch(host_batches), state)
@@ -281,23 +287,7 @@ def train_loop(
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         params_finite = bool(metrics["params_finite"])
         if not (math.isfinite(loss) and math.isfinite(grad_norm) and params_finite):
-            raise NonFiniteLossError(step, loss, grad_norm, params_finite)
-        now = time.perf_counter()
-        record = {"step": step, "loss": loss, "lr": float(metrics["lr"]),
-                  "grad_norm": grad_norm, "tokens_per_s": tokens / (now - tick)}
-        if eval_every and (step % eval_every == 0 or step == total_steps):
-            eval_loss = run_eval(state.model())
-            record["eval_loss"] = eval_loss
-            record["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
-        log_metrics(record)
-        progress.update(step, loss, record["tokens_per_s"], record.get("eval_loss"))
-        if (save_every and step % save_every == 0) or step == total_steps:
-            save(state)
-            last_saved = step
-        if interrupted():
-            if last_saved != step:
-                save(state)
-            return state, False
-        # Evaluation and saving are not training time: the next step's clock starts here.
-        tick = time.perf_counter()
-    return state, True
+            raise NonFiniteLossError(step, loss, grad_norm, params_finite, step == start + 1)
+        yield state, {"step": step, "loss": loss, "lr": float(metrics["lr"]),
+                      "grad_norm": grad_norm,
+                      "tokens_per_s": tokens / (time.perf_counter() - tick)}
