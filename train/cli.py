@@ -9,14 +9,17 @@ overwritten. Anything else is a bug and keeps its traceback.
 """
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from hpllm import distributed
 from hpllm.errors import UserError
 from train.checkpointing import Checkpointer
 from train.loop import Progress, eval_record, train_steps
+from train.processes import add_process_flags, join_if_asked, pop_process_flags
 from train.run import build_run
 from train.run_folder import check_run_folder, resume_point, trim_metrics, write_json_atomically
 from train.settings import Settings, build_parser, layer, out_folder, read_config_file
@@ -30,10 +33,17 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def parse(argv: list[str] | None) -> tuple[Settings, Path | None]:
-    """(settings, the checkpoint to resume from or None) from the command line, --config and
-    a resumed run's saved settings."""
-    given = vars(build_parser(resume=RESUME_HELP).parse_args(argv))
+def command_parser():
+    parser = build_parser(resume=RESUME_HELP)
+    add_process_flags(parser)
+    return parser
+
+
+def parse(argv: list[str] | None) -> tuple[Settings, Path | None, dict[str, Any]]:
+    """(settings, the checkpoint to resume from or None, the multi-process flags) from the
+    command line, --config and a resumed run's saved settings."""
+    given = vars(command_parser().parse_args(argv))
+    processes = pop_process_flags(given)
     resume = given.pop("resume", False)
     from_file = read_config_file(given.pop("config")) if "config" in given else {}
     out = out_folder({**from_file, **given})
@@ -41,7 +51,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path | None]:
     if resume:
         check_run_folder(out, resume)
         checkpoint, saved = resume_point(out)
-    return layer(saved, from_file, given), checkpoint
+    return layer(saved, from_file, given), checkpoint, processes
 
 
 class SigintFlag:
@@ -65,20 +75,27 @@ def run(settings: Settings, resume_from: Path | None) -> int:
     out = Path(settings.out)
     check_run_folder(out, resume_from is not None)
     run = build_run(settings, resume_from=resume_from)
+    # A tokenizer learned by each process from the same text must come out the same.
+    distributed.check_same(run.tokenizer.to_json(), "the tokenizers")
     start = int(run.state.step)
+    primary = distributed.is_primary()
     if start >= settings.steps:
-        print(f"{out}: already at step {start} (--steps {settings.steps}); nothing to do",
-              file=sys.stderr)
+        if primary:
+            print(f"{out}: already at step {start} (--steps {settings.steps}); nothing to do",
+                  file=sys.stderr)
         return 0
 
-    # Every check has passed: only now is anything written.
-    out.mkdir(parents=True, exist_ok=True)
+    # Every check has passed, in every process (check_same above is a collective, so no
+    # process gets here before all have looked at the run folder): only now is anything
+    # written, and only by the primary process.
     config = run.config()
-    write_json_atomically(out / "config.json", config)
-    run.tokenizer.save(out / "tokenizer.json")
     metrics_path = out / "metrics.jsonl"
-    if resume_from is not None:
-        trim_metrics(metrics_path, start)
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(out / "config.json", config)
+        run.tokenizer.save(out / "tokenizer.json")
+        if resume_from is not None:
+            trim_metrics(metrics_path, start)
     checkpointer = Checkpointer(out, keep=settings.keep, tokenizer_json=run.tokenizer.to_json(),
                                 config={k: v for k, v in config.items() if k != "devices"})
     checkpointer.remove_leftovers()
@@ -88,7 +105,7 @@ def run(settings: Settings, resume_from: Path | None) -> int:
     sigint = SigintFlag()
     step = start
     try:
-        with open(metrics_path, "a") as metrics_file:
+        with open(metrics_path if primary else os.devnull, "a") as metrics_file:
             for state, record in train_steps(run.state, run.step_fn, batches, run.put_batch,
                                              total_steps=settings.steps,
                                              grad_accum=settings.grad_accum):
@@ -98,17 +115,22 @@ def run(settings: Settings, resume_from: Path | None) -> int:
                     record |= eval_record(run.evaluate(state.model()))
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                progress.update(step, record["loss"], record["tokens_per_s"],
-                                record.get("eval_loss"))
+                if primary:
+                    progress.update(step, record["loss"], record["tokens_per_s"],
+                                    record.get("eval_loss"))
+                # Ctrl-C reaches the processes at different steps; they must stop together.
+                stop = distributed.any_process(sigint.raised)
                 if ((settings.save_every and step % settings.save_every == 0)
-                        or step == settings.steps or sigint.raised):
+                        or step == settings.steps or stop):
                     checkpointer.save(state, batches.state())
-                if sigint.raised:
+                if stop:
                     break
     finally:
         sigint.restore()
         batches.close()
     saved = checkpointer.folder / f"step_{step:06d}"
+    if not primary:
+        return 0
     if step == settings.steps:
         print(f"\ndone: {step} steps; checkpoint {saved}", file=sys.stderr)
     else:
@@ -118,11 +140,27 @@ def run(settings: Settings, resume_from: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    joined = False
     try:
-        settings, resume_from = parse(argv)
-        return run(settings, resume_from)
+        settings, resume_from, processes = parse(argv)
+        joined = join_if_asked(processes)
+        # Every process must train the same thing: compare what each resolved.
+        distributed.check_same(json.dumps([settings.to_dict(), str(resume_from)],
+                                          sort_keys=True), "the resolved settings")
+        status = run(settings, resume_from)
+        return distributed.finish(status) if joined else status
     except UserError as error:
+        if joined:
+            # Skip JAX's exit-time shutdown barrier: the other processes may not reach it.
+            print(f"error: process {distributed.process_index()}: {error}", file=sys.stderr,
+                  flush=True)
+            os._exit(2)
         fail(str(error))
+    except Exception as error:
+        if joined and distributed.is_collective_failure(error):
+            distributed.abandon(error, processes.get("heartbeat_timeout")
+                                or distributed.HEARTBEAT_TIMEOUT_S)
+        raise
     except KeyboardInterrupt:
         # Ctrl-C before the first step, or a second Ctrl-C: the checkpoints already written
         # are complete (atomic saves); nothing new was saved.

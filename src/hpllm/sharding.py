@@ -67,6 +67,11 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 def shard_tree(tree: Any, mesh: Mesh) -> Any:
     """Place every array leaf of `tree` on the mesh with `tree_shardings`' layout."""
     dynamic, static = eqx.partition(tree, eqx.is_array)
+    if jax.process_count() > 1:
+        # Arrays on this process's default device can't move to another process's devices;
+        # as host values (the same in every process: same seed or same checkpoint) each
+        # process places its own shards.
+        dynamic = jax.device_get(dynamic)
     placed = jax.device_put(dynamic, tree_shardings(dynamic, mesh))
     return eqx.combine(placed, static)
 
