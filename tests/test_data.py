@@ -371,3 +371,59 @@ def test_get_tokenizer_trains_or_loads(tokenizer, tmp_path):
     assert trained == tokenizer  # deterministic training on the same text
     tokenizer.save(tmp_path / "tok.json")
     assert get_tokenizer(str(tmp_path / "tok.json"), DOCS, 999) == tokenizer
+
+
+# ----------------------------------------------------------------------------- clear messages
+
+
+def test_non_utf8_text_names_file_and_offset_and_reads_with_encoding(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("hello there\n\n\xa1 world\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.txt: byte 0xa1 at offset 13 .*--encoding"
+                       ) as info:
+        open_splits(path)
+    one_line(info)
+    splits = open_splits(path, encoding="latin-1")
+    assert list(splits.validation) + list(splits.train) == ["hello there", "\xa1 world\n"]
+
+
+def test_jsonl_of_bare_strings_says_what_a_line_must_be(tmp_path):
+    path = tmp_path / "bare.jsonl"
+    path.write_text('"first"\n"second"\n')
+    with pytest.raises(DataError, match=r"bare\.jsonl:1 is a JSON string, not an object"
+                       ) as info:
+        all_documents(path)
+    one_line(info)
+
+
+def test_a_number_in_the_text_column_names_the_row(tmp_path):
+    path = tmp_path / "ints.jsonl"
+    path.write_text('{"text": "a b"}\n{"text": "c"}\n{"text": 5}\n{"text": "d"}\n')
+    with pytest.raises(DataError, match=r"row 3 of .*holds int") as info:
+        all_documents(path)
+    one_line(info)
+
+
+def test_corrupt_parquet_is_one_error_and_no_log_line(tmp_path, capfd):
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"PAR1" + b"garbage" * 3 + b"PAR1")
+    with pytest.raises(DataError, match=r"bad\.parquet") as info:
+        open_splits(path)
+    one_line(info)
+    assert capfd.readouterr().err == ""
+
+
+def test_tokenizer_folder(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="is a folder without a tokenizer.json"):
+        get_tokenizer(tmp_path, DOCS, 300)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    assert get_tokenizer(tmp_path, DOCS, 300) == tokenizer  # the file inside it
+
+
+def test_mistyped_local_path_is_not_called_a_hub_dataset(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="data/trian does not exist .*not a hub dataset"
+                       ) as info:
+        open_splits("data/trian")
+    one_line(info)

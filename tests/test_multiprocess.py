@@ -83,7 +83,8 @@ class Launch:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise AssertionError(f"launch still running after {timeout} s:\n{self.output()}")
+            raise AssertionError(
+                f"launch still running after {timeout} s:\n{self.output()}") from None
         self.reader.join(10)
         self.proc.stdout.close()
         return code

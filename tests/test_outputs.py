@@ -78,3 +78,8 @@ def test_a_path_under_a_file_is_refused_before_any_work(tree):
 ])
 def test_what_is_allowed_and_whether_it_replaces(tree, out, force, replaces):
     assert _check(tree, out, force=force) is replaces
+
+
+def test_a_command_without_force_names_no_flag(tree):
+    with pytest.raises(UserError, match=r"already holds a conversion; choose a new path$"):
+        _check(tree, "earlier", force_flag=None)

@@ -27,13 +27,16 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> Path:
-    """A tiny BPE learned once on the start of the bundled corpus (training one per run is slow)."""
+def small_tokenizer(path: Path) -> Path:
+    """A tiny BPE learned on the start of the bundled corpus (training one per run is slow)."""
     texts = [text for _, text in zip(range(40), open_splits().train, strict=False)]
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     Tokenizer.train(texts, 512).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    return small_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 
 def fast(out: Path, tokenizer_file: Path, *extra: str) -> list[str]:

@@ -113,3 +113,45 @@ def test_train_help_mentions_plot():
                             text=True, timeout=120)
     assert result.returncode == 0
     assert "python -m train plot RUN" in result.stdout
+
+
+def plot_error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
+    return err
+
+
+def test_out_never_writes_over_anything(runs, tmp_path, capsys):
+    """An existing file (ours or not), a run's own files, a run folder: all refused as is."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for out in (notes, runs[0] / "metrics.jsonl", runs[0] / "config.json", runs[1]):
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        err = plot_error([str(r) for r in runs] + ["--out", str(out)], capsys)
+        assert str(out) in err
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.rglob(".*.png"))  # no temporary image left behind
+
+
+@pytest.mark.parametrize("line, field", [('{"step": 1, "loss": "abc"}', "loss"),
+                                         ('{"step": 1, "loss": [1]}', "loss"),
+                                         ('{"step": "one", "loss": 1.0}', "step"),
+                                         ('{"step": 1, "loss": 1.0, "eval_loss": {}}',
+                                          "eval_loss")])
+def test_metrics_of_the_wrong_type_name_file_line_and_field(tmp_path, capsys, line, field):
+    run = make_run(tmp_path / "r", {"mode": "none"}, [5.0, 4.0])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("\n" + line + "\n")
+    err = plot_error([str(run), "--out", str(tmp_path / "x.png")], capsys)
+    assert f"metrics.jsonl:4: {field!r}" in err, err
+
+
+@pytest.mark.parametrize("section", ["quant", "model"])
+def test_config_sections_of_the_wrong_type(tmp_path, capsys, section):
+    run = make_run(tmp_path / "r", {"mode": "none"}, [5.0, 4.0])
+    config = json.loads((run / "config.json").read_text())
+    config[section] = ["int8"]
+    (run / "config.json").write_text(json.dumps(config))
+    err = plot_error([str(run), "--out", str(tmp_path / "x.png")], capsys)
+    assert "config.json" in err and repr(section) in err, err

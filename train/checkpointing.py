@@ -29,12 +29,12 @@ from hpllm.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
     checkpoint_step,
-    latest_checkpoint,
     load_tree,
     read_config,
     verify_checkpoint,
     write_checkpoint,
 )
+from hpllm.errors import PathError
 from hpllm.quant import split_quant_state
 from train.loop import TrainState
 
@@ -92,18 +92,12 @@ class Checkpointer:
         for _, path in done[:-self.keep]:
             # Hidden first, so a kill mid-delete never leaves a half folder named step_*.
             doomed = path.parent / f".{path.name}.deleting-{uuid.uuid4().hex[:8]}"
-            path.rename(doomed)
-            shutil.rmtree(doomed)
-
-
-def find_resume_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint of `run_dir`; a CheckpointError if there is none."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise CheckpointError(
-            f"--resume: no checkpoint in {checkpoint_dir(run_dir)}; run without --resume to "
-            f"start a new run")
-    return path
+            try:
+                path.rename(doomed)
+                shutil.rmtree(doomed)
+            except OSError as error:
+                raise PathError.from_os_error(error, path, "delete the old checkpoint",
+                                              "the new checkpoint was saved") from error
 
 
 def load_training_checkpoint(path: Path, skeleton: TrainState

@@ -16,16 +16,29 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hpllm import distributed
+from hpllm.checkpoint import latest_checkpoint
 from hpllm.errors import UserError
+from hpllm.locking import folder_lock
 from train.checkpointing import Checkpointer
-from train.loop import Progress, eval_record, train_steps
+from train.loop import NonFiniteLossError, Progress, eval_record, train_steps
 from train.processes import add_process_flags, join_if_asked, pop_process_flags
-from train.run import build_run
-from train.run_folder import check_run_folder, resume_point, trim_metrics, write_json_atomically
+from train.run import Run, build_run
+from train.run_folder import (
+    check_run_folder,
+    os_errors,
+    resume_point,
+    trim_metrics,
+    write_json_atomically,
+)
 from train.settings import Settings, build_parser, layer, out_folder, read_config_file
 
-RESUME_HELP = ("continue from the newest checkpoint in --out, with its saved settings "
-               "(default: off, start a new run)")
+RESUME_HELP = (
+    "continue the run in --out with its saved settings, from the newest checkpoint that "
+    "verifies (a damaged newer one is skipped, with a note); a run folder with no checkpoint "
+    "yet (stopped before its first save) starts again from step 0. A plain rerun into such a "
+    "folder reuses it too (default: off, start a new run)")
+RESUME_FROM_HELP = ("like --resume, but from the checkpoint of step STEP, or the checkpoint "
+                    "folder PATH (default: the newest that verifies)")
 
 
 def fail(message: str) -> NoReturn:
@@ -33,25 +46,23 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def command_parser():
-    parser = build_parser(resume=RESUME_HELP)
+def parse(argv: list[str] | None) -> tuple[Settings, bool, Path | None, dict[str, Any]]:
+    """(settings, resume, the checkpoint to resume from or None, the multi-process flags)
+    from the command line, --config and a resumed run's saved settings."""
+    parser = build_parser()
+    parser.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    parser.add_argument("--resume-from", metavar="STEP_OR_PATH", help=RESUME_FROM_HELP)
     add_process_flags(parser)
-    return parser
-
-
-def parse(argv: list[str] | None) -> tuple[Settings, Path | None, dict[str, Any]]:
-    """(settings, the checkpoint to resume from or None, the multi-process flags) from the
-    command line, --config and a resumed run's saved settings."""
-    given = vars(command_parser().parse_args(argv))
+    given = vars(parser.parse_args(argv))
     processes = pop_process_flags(given)
-    resume = given.pop("resume", False)
+    resume_from = given.pop("resume_from", None)
+    resume = given.pop("resume", False) or resume_from is not None
     from_file = read_config_file(given.pop("config")) if "config" in given else {}
     out = out_folder({**from_file, **given})
-    checkpoint, saved = None, {}
+    checkpoint, saved, saved_in = None, {}, ""
     if resume:
-        check_run_folder(out, resume)
-        checkpoint, saved = resume_point(out)
-    return layer(saved, from_file, given), checkpoint, processes
+        checkpoint, saved, saved_in = resume_point(out, resume_from)
+    return layer(saved, from_file, given, saved_in), resume, checkpoint, processes
 
 
 class SigintFlag:
@@ -71,9 +82,9 @@ class SigintFlag:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def run(settings: Settings, resume_from: Path | None) -> int:
+def run(settings: Settings, resume: bool, resume_from: Path | None) -> int:
     out = Path(settings.out)
-    check_run_folder(out, resume_from is not None)
+    check_run_folder(out, settings, resume)
     run = build_run(settings, resume_from=resume_from)
     # A tokenizer learned by each process from the same text must come out the same.
     distributed.check_same(run.tokenizer.to_json(), "the tokenizers")
@@ -84,18 +95,52 @@ def run(settings: Settings, resume_from: Path | None) -> int:
             print(f"{out}: already at step {start} (--steps {settings.steps}); nothing to do",
                   file=sys.stderr)
         return 0
+    # Every check has passed, in every process (check_same above is a collective: no process
+    # gets here before all have looked at the run folder). Only now is anything written, by
+    # one program at a time, and in a multi-process run by the primary only: it alone holds
+    # the folder's lock; the other processes train and write nothing.
+    try:
+        if not primary:
+            return train(run, out, primary=False)
+        with os_errors(out, "create"):
+            out.mkdir(parents=True, exist_ok=True)
+        with folder_lock(out):
+            check_run_folder(out, settings, resume)  # again: now nobody else writes here
+            return train(run, out, primary=True)
+    except NonFiniteLossError as error:
+        raise UserError(f"{error}; {advice(error, out)}") from None
 
-    # Every check has passed, in every process (check_same above is a collective, so no
-    # process gets here before all have looked at the run folder): only now is anything
-    # written, and only by the primary process.
+
+def advice(error: NonFiniteLossError, out: Path) -> str:
+    """What to do after a non-finite loss, for its cause and the checkpoints there are."""
+    newest = latest_checkpoint(out)
+    if newest is None:
+        again = (f"no checkpoint was written, so python -m train --out {out} --resume starts "
+                 "again from step 0")
+    else:
+        again = (f"the newest checkpoint is {newest.name}: python -m train --out {out} --resume "
+                 "continues from it, --resume-from STEP from an earlier one")
+    if not error.params_finite:
+        return f"the update diverged: lower --lr or --clip, or raise --warmup; {again}"
+    if error.first:
+        return ("the loss of the starting parameters is not finite, so the learning rate is not "
+                f"the cause: try --dtype f32 and check the data; {again}")
+    return (f"the parameters after step {error.step - 1} already give a non-finite loss: "
+            f"lower --lr or --clip, or raise --warmup; {again}")
+
+
+def train(run: Run, out: Path, primary: bool) -> int:
+    """The training loop of python -m train: evaluate, log and save between the steps. Only
+    the `primary` process writes (run files, metrics, progress; checkpoints are gathered from
+    every process by `Checkpointer.save`)."""
+    settings, start = run.settings, int(run.state.step)
     config = run.config()
     metrics_path = out / "metrics.jsonl"
     if primary:
-        out.mkdir(parents=True, exist_ok=True)
         write_json_atomically(out / "config.json", config)
-        run.tokenizer.save(out / "tokenizer.json")
-        if resume_from is not None:
-            trim_metrics(metrics_path, start)
+        with os_errors(out / "tokenizer.json", "write"):
+            run.tokenizer.save(out / "tokenizer.json")
+        trim_metrics(metrics_path, start)  # steps after the checkpoint will be run again
     checkpointer = Checkpointer(out, keep=settings.keep, tokenizer_json=run.tokenizer.to_json(),
                                 config={k: v for k, v in config.items() if k != "devices"})
     checkpointer.remove_leftovers()
@@ -105,7 +150,9 @@ def run(settings: Settings, resume_from: Path | None) -> int:
     sigint = SigintFlag()
     step = start
     try:
-        with open(metrics_path if primary else os.devnull, "a") as metrics_file:
+        with os_errors(metrics_path, "open"):
+            metrics_file = open(metrics_path if primary else os.devnull, "a")  # noqa: SIM115
+        with metrics_file:
             for state, record in train_steps(run.state, run.step_fn, batches, run.put_batch,
                                              total_steps=settings.steps,
                                              grad_accum=settings.grad_accum):
@@ -113,8 +160,9 @@ def run(settings: Settings, resume_from: Path | None) -> int:
                 if settings.eval_every and (step % settings.eval_every == 0
                                             or step == settings.steps):
                     record |= eval_record(run.evaluate(state.model()))
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                with os_errors(metrics_path, "write"):
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
                 if primary:
                     progress.update(step, record["loss"], record["tokens_per_s"],
                                     record.get("eval_loss"))
@@ -142,12 +190,12 @@ def run(settings: Settings, resume_from: Path | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     joined = False
     try:
-        settings, resume_from, processes = parse(argv)
+        settings, resume, resume_from, processes = parse(argv)
         joined = join_if_asked(processes)
         # Every process must train the same thing: compare what each resolved.
         distributed.check_same(json.dumps([settings.to_dict(), str(resume_from)],
                                           sort_keys=True), "the resolved settings")
-        status = run(settings, resume_from)
+        status = run(settings, resume, resume_from)
         return distributed.finish(status) if joined else status
     except UserError as error:
         if joined:

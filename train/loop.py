@@ -239,15 +239,17 @@ class Progress:
 
 
 class NonFiniteLossError(UserError):
-    """The loss, the gradient norm or the updated parameters became NaN or infinite."""
+    """The loss, the gradient norm or the updated parameters became NaN or infinite.
 
-    def __init__(self, step: int, loss: float, grad_norm: float, params_finite: bool):
+    `first`: at the first step of this process, i.e. with the parameters it started from.
+    """
+
+    def __init__(self, step: int, loss: float, grad_norm: float, params_finite: bool,
+                 first: bool):
         what = "loss" if params_finite else "parameters"
-        super().__init__(
-            f"non-finite {what} at step {step} (loss {loss}, grad norm {grad_norm}); training "
-            f"stopped, the last checkpoint was kept. Lower --lr, raise --warmup or lower --clip, "
-            f"then --resume")
-        self.step = step
+        super().__init__(f"non-finite {what} at step {step} (loss {loss}, grad norm "
+                         f"{grad_norm}); training stopped without saving it")
+        self.step, self.params_finite, self.first = step, params_finite, first
 
 
 def perplexity(loss: float) -> float:
@@ -275,7 +277,8 @@ def train_steps(state: TrainState,
     Raises NonFiniteLossError instead of yielding a state that went bad, so no caller can
     save one.
     """
-    for step in range(int(state.step) + 1, total_steps + 1):
+    start = int(state.step)
+    for step in range(start + 1, total_steps + 1):
         tick = time.perf_counter()
         host_batches = [next(batches) for _ in range(grad_accum)]
         tokens = sum(int(np.sum(b.loss_mask)) for b in host_batches)
@@ -284,7 +287,7 @@ def train_steps(state: TrainState,
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         params_finite = bool(metrics["params_finite"])
         if not (math.isfinite(loss) and math.isfinite(grad_norm) and params_finite):
-            raise NonFiniteLossError(step, loss, grad_norm, params_finite)
+            raise NonFiniteLossError(step, loss, grad_norm, params_finite, step == start + 1)
         yield state, {"step": step, "loss": loss, "lr": float(metrics["lr"]),
                       "grad_norm": grad_norm,
                       "tokens_per_s": tokens / (time.perf_counter() - tick)}

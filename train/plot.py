@@ -10,14 +10,19 @@ matplotlib is an optional extra (`pip install -e .[plot]`), imported only when d
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, NoReturn
+
+from hpllm.errors import PathError, UserError
+from hpllm.outputs import check_output
 
 INSTALL_HINT = "matplotlib is not installed; pip install -e .[plot]"
 
 
-class PlotError(Exception):
+class PlotError(UserError):
     """A run folder that cannot be read; the message names the file."""
 
 
@@ -44,7 +49,11 @@ def quant_label(quant: dict[str, Any]) -> str:
     return str(mode)
 
 
-def run_label(config: dict[str, Any]) -> str:
+def run_label(config: dict[str, Any], source: Path) -> str:
+    for section in ("quant", "model"):
+        if not isinstance(config.get(section, {}), dict):
+            raise PlotError(f"{source}: {section!r} must be a JSON object, got "
+                            f"{json.dumps(config[section])[:60]}")
     label = quant_label(config.get("quant") or {})
     dtype = (config.get("model") or {}).get("compute_dtype")
     return f"{label}, {dtype}" if dtype and dtype != "float32" else label
@@ -71,21 +80,30 @@ def load_curves(run: Path) -> Curves:
     except OSError as error:
         raise PlotError(f"{metrics_path}: cannot read it ({error.strerror})") from None
     steps, losses, eval_steps, eval_losses = [], [], [], []
-    for line in lines:
+    for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
-            step = int(record["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except json.JSONDecodeError:
             continue  # a line cut short by a kill
+        if not isinstance(record, dict) or "step" not in record:
+            continue
+        for field in ("step", "loss", "eval_loss"):
+            value = record.get(field, 0)
+            if not isinstance(value, int | float) or isinstance(value, bool) or (
+                    field == "step" and not isinstance(value, int)):
+                kind = "an integer" if field == "step" else "a number"
+                raise PlotError(f"{metrics_path}:{number}: {field!r} must be {kind}, got "
+                                f"{json.dumps(value)[:40]}")
         if "loss" in record:
-            steps.append(step)
+            steps.append(record["step"])
             losses.append(float(record["loss"]))
         if "eval_loss" in record:
-            eval_steps.append(step)
+            eval_steps.append(record["step"])
             eval_losses.append(float(record["eval_loss"]))
     if not steps:
         raise PlotError(f"{metrics_path}: no training steps recorded")
-    return Curves(run_label(config), steps, losses, eval_steps, eval_losses)
+    return Curves(run_label(config, run / "config.json"), steps, losses, eval_steps,
+                  eval_losses)
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -136,9 +154,22 @@ def plot_runs(runs: list[Path], out: Path, *, smooth: int = 10, title: str | Non
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Drawn beside the target, then linked into place: a file that appeared at `out`
+        # meanwhile is never replaced.
+        tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.png"
+        try:
+            fig.savefig(tmp, dpi=120)
+            os.link(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except FileExistsError:
+        raise PlotError(f"--out {out} appeared while drawing; choose a new path") from None
+    except OSError as error:
+        raise PathError.from_os_error(error, out, "write") from error
+    finally:
+        plt.close(fig)
     return len(curves)
 
 
@@ -168,13 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --smooth must be a positive integer", file=sys.stderr)
         return 2
     try:
+        # Never over anything: not an existing file, not one of the runs' own files.
+        if args.out and os.path.lexists(args.out) and not Path(args.out).is_dir():
+            raise PlotError(f"--out {args.out} already exists; plot never writes over a file, "
+                            "choose a new path")
+        check_output(args.out, inputs=[Path(r) / name for r in args.runs
+                                       for name in ("config.json", "metrics.jsonl")],
+                     kind="figure")
         n = plot_runs([Path(r) for r in args.runs], Path(args.out), smooth=args.smooth,
                       title=args.title)
-    except PlotError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"error: --out {args.out}: cannot write it ({error.strerror})", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({n} runs)", file=sys.stderr)
     return 0

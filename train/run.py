@@ -117,7 +117,7 @@ def build_run(settings: Settings, *, resume_from: Path | None = None,
         raise UsageError(str(error)) from None
 
     splits = open_splits(settings.data, data_config=settings.data_config, split=settings.split,
-                         text_column=settings.text_column)
+                         text_column=settings.text_column, encoding=settings.encoding)
     if resume_from is not None:
         tokenizer = read_checkpoint_tokenizer(resume_from)
     elif tokenizer is None:

@@ -10,10 +10,14 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import re
 import sys
 import types
 from pathlib import Path
 from typing import Any, NoReturn
+
+import numpy as np
 
 from hpllm.config import DTYPE_ALIASES, PRESETS, ModelConfig, preset
 from hpllm.errors import UserError
@@ -45,6 +49,8 @@ class Settings:
     split: str = setting("train", "dataset split to train on", fixed=True)
     text_column: str = setting("text", "column holding the text (jsonl/parquet/hub)",
                                fixed=True)
+    encoding: str = setting("utf-8", "text encoding of local .txt/.jsonl/.json files (for "
+                            "example latin-1)", fixed=True)
     tokenizer: str = setting("train", "'train' learns a byte-level BPE on the start of the "
                              "data; or a tokenizer.json", fixed=True)
     vocab_size: int | None = setting(None, "vocabulary size (default: the preset's)",
@@ -67,7 +73,9 @@ class Settings:
     eval_batches: int = setting(8, "held-out batches per evaluation")
     save_every: int = setting(100, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
     keep: int = setting(3, "keep the newest N checkpoints (0: keep all)")
-    out: str | None = setting(None, "run folder (default: runs/PRESET)")
+    out: str | None = setting(None, "run folder: a new or empty folder, or a training run to "
+                              "continue; never one holding other files or the inputs "
+                              "(default: runs/PRESET)")
     seed: int = setting(0, "random seed (model initialisation, data shuffling)", fixed=True)
     dtype: str = setting("f32", "compute dtype of activations and matmuls (parameters stay f32)",
                          choices=tuple(DTYPE_ALIASES))
@@ -77,6 +85,9 @@ class Settings:
 
 
 FIELDS = {field.name: field for field in dataclasses.fields(Settings)}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# JAX turns the seed into a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
 FIXED_ON_RESUME = tuple(name for name, field in FIELDS.items() if field.metadata["fixed"])
 
 
@@ -100,9 +111,8 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser(**extra_help: str) -> argparse.ArgumentParser:
-    """The `python -m train` parser: one flag per field of `Settings`, plus --config and the
-    flags named in `extra_help` (store_true switches, e.g. resume="...")."""
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m train` parser: one flag per field of `Settings`, plus --config."""
     parser = OneLineParser(
         prog="python -m train",
         description="Train an hpllm model. With no flags: the small preset on the bundled corpus, "
@@ -124,9 +134,24 @@ def build_parser(**extra_help: str) -> argparse.ArgumentParser:
             "{" + ",".join(meta["choices"]) + "}" if meta["choices"]
             else {int: "N", float: "F"}.get(kind, name.upper()))
         parser.add_argument(flag(name), dest=name, type=kind, metavar=metavar, help=text)
-    for name, text in extra_help.items():
-        parser.add_argument(flag(name), dest=name, action="store_true", help=text)
     return parser
+
+
+def check_types(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Refuse a value of the wrong JSON type (a list for --preset, text for --steps...) read
+    from `source` (a --config file, a checkpoint's config.json); returns `values`."""
+    for name, value in values.items():
+        field = FIELDS[name]
+        kind = value_type(field)
+        fits = (value is None and optional(field)) or (
+            isinstance(value, kind) and not isinstance(value, bool)) or (
+            kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not fits:
+            wanted = {int: "an integer", float: "a number", str: "a string"}[kind]
+            wanted += " or null" if optional(field) else ""
+            raise UsageError(f"{source}: setting {name!r} must be {wanted}, got "
+                             f"{json.dumps(value)[:60]}")
+    return values
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -142,7 +167,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UsageError(f"--config {path}: unknown settings {', '.join(unknown)}")
-    return values
+    return check_types(values, f"--config {path}")
 
 
 def validate(settings: Settings) -> ModelConfig:
@@ -161,12 +186,18 @@ def validate(settings: Settings) -> ModelConfig:
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             kind = "a positive" if least else "a non-negative"
             raise UsageError(f"{flag(name)} must be {kind} integer, got {value!r}")
-    for name in ("lr", "clip"):
-        value = getattr(s, name)
-        if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise UsageError(f"{flag(name)} must be a positive number, got {value!r}")
-    if not isinstance(s.weight_decay, int | float) or s.weight_decay < 0:
-        raise UsageError(f"--weight-decay must be >= 0, got {s.weight_decay!r}")
+    # The optimizer computes in float32: a larger number would become infinite there.
+    for name in ("lr", "clip", "weight_decay"):
+        value, least = getattr(s, name), ">= 0" if name == "weight_decay" else "> 0"
+        if (not isinstance(value, int | float) or not math.isfinite(value) or value < 0
+                or (value == 0 and name != "weight_decay") or value > FLOAT32_MAX):
+            raise UsageError(f"{flag(name)} must be a number {least} and at most "
+                             f"{FLOAT32_MAX:.3g} (float32), got {value!r}")
+    if s.seed > MAX_SEED:
+        raise UsageError(f"--seed must be at most {MAX_SEED} (2**63 - 1), got {s.seed}")
+    for name in ("data", "data_config", "split", "text_column", "tokenizer", "out"):
+        if getattr(s, name) == "":
+            raise UsageError(f"{flag(name)} is empty; give a value or leave the flag out")
     cfg = preset(s.preset)
     if s.seq_len > cfg.max_seq_len:
         raise UsageError(f"--seq-len {s.seq_len} is above the {s.preset} preset's max_seq_len "
@@ -180,17 +211,30 @@ def validate(settings: Settings) -> ModelConfig:
         raise UsageError(f"--vocab-size: {error}") from None
 
 
+def same_path(name: str, value: Any) -> Any:
+    """A setting as compared on resume: `--data data/` and `--data data` are the same folder."""
+    if name in ("data", "tokenizer") and isinstance(value, str) and value:
+        return os.path.normpath(value)
+    return value
+
+
 def out_folder(layered: dict[str, Any]) -> Path:
     """--out, or runs/PRESET when it is not given."""
-    return Path(layered.get("out") or f"runs/{layered.get('preset', Settings.preset)}")
+    out = layered.get("out")
+    if out == "":
+        raise UsageError("--out is empty; give a folder or leave the flag out (runs/PRESET)")
+    return Path(out if out is not None else f"runs/{layered.get('preset', Settings.preset)}")
 
 
-def layer(saved: dict[str, Any], from_file: dict[str, Any], given: dict[str, Any]) -> Settings:
-    """The settings of a run: saved < --config file < command line; checked."""
+def layer(saved: dict[str, Any], from_file: dict[str, Any], given: dict[str, Any],
+          saved_in: str = "the resumed run") -> Settings:
+    """The settings of a run: saved (in `saved_in`) < --config file < command line; checked.
+    A bad value that came from the saved settings is blamed on them, not on a flag."""
     layered = {**from_file, **given}
     out = out_folder(layered)
     for name in FIXED_ON_RESUME:
-        if saved and name in layered and layered[name] != saved.get(name):
+        if saved and name in layered and (same_path(name, layered[name])
+                                          != same_path(name, saved.get(name))):
             raise UsageError(
                 f"{flag(name)} {layered[name]} differs from the resumed run's "
                 f"{saved.get(name)}; a resumed run keeps its model and data settings")
@@ -202,5 +246,15 @@ def layer(saved: dict[str, Any], from_file: dict[str, Any], given: dict[str, Any
         settings = Settings(**resolved)
     except TypeError as error:
         raise UsageError(str(error)) from None
-    validate(settings)
+    try:
+        validate(settings)
+    except UsageError as error:
+        from_saved = [name for name in saved if name not in layered
+                      and re.search(rf"{flag(name)}\b", str(error))]
+        if not from_saved:
+            raise
+        name = from_saved[0]
+        raise UsageError(f"{saved_in}: the saved setting {name} = {saved[name]!r} is invalid "
+                         f"({error}); the checkpoint is damaged, resume from another with "
+                         "--resume-from") from None
     return settings

@@ -30,8 +30,11 @@ HOLDOUT_EVERY = 20
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 TOKENIZER_TRAIN_CHARS = 8_000_000
 
-# We report malformed JSON ourselves (with file and line); silence the builder's own log line.
-logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+# We report malformed JSON and unreadable parquet files ourselves (naming the file); silence the
+# builders' own log lines, which would print before our one-line error.
+for _builder in ("json", "parquet"):
+    logging.getLogger(f"datasets.packaged_modules.{_builder}.{_builder}").setLevel(
+        logging.CRITICAL)
 
 # A stream of document texts: a re-iterable (Documents, a list) or a function returning one.
 Texts = Callable[[], Iterable[str]] | Iterable[str]
@@ -122,47 +125,65 @@ def _local_files(path: Path) -> dict[str, list[Path]]:
     return grouped
 
 
-def _malformed_json_line(files: list[Path]) -> str | None:
-    """`file:line` of the first line that is not valid JSON, if any (only .jsonl files)."""
+def _first_bad_file_line(files: list[Path], encoding: str) -> str | None:
+    """What is wrong at the first line or byte that cannot be read, naming the file: a byte
+    that is not UTF-8, a JSONL line that is not valid JSON or not a JSON object."""
     for path in files:
+        try:
+            path.read_bytes().decode(encoding)
+        except UnicodeDecodeError as err:
+            return (f"{path}: byte 0x{err.object[err.start]:02x} at offset {err.start} is not "
+                    f"{encoding} text; pass the file's encoding with --encoding (for example "
+                    "--encoding latin-1)")
+        except OSError as err:
+            return f"cannot read {path}: {err.strerror}"
         if path.suffix.lower() != ".jsonl":
             continue
-        with path.open(encoding="utf-8", errors="replace") as f:
+        with path.open(encoding=encoding) as f:
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     try:
-                        json.loads(line)
+                        value = json.loads(line)
                     except json.JSONDecodeError as err:
-                        return f"{path}:{number} ({err.msg})"
+                        return (f"malformed JSON at {path}:{number} ({err.msg}); fix or "
+                                "remove that line")
+                    if not isinstance(value, dict):
+                        kind = {str: "string", list: "array", bool: "true/false"}.get(
+                            type(value), "number" if value is not None else "null")
+                        return (f"{path}:{number} is a JSON {kind}, not an object; each line "
+                                'must be an object with a text field, like {"text": "..."}')
     return None
 
 
 def _rows_to_texts(rows: Iterable[dict], text_column: str, name: str,
-                   files: list[Path]) -> Iterator[str]:
+                   files: list[Path], encoding: str = "utf-8") -> Iterator[str]:
     try:
-        for row in rows:
+        for number, row in enumerate(rows, start=1):
             if text_column not in row:
                 raise DataError(
                     f"{name} has no column {text_column!r}; available columns: "
                     f"{', '.join(row)}; choose one with --text-column")
             text = row[text_column]
             if text is not None and not isinstance(text, str):
-                raise DataError(f"column {text_column!r} of {name} holds "
-                                f"{type(text).__name__}, not text; choose another --text-column")
+                raise DataError(f"row {number} of {name}: column {text_column!r} holds "
+                                f"{type(text).__name__}, not text; fix that row or choose "
+                                "another --text-column")
             yield text or ""
     except DataError:
         raise
     except Exception as err:
-        bad_line = _malformed_json_line(files)
-        if bad_line is not None:
-            raise DataError(f"malformed JSON at {bad_line}; fix or remove that line") from None
+        problem = _first_bad_file_line(files, encoding)
+        if problem is not None:
+            raise DataError(problem) from None
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"cannot read {name}: {reason}") from None
 
 
-def _local_stream(files: list[Path], text_column: str, name: str) -> Documents:
+def _local_stream(files: list[Path], text_column: str, name: str, encoding: str) -> Documents:
     builder = BUILDERS[files[0].suffix.lower()]
     options = {"sample_by": "paragraph"} if builder == "text" else {}
+    if builder != "parquet":
+        options["encoding"] = encoding
     dataset = None
 
     def open_texts() -> Iterator[str]:
@@ -179,7 +200,7 @@ def _local_stream(files: list[Path], text_column: str, name: str) -> Documents:
                                 ) from None
             except Exception as err:
                 raise DataError(f"cannot open {name}: {str(err).splitlines()[0]}") from None
-        return _rows_to_texts(dataset, text_column, name, files)
+        return _rows_to_texts(dataset, text_column, name, files, encoding)
 
     return Documents(open_texts, name)
 
@@ -240,7 +261,7 @@ def _held_out(stream: Documents, keep_held_out: bool) -> Documents:
 
 
 def _resolve(source: str | Path | None, data_config: str | None, split: str,
-             text_column: str) -> tuple[Documents, Documents | None, str]:
+             text_column: str, encoding: str) -> tuple[Documents, Documents | None, str]:
     """(the whole `split`, its fixed validation stream or None, where validation comes from)."""
     if source is None or str(source) == "":
         source = DEFAULT_DATA
@@ -251,11 +272,16 @@ def _resolve(source: str | Path | None, data_config: str | None, split: str,
             raise DataError(f"{path} has no {split!r} files (files by split: "
                             f"{ {k: len(v) for k, v in files.items()} }); use --split train or "
                             "add a file without validation/test in its name")
-        whole = _local_stream(files[split], text_column, str(path))
+        whole = _local_stream(files[split], text_column, str(path), encoding)
         if "validation" in files and split != "validation":
             names = ", ".join(p.name for p in files["validation"])
-            return whole, _local_stream(files["validation"], text_column, str(path)), names
+            return whole, _local_stream(files["validation"], text_column, str(path),
+                                        encoding), names
         return whole, None, str(path)
+    local_root = Path(path.parts[0]) if path.parts else path
+    if len(path.parts) > 1 and local_root.is_dir():
+        raise DataError(f"data path {source} does not exist ({local_root} is a local folder, "
+                        "so this is not a hub dataset name); check the path")
     if isinstance(source, Path) or not _looks_like_hub_name(str(source)):
         raise DataError(f"data path {source} does not exist; pass an existing file or folder "
                         "(txt, jsonl, json, parquet) or a hub dataset name")
@@ -281,10 +307,17 @@ def _check_has_text(texts: Documents) -> None:
 
 
 def open_splits(source: str | Path | None = None, *, data_config: str | None = None,
-                split: str = "train", text_column: str = "text") -> Splits:
-    """Training and validation text of `source` (None: the bundled corpus). Reads the first
-    document now, so a missing path, unknown column or empty dataset fails before training."""
-    whole, validation, origin = _resolve(source, data_config, split, text_column)
+                split: str = "train", text_column: str = "text", encoding: str = "utf-8"
+                ) -> Splits:
+    """Training and validation text of `source` (None: the bundled corpus); local text and
+    JSON files are decoded with `encoding`. Reads the first document now, so a missing path,
+    unknown column or empty dataset fails before training."""
+    try:
+        "".encode(encoding)
+    except LookupError:
+        raise DataError(f"unknown --encoding {encoding!r}; for example utf-8 or latin-1"
+                        ) from None
+    whole, validation, origin = _resolve(source, data_config, split, text_column, encoding)
     _check_has_text(whole)
     if validation is not None:
         return Splits(whole, validation, f"held-out files: {origin}")
@@ -303,6 +336,11 @@ def get_tokenizer(spec: str | Path, texts: Texts,
     """`spec` "train": learn a byte-level BPE of `vocab_size` ids on the first
     TOKENIZER_TRAIN_CHARS characters of `texts`; otherwise load the tokenizer.json at `spec`."""
     if str(spec) != "train":
+        if Path(spec).is_dir():
+            if not (Path(spec) / "tokenizer.json").is_file():
+                raise DataError(f"--tokenizer {spec} is a folder without a tokenizer.json; pass "
+                                "the path of a tokenizer.json file, or --tokenizer train")
+            spec = Path(spec) / "tokenizer.json"
         try:
             return Tokenizer.load(spec)
         except (OSError, ValueError, UserError) as err:

@@ -319,11 +319,12 @@ def verify_checkpoint(path: Path) -> bool:
         except OSError as error:
             raise PathError.from_os_error(error, file, "read") from error
         if actual_size != size:
-            raise CheckpointError(f"{file}: {actual_size} bytes, {MANIFEST_FILE} says {size}; "
-                                  "the file is truncated or damaged")
+            raise CheckpointError(f"{file}: does not match {MANIFEST_FILE} ({actual_size} "
+                                  f"bytes, {size} recorded); the file is truncated, damaged "
+                                  "or was edited")
         if actual_digest != digest:
-            raise CheckpointError(f"{file}: contents do not match the SHA-256 in "
-                                  f"{MANIFEST_FILE}; the file is damaged (or was edited)")
+            raise CheckpointError(f"{file}: does not match {MANIFEST_FILE} (SHA-256 differs); "
+                                  "the file is damaged or was edited")
     return True
 
 

@@ -45,13 +45,15 @@ def check_output(
     force: bool = False,
     replaceable: Callable[[Path], bool] | None = None,
     kind: str = "output",
+    force_flag: str | None = "--force",
 ) -> bool:
     """Refuse `out` unless writing there loses nothing (see the module docstring).
 
     `out` should be the string the user typed (so that "" is caught before `Path` turns it
     into "."). `inputs` are the paths the command reads. `replaceable(path)` recognises an
     earlier output of this command (only such a folder may be replaced, and only with
-    `force`); `kind` names it in messages. Returns True when the path exists (an empty folder,
+    `force`); `kind` names it in messages, `force_flag` names the flag that sets `force`
+    (None: the command has none). Returns True when the path exists (an empty folder,
     or an earlier output with `force`) and the writer must replace it.
     """
     if isinstance(out, str) and not out.strip():
@@ -83,8 +85,8 @@ def check_output(
             raise UserError(f"{flag} {out} already exists and holds files this command did not "
                             "write; choose a new path")
         if not force:
-            raise UserError(f"{flag} {out} already holds a {kind}; choose a new path, or pass "
-                            "--force to replace it")
+            hint = f", or pass {force_flag} to replace it" if force_flag else ""
+            raise UserError(f"{flag} {out} already holds a {kind}; choose a new path{hint}")
     return True
 
 

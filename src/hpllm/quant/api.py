@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from hpllm.linear import FloatDot, Linear, MatmulOp
 from hpllm.quant.fake_quant import QAT_OPS, Fp8QATDot, Int4WeightQATDot, Int8QATDot
-from hpllm.quant.integer import Int8Dot
+from hpllm.quant.integer import W8A8Dot
 from hpllm.quant.quantizers import DelayedScale
 from hpllm.quant.weight_only import (
     Fp8Weight,
@@ -239,7 +239,7 @@ def _convert(linear: Linear, scheme: str, group_size: int) -> Linear:
     if scheme == "int8":
         return _with(linear, Int8Weight(w), Int8WeightOnlyDot())
     if scheme == "w8a8":
-        return _with(linear, Int8Weight(w), Int8Dot())
+        return _with(linear, Int8Weight(w), W8A8Dot())
     if scheme == "int4":
         return _with(linear, Int4Weight(w, group_size), Int4WeightOnlyDot())
     if scheme == "fp8":
