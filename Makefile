@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-multiprocess lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest
+
+# Training over several local processes on JAX's distributed runtime (tests/test_multiprocess.py).
+test-multiprocess: $(STAMP)
+	$(PY) -m pytest -m multiprocess
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -9,16 +9,19 @@ overwritten. Anything else is a bug and keeps its traceback.
 """
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from hpllm import distributed
 from hpllm.checkpoint import latest_checkpoint
 from hpllm.errors import UserError
 from hpllm.locking import folder_lock
 from train.checkpointing import Checkpointer
 from train.loop import NonFiniteLossError, Progress, eval_record, train_steps
+from train.processes import add_process_flags, join_if_asked, pop_process_flags
 from train.run import Run, build_run
 from train.run_folder import (
     check_run_folder,
@@ -43,13 +46,15 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def parse(argv: list[str] | None) -> tuple[Settings, bool, Path | None]:
-    """(settings, resume, the checkpoint to resume from or None) from the command line,
-    --config and a resumed run's saved settings."""
+def parse(argv: list[str] | None) -> tuple[Settings, bool, Path | None, dict[str, Any]]:
+    """(settings, resume, the checkpoint to resume from or None, the multi-process flags)
+    from the command line, --config and a resumed run's saved settings."""
     parser = build_parser()
     parser.add_argument("--resume", action="store_true", help=RESUME_HELP)
     parser.add_argument("--resume-from", metavar="STEP_OR_PATH", help=RESUME_FROM_HELP)
+    add_process_flags(parser)
     given = vars(parser.parse_args(argv))
+    processes = pop_process_flags(given)
     resume_from = given.pop("resume_from", None)
     resume = given.pop("resume", False) or resume_from is not None
     from_file = read_config_file(given.pop("config")) if "config" in given else {}
@@ -57,7 +62,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, bool, Path | None]:
     checkpoint, saved, saved_in = None, {}, ""
     if resume:
         checkpoint, saved, saved_in = resume_point(out, resume_from)
-    return layer(saved, from_file, given, saved_in), resume, checkpoint
+    return layer(saved, from_file, given, saved_in), resume, checkpoint, processes
 
 
 class SigintFlag:
@@ -81,20 +86,29 @@ def run(settings: Settings, resume: bool, resume_from: Path | None) -> int:
     out = Path(settings.out)
     check_run_folder(out, settings, resume)
     run = build_run(settings, resume_from=resume_from)
+    # A tokenizer learned by each process from the same text must come out the same.
+    distributed.check_same(run.tokenizer.to_json(), "the tokenizers")
     start = int(run.state.step)
+    primary = distributed.is_primary()
     if start >= settings.steps:
-        print(f"{out}: already at step {start} (--steps {settings.steps}); nothing to do",
-              file=sys.stderr)
+        if primary:
+            print(f"{out}: already at step {start} (--steps {settings.steps}); nothing to do",
+                  file=sys.stderr)
         return 0
-    # Every check has passed: only now is anything written, by one process at a time.
-    with os_errors(out, "create"):
-        out.mkdir(parents=True, exist_ok=True)
-    with folder_lock(out):
-        check_run_folder(out, settings, resume)  # again: now nobody else writes here
-        try:
-            return train(run, out)
-        except NonFiniteLossError as error:
-            raise UserError(f"{error}; {advice(error, out)}") from None
+    # Every check has passed, in every process (check_same above is a collective: no process
+    # gets here before all have looked at the run folder). Only now is anything written, by
+    # one program at a time, and in a multi-process run by the primary only: it alone holds
+    # the folder's lock; the other processes train and write nothing.
+    try:
+        if not primary:
+            return train(run, out, primary=False)
+        with os_errors(out, "create"):
+            out.mkdir(parents=True, exist_ok=True)
+        with folder_lock(out):
+            check_run_folder(out, settings, resume)  # again: now nobody else writes here
+            return train(run, out, primary=True)
+    except NonFiniteLossError as error:
+        raise UserError(f"{error}; {advice(error, out)}") from None
 
 
 def advice(error: NonFiniteLossError, out: Path) -> str:
@@ -118,15 +132,18 @@ def advice(error: NonFiniteLossError, out: Path) -> str:
             f"lower --lr or --clip, or raise --warmup; {again}")
 
 
-def train(run: Run, out: Path) -> int:
-    """The training loop of python -m train: evaluate, log and save between the steps."""
+def train(run: Run, out: Path, primary: bool) -> int:
+    """The training loop of python -m train: evaluate, log and save between the steps. Only
+    the `primary` process writes (run files, metrics, progress; checkpoints are gathered from
+    every process by `Checkpointer.save`)."""
     settings, start = run.settings, int(run.state.step)
     config = run.config()
-    write_json_atomically(out / "config.json", config)
-    with os_errors(out / "tokenizer.json", "write"):
-        run.tokenizer.save(out / "tokenizer.json")
     metrics_path = out / "metrics.jsonl"
-    trim_metrics(metrics_path, start)  # steps after the checkpoint will be run again
+    if primary:
+        write_json_atomically(out / "config.json", config)
+        with os_errors(out / "tokenizer.json", "write"):
+            run.tokenizer.save(out / "tokenizer.json")
+        trim_metrics(metrics_path, start)  # steps after the checkpoint will be run again
     checkpointer = Checkpointer(out, keep=settings.keep, tokenizer_json=run.tokenizer.to_json(),
                                 config={k: v for k, v in config.items() if k != "devices"})
     checkpointer.remove_leftovers()
@@ -137,7 +154,7 @@ def train(run: Run, out: Path) -> int:
     step = start
     try:
         with os_errors(metrics_path, "open"):
-            metrics_file = open(metrics_path, "a")  # noqa: SIM115 (closed below)
+            metrics_file = open(metrics_path if primary else os.devnull, "a")  # noqa: SIM115
         with metrics_file:
             for state, record in train_steps(run.state, run.step_fn, batches, run.put_batch,
                                              total_steps=settings.steps,
@@ -149,17 +166,22 @@ def train(run: Run, out: Path) -> int:
                 with os_errors(metrics_path, "write"):
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                progress.update(step, record["loss"], record["tokens_per_s"],
-                                record.get("eval_loss"))
+                if primary:
+                    progress.update(step, record["loss"], record["tokens_per_s"],
+                                    record.get("eval_loss"))
+                # Ctrl-C reaches the processes at different steps; they must stop together.
+                stop = distributed.any_process(sigint.raised)
                 if ((settings.save_every and step % settings.save_every == 0)
-                        or step == settings.steps or sigint.raised):
+                        or step == settings.steps or stop):
                     checkpointer.save(state, batches.state())
-                if sigint.raised:
+                if stop:
                     break
     finally:
         sigint.restore()
         batches.close()
     saved = checkpointer.folder / f"step_{step:06d}"
+    if not primary:
+        return 0
     if step == settings.steps:
         print(f"\ndone: {step} steps; checkpoint {saved}", file=sys.stderr)
     else:
@@ -169,11 +191,27 @@ def train(run: Run, out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    joined = False
     try:
-        settings, resume, resume_from = parse(argv)
-        return run(settings, resume, resume_from)
+        settings, resume, resume_from, processes = parse(argv)
+        joined = join_if_asked(processes)
+        # Every process must train the same thing: compare what each resolved.
+        distributed.check_same(json.dumps([settings.to_dict(), str(resume_from)],
+                                          sort_keys=True), "the resolved settings")
+        status = run(settings, resume, resume_from)
+        return distributed.finish(status) if joined else status
     except UserError as error:
+        if joined:
+            # Skip JAX's exit-time shutdown barrier: the other processes may not reach it.
+            print(f"error: process {distributed.process_index()}: {error}", file=sys.stderr,
+                  flush=True)
+            os._exit(2)
         fail(str(error))
+    except Exception as error:
+        if joined and distributed.is_collective_failure(error):
+            distributed.abandon(error, processes.get("heartbeat_timeout")
+                                or distributed.HEARTBEAT_TIMEOUT_S)
+        raise
     except KeyboardInterrupt:
         # Ctrl-C before the first step, or a second Ctrl-C: the checkpoints already written
         # are complete (atomic saves); nothing new was saved.

@@ -11,11 +11,9 @@ layout implies; the step's code is the single-device code.
   than the memory they save.
 - `shard_batch(array, mesh)` splits the batch axis over the mesh.
 
-Multi-host (several machines, each with its own devices): call `jax.distributed.initialize()`
-at the very start of every process (before any other JAX call; on TPU pods and SLURM it finds
-the coordinator by itself, elsewhere pass `coordinator_address`, `num_processes` and
-`process_id`). `jax.devices()` then lists the devices of all hosts, so `make_mesh()` spans the
-whole job. Every process reads the same (seeded) batch stream and `shard_batch` hands each
+Several processes (hosts): `hpllm.distributed.join` starts JAX's distributed runtime before any
+other JAX call; `jax.devices()` then lists the devices of every process, so `make_mesh()` spans
+the whole job. Every process reads the same (seeded) batch stream and `shard_batch` hands each
 device only its rows of the global batch (`jax.make_array_from_callback`), so no process needs
 another's data; checkpoints are gathered and written by process 0. The code path is identical;
 only the number of devices changes.
@@ -67,6 +65,11 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 def shard_tree(tree: Any, mesh: Mesh) -> Any:
     """Place every array leaf of `tree` on the mesh with `tree_shardings`' layout."""
     dynamic, static = eqx.partition(tree, eqx.is_array)
+    if jax.process_count() > 1:
+        # Arrays on this process's default device can't move to another process's devices;
+        # as host values (the same in every process: same seed or same checkpoint) each
+        # process places its own shards.
+        dynamic = jax.device_get(dynamic)
     placed = jax.device_put(dynamic, tree_shardings(dynamic, mesh))
     return eqx.combine(placed, static)
 
