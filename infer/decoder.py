@@ -52,7 +52,8 @@ class UnrolledDecoder(eqx.Module):
                      for _ in range(self.cfg.n_layers))
 
     def logits(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq vocab"]:
-        return output_logits(x, self.final_norm, self.embed, self.lm_head)
+        return output_logits(x, self.final_norm, self.embed, self.lm_head,
+                             self.cfg.scale_tied_head)
 
     def hidden(
         self,
@@ -61,7 +62,8 @@ class UnrolledDecoder(eqx.Module):
         caches: LayerCaches,
     ) -> tuple[Float[Array, "batch seq d_model"], LayerCaches]:
         """The final residual stream (before the final norm); keys/values go into `caches`."""
-        rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                             self.cfg.rope_scaling)
         mask = cache_mask(positions, caches[0].max_len)
         start = positions[:, 0]
         x = jnp.take(self.embed, tokens, axis=0).astype(jnp.dtype(self.cfg.compute_dtype))

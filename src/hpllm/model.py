@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from hpllm.config import ModelConfig
+from hpllm.config import ModelConfig, RopeScaling
 from hpllm.kvcache import KVCache
 from hpllm.linear import Linear
 
@@ -38,9 +38,30 @@ class RMSNorm(eqx.Module):
         return (x32 * inv_rms * scale).astype(x.dtype)
 
 
-def rope_angles(positions: Int[Array, "batch seq"], head_dim: int, theta: float) -> Rotary:
-    """cos and sin of `position * theta^(-2i/head_dim)` for each of the head_dim/2 frequencies."""
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None
+                     ) -> Float[Array, " half_head_dim"]:
+    """`theta^(-2i/head_dim)` for i < head_dim/2, stretched by `scaling` (see `RopeScaling`)."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    # llama3: keep short wavelengths, divide long ones by `factor`, blend the band between.
+    wavelength = 2 * jnp.pi / inv_freq
+    long_limit = scaling.original_max_position / scaling.low_freq_factor
+    short_limit = scaling.original_max_position / scaling.high_freq_factor
+    smooth = ((scaling.original_max_position / wavelength - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    stretched = jnp.where(wavelength > long_limit, inv_freq / scaling.factor, inv_freq)
+    in_band = (wavelength >= short_limit) & (wavelength <= long_limit)
+    return jnp.where(in_band, blended, stretched)
+
+
+def rope_angles(positions: Int[Array, "batch seq"], head_dim: int, theta: float,
+                scaling: RopeScaling | None = None) -> Rotary:
+    """cos and sin of `position * theta^(-2i/head_dim)` for each of the head_dim/2 frequencies."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -85,11 +106,12 @@ class Attention(eqx.Module):
     def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
         kq, kk, kv, ko = jax.random.split(key, 4)
         hd = cfg.head_dim
-        self.wq = Linear(cfg.d_model, cfg.n_heads * hd, key=kq)
-        self.wk = Linear(cfg.d_model, cfg.n_kv_heads * hd, key=kk)
-        self.wv = Linear(cfg.d_model, cfg.n_kv_heads * hd, key=kv)
+        self.wq = Linear(cfg.d_model, cfg.n_heads * hd, key=kq, bias=cfg.qkv_bias)
+        self.wk = Linear(cfg.d_model, cfg.n_kv_heads * hd, key=kk, bias=cfg.qkv_bias)
+        self.wv = Linear(cfg.d_model, cfg.n_kv_heads * hd, key=kv, bias=cfg.qkv_bias)
         # Scaled down so the residual stream does not grow with depth at init.
-        self.wo = Linear(cfg.n_heads * hd, cfg.d_model, key=ko, scale=1 / (2 * cfg.n_layers) ** 0.5)
+        self.wo = Linear(cfg.n_heads * hd, cfg.d_model, key=ko, scale=1 / (2 * cfg.n_layers) ** 0.5,
+                         bias=cfg.out_bias)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
 
     def _project(self, x: Float[Array, "batch seq d_model"], rotary: Rotary):
@@ -193,12 +215,14 @@ def output_logits(
     final_norm: RMSNorm,
     embed: Float[Array, "vocab d_model"],
     lm_head: Linear | None,
+    scale_tied_head: bool = True,
 ) -> Float[Array, "batch seq vocab"]:
     """Final norm, then the LM head (or the tied embeddings) -> float32 logits."""
     x = final_norm(x)
     if lm_head is None:
-        # Tied head: scaled by 1/sqrt(d_model) so unit-RMS embeddings give unit logits.
-        head = embed.T.astype(x.dtype) / jnp.sqrt(jnp.float32(x.shape[-1])).astype(x.dtype)
+        head = embed.T.astype(x.dtype)
+        if scale_tied_head:  # so unit-RMS embeddings give unit logits (models trained here)
+            head = head / jnp.sqrt(jnp.float32(x.shape[-1])).astype(x.dtype)
         logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
     else:
         logits = lm_head(x)
@@ -233,7 +257,8 @@ class Transformer(eqx.Module):
         return jnp.take(self.embed, tokens, axis=0).astype(self.compute_dtype)
 
     def _logits(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq vocab"]:
-        return output_logits(x, self.final_norm, self.embed, self.lm_head)
+        return output_logits(x, self.final_norm, self.embed, self.lm_head,
+                             self.cfg.scale_tied_head)
 
     def __call__(
         self,
@@ -244,7 +269,8 @@ class Transformer(eqx.Module):
         `segment_ids` marks packed documents. Returns float32 logits."""
         b, s = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                             self.cfg.rope_scaling)
         mask = causal_mask(positions, segment_ids)
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
@@ -267,7 +293,8 @@ class Transformer(eqx.Module):
 
         Prefill is this call with the whole (padded) prompt; decode is this call with one token.
         """
-        rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                             self.cfg.rope_scaling)
         mask = cache_mask(positions, cache.max_len)
         start = positions[:, 0]
         params, static = eqx.partition(self.blocks, eqx.is_array)
