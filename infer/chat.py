@@ -1,11 +1,16 @@
 """`python -m infer chat CKPT`: a multi-turn chat loop with streamed replies.
 
-Template (token ids, so user text can never forge a turn boundary by accident):
+Template of models trained here (token ids, so user text can never forge a turn boundary by
+accident):
 
     <|user|> text <|assistant|> reply <|endoftext|> <|user|> text <|assistant|> ...
 
 A reply ends at <|endoftext|>, at <|user|> (the model starting the next turn itself) or at the
-token limit. Each turn re-runs the whole conversation through one prefill (cheap next to
+token limit. Imported (Hugging Face) models use their own chat template instead, rendered by
+`PretrainedTokenizer.chat_ids` (special tokens only from the template, never from the user's
+text), with the optional `--system` message first, and stop at any of their stop ids.
+
+Each turn re-runs the whole conversation through one prefill (cheap next to
 decoding), so dropping the oldest turns to fit the context needs no cache surgery.
 
 Input is one user turn per line, from a terminal or a pipe. Commands: /reset /help /stats /exit.
@@ -17,6 +22,7 @@ import time
 from io import BufferedIOBase as BinaryIO
 from io import TextIOBase as TextIO
 
+from hpllm.hf_tokenizer import PretrainedTokenizer
 from hpllm.model import Transformer
 from hpllm.tokenizer import Tokenizer
 from infer.generate import Generator, TextStream
@@ -35,6 +41,7 @@ MAX_LINE_BYTES = 1 << 16
 class Turn:
     user: list[int]
     reply: list[int]
+    text: str = ""  # the user's text, for chat templates that render text
 
 
 @dataclasses.dataclass
@@ -47,15 +54,24 @@ class Stats:
 
 
 class Chat:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, sampling: SamplingConfig,
-                 max_new_tokens: int = 256, seed: int = 0, kv_cache_dtype: str = "float32"):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | PretrainedTokenizer, *,
+                 sampling: SamplingConfig, max_new_tokens: int = 256, seed: int = 0,
+                 kv_cache_dtype: str = "float32", system: str | None = None):
         self.tokenizer = tokenizer
+        self.system = system
+        if isinstance(tokenizer, PretrainedTokenizer):
+            tokenizer.render_chat([{"role": "user", "content": "hi"}])  # fail early: no template
+            stop_ids = list(tokenizer.stop_ids)
+        else:
+            if system is not None:
+                raise ValueError("--system: models trained here have no system turn")
+            stop_ids = [tokenizer.eos_id, tokenizer.user_id]
         self.sampling = sampling
         self.context = model.cfg.max_seq_len
         # Leave room for a reply of at least a quarter of the context.
         self.max_new_tokens = max(1, min(max_new_tokens, self.context // 4))
         self.seed = seed
-        self.generator = Generator(model, stop_ids=[tokenizer.eos_id, tokenizer.user_id],
+        self.generator = Generator(model, stop_ids=stop_ids,
                                    kv_cache_dtype=kv_cache_dtype, chunk_size=8)
         self.history: list[Turn] = []
         self.last = Stats()
@@ -65,10 +81,25 @@ class Chat:
         ids = [self.tokenizer.user_id, *turn.user, self.tokenizer.assistant_id, *turn.reply]
         return ids + [self.tokenizer.eos_id] if closed else ids
 
-    def prompt_ids(self, user: list[int]) -> tuple[list[int], int]:
+    def _template_ids(self, turns: list[Turn], text: str) -> list[int]:
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for turn in turns:
+            reply = self.tokenizer.decode(turn.reply, skip_special_tokens=True)
+            messages += [{"role": "user", "content": turn.text},
+                         {"role": "assistant", "content": reply}]
+        messages.append({"role": "user", "content": text})
+        return self.tokenizer.chat_ids(messages)
+
+    def prompt_ids(self, user: list[int], text: str = "") -> tuple[list[int], int]:
         """The conversation + the new user turn, and how many old turns were dropped to leave
         room for a reply."""
         budget = self.context - self.max_new_tokens
+        if isinstance(self.tokenizer, PretrainedTokenizer):
+            dropped = 0
+            while (len(ids := self._template_ids(self.history[dropped:], text)) > budget
+                   and dropped < len(self.history)):
+                dropped += 1
+            return ids, dropped
         new = self._turn_ids(Turn(user, []), closed=False)
         turns = [self._turn_ids(t, closed=True) for t in self.history]
         dropped = 0
@@ -84,7 +115,12 @@ class Chat:
                   f"takes at most {self.context - self.max_new_tokens - 2}. Shorten it.]",
                   file=err, flush=True)
             return
-        prompt, dropped = self.prompt_ids(user)
+        prompt, dropped = self.prompt_ids(user, text)
+        if len(prompt) > self.context - self.max_new_tokens:  # template + system + message
+            print(f"[that message with its template is {len(prompt)} tokens; with room for a "
+                  f"reply this model takes at most {self.context - self.max_new_tokens}. "
+                  "Shorten it.]", file=err, flush=True)
+            return
         if dropped:
             self.history = self.history[dropped:]
             print(f"[dropped the {dropped} oldest turn(s) to fit the context of "
@@ -109,7 +145,7 @@ class Chat:
         self.last = Stats(len(generation.tokens[0]), time.perf_counter() - started)
         self.total = Stats(self.total.tokens + self.last.tokens,
                            self.total.seconds + self.last.seconds)
-        self.history.append(Turn(user, list(generation.tokens[0])))
+        self.history.append(Turn(user, list(generation.tokens[0]), text))
 
     def command(self, line: str, err: TextIO) -> bool:
         """Run a /command; False means leave the loop."""

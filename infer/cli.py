@@ -1,4 +1,6 @@
-"""Command line of `python -m infer`: convert, generate, chat (the default), bench.
+"""Command line of `python -m infer`: convert, generate, chat (the default), bench, export.
+
+`CKPT` may also be a Hugging Face model folder (Llama, Mistral, Qwen2), converted in memory.
 
 Mistakes in the input (missing or corrupt checkpoint, bad flag value, prompt too long) end with
 one line `error: ...` on stderr and exit status 2, never a traceback.
@@ -9,14 +11,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-from hpllm.checkpoint import CheckpointError
+from hpllm.errors import UserError
+from hpllm.hf_tokenizer import GenerationDefaults, PretrainedTokenizer
 from hpllm.kvcache import CACHE_DTYPE_ALIASES
 from hpllm.quant import SCHEMES
 from infer.generate import LAYOUTS, Generator, TextStream
 from infer.loading import load, require_tokenizer
 from infer.sampling import SamplingConfig
 
-COMMANDS = ("convert", "generate", "chat", "bench")
+COMMANDS = ("convert", "generate", "chat", "bench", "export")
 
 
 class UsageError(Exception):
@@ -36,11 +39,15 @@ def _positive_int(text: str) -> int:
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    # Sampling flags default to None: an imported model's generation_config.json fills what is
+    # not given, then the built-in defaults (set_defaults) do.
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
-    parser.add_argument("--temperature", type=float, default=1.0, metavar="F",
-                        help="0 = greedy (default 1.0)")
-    parser.add_argument("--top-k", type=int, default=0, metavar="N", help="0 = no cut")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="F", help="in (0, 1]")
+    parser.add_argument("--temperature", type=float, default=None, metavar="F",
+                        help="0 = greedy (default 1.0, or the model's generation_config.json)")
+    parser.add_argument("--top-k", type=int, default=None, metavar="N",
+                        help="0 = no cut (default 0, or generation_config.json)")
+    parser.add_argument("--top-p", type=float, default=None, metavar="F",
+                        help="in (0, 1] (default 1.0, or generation_config.json)")
     parser.add_argument("--seed", type=int, default=0, metavar="N")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     parser.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
@@ -50,8 +57,9 @@ def build_parser() -> Parser:
     parser = Parser(prog="python -m infer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    convert = commands.add_parser("convert", help="quantize a training checkpoint")
-    convert.add_argument("checkpoint", metavar="RUN_OR_CKPT")
+    convert = commands.add_parser(
+        "convert", help="quantize a training checkpoint or a Hugging Face model folder")
+    convert.add_argument("checkpoint", metavar="RUN_OR_CKPT_OR_HF_DIR")
     convert.add_argument("--to", required=True, choices=SCHEMES, metavar="SCHEME",
                          help=f"weight format: one of {', '.join(SCHEMES)} (w8a8: int8 "
                          "weights and per-token int8 activations)")
@@ -70,8 +78,10 @@ def build_parser() -> Parser:
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat (the default)")
     chat.add_argument("checkpoint", metavar="CKPT")
+    chat.add_argument("--system", default=None, metavar="TEXT",
+                      help="system prompt (models with a chat template of their own)")
     _sampling_args(chat)
-    chat.set_defaults(max_new_tokens=256, temperature=0.8, top_k=50)
+    chat.set_defaults(max_new_tokens=256, builtin_sampling=(0.8, 50, 1.0))
 
     bench = commands.add_parser("bench", help="prefill/decode speed against memory bandwidth")
     source = bench.add_mutually_exclusive_group(required=True)
@@ -94,14 +104,34 @@ def build_parser() -> Parser:
     bench.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                        help="activation dtype (--preset only; default: the preset's)")
     bench.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    export = commands.add_parser("export", help="write a model as a Hugging Face folder")
+    export.add_argument("checkpoint", metavar="CKPT")
+    export.add_argument("--format", required=True, choices=("hf",),
+                        help="hf: config.json, model.safetensors and tokenizer files that "
+                        "transformers loads")
+    export.add_argument("--out", required=True, metavar="DIR", help="a folder not there yet")
+    export.add_argument("--dtype", choices=("bf16", "f32"), default="bf16",
+                        help="weight dtype in the file (quantized weights are dequantized)")
     return parser
 
 
-def _sampling(args: argparse.Namespace) -> SamplingConfig:
+def _sampling(args: argparse.Namespace, defaults: GenerationDefaults | None = None
+              ) -> SamplingConfig:
+    """The flags, else the model's generation_config.json, else the built-in defaults."""
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    return SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p)
+    temperature, top_k, top_p = getattr(args, "builtin_sampling", (1.0, 0, 1.0))
+    greedy = args.greedy
+    if defaults is not None:
+        temperature, top_k, top_p = defaults.temperature, defaults.top_k, defaults.top_p
+        sampling_flags = (args.temperature, args.top_k, args.top_p)
+        greedy = greedy or (defaults.greedy and all(f is None for f in sampling_flags))
+    return SamplingConfig(
+        greedy=greedy,
+        temperature=temperature if args.temperature is None else args.temperature,
+        top_k=top_k if args.top_k is None else args.top_k,
+        top_p=top_p if args.top_p is None else args.top_p)
 
 
 def run_convert(args: argparse.Namespace) -> None:
@@ -117,13 +147,20 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    sampling = _sampling(args)
     loaded = load(args.checkpoint)
+    sampling = _sampling(args, loaded.generation)
     tokenizer = require_tokenizer(loaded)
-    prompts = [tokenizer.encode(p) for p in args.prompt]
+    if any(not p for p in args.prompt):
+        raise UsageError("empty --prompt: give some text")
+    if isinstance(tokenizer, PretrainedTokenizer):
+        prompts = [tokenizer.encode_prompt(p) for p in args.prompt]
+        stop_ids = list(tokenizer.stop_ids)
+    else:
+        prompts = [tokenizer.encode(p) for p in args.prompt]
+        stop_ids = [tokenizer.eos_id]
     if any(not p for p in prompts):
         raise UsageError("empty --prompt: give some text")
-    generator = Generator(loaded.model, stop_ids=[tokenizer.eos_id],
+    generator = Generator(loaded.model, stop_ids=stop_ids,
                           kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype])
     started = time.perf_counter()
     generation = generator.start(prompts, max_new_tokens=args.max_new_tokens,
@@ -160,11 +197,11 @@ def run_generate(args: argparse.Namespace) -> None:
 def run_chat(args: argparse.Namespace) -> None:
     from infer.chat import Chat
 
-    sampling = _sampling(args)
     loaded = load(args.checkpoint)
+    sampling = _sampling(args, loaded.generation)
     chat = Chat(loaded.model, require_tokenizer(loaded), sampling=sampling,
                 max_new_tokens=args.max_new_tokens, seed=args.seed,
-                kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype])
+                kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype], system=args.system)
     chat.loop(sys.stdin.buffer, sys.stdout, sys.stderr)
 
 
@@ -174,17 +211,24 @@ def run_bench(args: argparse.Namespace) -> None:
     run_from_args(args)
 
 
+def run_export(args: argparse.Namespace) -> None:
+    from infer.export import export
+
+    out = export(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"exported {args.checkpoint} -> {out} (Hugging Face folder, {args.dtype} weights)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `python -m infer CKPT` is short for `python -m infer chat CKPT`.
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "chat")
     runners = {"convert": run_convert, "generate": run_generate, "chat": run_chat,
-               "bench": run_bench}
+               "bench": run_bench, "export": run_export}
     try:
         args = build_parser().parse_args(argv)
         runners[args.command](args)
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as error:
+    except (UsageError, UserError, ValueError, FileNotFoundError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2

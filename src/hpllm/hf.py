@@ -359,6 +359,11 @@ def _convert(tree: Any, scheme: str | None, group_size: int, targets: tuple[str,
     return quantize_weights(tree, scheme, group_size=group_size, targets=targets)
 
 
+# One compiled conversion serves every layer (they share a shape).
+_convert_layer = eqx.filter_jit(
+    lambda block, scheme, group_size: _convert(block, scheme, group_size, ("*",)))
+
+
 def load_weights(folder: str | Path, cfg: ModelConfig, *, scheme: str | None = None,
                  group_size: int = 128, quantize_head: bool = False) -> Transformer:
     """The model stored at `folder` in Hugging Face layout, converted to `scheme` (None: float32
@@ -378,7 +383,7 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, scheme: str | None = N
         for hf_name, (ours, transposed) in table.items():
             array = read_tensor(tensors[f"model.layers.{layer}.{hf_name}"])
             arrays[ours] = array.T if transposed else array
-        block = _convert(_fill(one_layer, arrays), scheme, group_size, block_targets)
+        block = _convert_layer(_fill(one_layer, arrays), scheme, group_size)
         buffers = _write_layer_in_place(buffers, block, jnp.int32(layer))
         del arrays, block
 
