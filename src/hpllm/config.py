@@ -159,6 +159,9 @@ PRESETS: dict[str, ModelConfig] = {
     # For speed comparisons with other engines: 134M parameters, untied LM head.
     "base": ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
                         d_ff=2048, max_seq_len=1024),
+    # The shape of TinyLlama 1.1B (a 1B-class model people run), for decode-speed figures.
+    "1b": ModelConfig(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                      d_ff=5632, max_seq_len=2048),
 }
 
 
