@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from hpllm.checkpoint import FORMAT_VERSION, CheckpointError, read_config
 from hpllm.config import DTYPE_ALIASES, PRESETS, ModelConfig, preset
+from hpllm.errors import UserError
 from hpllm.model import Transformer
 from hpllm.quant import MODES, QuantConfig, quantize_for_training, split_quant_state
 from hpllm.sharding import check_batch_divisible, make_mesh, shard_batch, shard_tree
@@ -419,7 +420,7 @@ def read_checkpoint_tokenizer(checkpoint: Path) -> Tokenizer:
     file = checkpoint / "tokenizer.json"
     try:
         return Tokenizer.load(file)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, UserError) as error:
         raise CheckpointError(f"{file}: {error}") from None
 
 
