@@ -80,6 +80,9 @@ class PretrainedTokenizer:
                  chat_template: str | None, generation: GenerationDefaults,
                  files: dict[str, str]):
         self._tok = hf_tokenizer
+        # A twin that reads special-token names as plain text (as hpllm.tokenizer does).
+        self._text_tok = HFTokenizer.from_str(hf_tokenizer.to_str())
+        self._text_tok.encode_special_tokens = True
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_id = self._id_or_none(bos_token)
         self.eos_id = self._id_or_none(eos_token)
@@ -145,11 +148,7 @@ class PretrainedTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` as plain text: special-token strings in it are not special."""
-        self._tok.encode_special_tokens = True
-        try:
-            return self._tok.encode(text, add_special_tokens=False).ids
-        finally:
-            self._tok.encode_special_tokens = False
+        return self._text_tok.encode(text, add_special_tokens=False).ids
 
     def encode_prompt(self, text: str) -> list[int]:
         """A completion prompt: BOS first when the tokenizer adds one, then the plain text."""
