@@ -5,11 +5,15 @@
 One decode step of `base` at batch 1 runs 85 matrix-vector products: per layer q, k, v, o
 (768 x 768), gate and up (768 x 2048), down (2048 x 768), and the 768 x 32000 LM head. This
 times exactly that chain (each product feeds the next, as in the model, so nothing runs in
-parallel that would not), 32 steps per jitted `fori_loop`, for:
+parallel that would not), 32 steps per jitted `fori_loop`, through the `Linear`s of a random
+`base` model in the layer layout decoding uses (`Transformer.unstacked()`), with its weights
+converted as `python -m infer convert --quantize-head` does:
 
 - f32 weights, XLA dot (the float baseline of `python -m infer bench`);
-- int8 weights, the XLA weight-only op (`Int8WeightOnlyDot`: convert, then f32 dot);
-- int8 and int4 (group 128) weights on the native kernels of `infer.kernels` (tiled layout).
+- int8 / int4 (group 128) weights, the XLA weight-only ops (`Int8WeightOnlyDot`: convert,
+  then f32 dot; `Int4WeightOnlyDot`: unpack, then f32 dot);
+- int8 and int4 weights on the native kernels of `infer.kernels` (`use_native_kernels`:
+  tiled layout).
 
 It prints ms per step, the weight bytes a step reads and the GB/s that makes, against the
 machine's copy bandwidth measured as `python -m infer bench` does. Formats are timed
@@ -22,54 +26,54 @@ import argparse
 import statistics
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from hpllm.quant.weight_only import Int4Weight, Int4WeightOnlyDot, Int8Weight, Int8WeightOnlyDot
+from hpllm.linear import Linear
+from hpllm.model import Transformer
 from infer.bench import measure_bandwidth
-from infer.kernels import NativeInt4Dot, NativeInt8Dot, TiledInt4Weight, TiledInt8Weight, available
+from infer.kernels import available, use_native_kernels
+from infer.loading import WITH_HEAD, quantize, random_model
 
-D_MODEL, D_FF, VOCAB, LAYERS = 768, 2048, 32000, 12
-LAYER_SHAPES = [(D_MODEL, D_MODEL)] * 4 + [(D_MODEL, D_FF)] * 2 + [(D_FF, D_MODEL)]
 STEPS = 32
 
 
-def weights_bytes(tree) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(tree))
+def matmul_weight_bytes(model: Transformer) -> int:
+    """Bytes of every `Linear`'s weight (values and scales): what the chain reads."""
+    linears = [x for x in jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, Linear))
+               if isinstance(x, Linear)]
+    return sum(leaf.nbytes for linear in linears for leaf in jax.tree.leaves(linear.weight))
 
 
-def step_chain(op, weights):
+def step_chain(model: Transformer, x: jax.Array) -> jax.Array:
     """One decode step's matmuls: the attention and MLP products of every layer, then the
-    head. Cheap elementwise glue keeps each product dependent on the previous ones."""
-
-    def step(x):
-        for layer in range(LAYERS):
-            q, k, v, o, gate, up, down = weights[7 * layer:7 * layer + 7]
-            attended = op(x, q) + op(x, k) + op(x, v)
-            h = x + op(attended, o)
-            x = h + op(jax.nn.silu(op(h, gate)) * op(h, up), down) * 1e-3
-        return op(x, weights[-1])
-
-    return step
+    head. Cheap elementwise glue keeps each product dependent on the previous ones (q, k and
+    v are summed: `base` has as many key/value heads as query heads, so they have one shape)."""
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        attended = attn.wq(x) + attn.wk(x) + attn.wv(x)
+        h = x + attn.wo(attended)
+        x = h + mlp.w_down(jax.nn.silu(mlp.w_gate(h)) * mlp.w_up(h)) * 1e-3
+    return model.lm_head(x)
 
 
-# name -> (float weight -> the format's weight, the op that multiplies by it)
+# name -> (the `base` model -> the model with its weights in that format, each `Linear` with
+# the op that multiplies by them)
 FORMATS = {
-    "f32 XLA": (lambda w: w, lambda x, w: x @ w),
-    "int8 XLA": (Int8Weight, Int8WeightOnlyDot()),
-    "int4 XLA": (lambda w: Int4Weight(w, 128), Int4WeightOnlyDot()),
-    "int8 native": (lambda w: TiledInt8Weight(Int8Weight(w)), NativeInt8Dot()),
-    "int4 native": (lambda w: TiledInt4Weight(Int4Weight(w, 128)), NativeInt4Dot()),
+    "f32 XLA": lambda model: model,
+    "int8 XLA": lambda model: quantize(model, "int8", targets=WITH_HEAD),
+    "int4 XLA": lambda model: quantize(model, "int4", 128, WITH_HEAD),
+    "int8 native": lambda model: use_native_kernels(quantize(model, "int8", targets=WITH_HEAD)),
+    "int4 native": lambda model: use_native_kernels(quantize(model, "int4", 128, WITH_HEAD)),
 }
 
 
-def make_weights(kind: str) -> list:
-    """The 85 weights of one step (random, fan-in scaled) in format `kind`."""
-    shapes = [shape for _ in range(LAYERS) for shape in LAYER_SHAPES] + [(D_MODEL, VOCAB)]
-    keys = jax.random.split(jax.random.key(0), len(shapes))
-    convert = FORMATS[kind][0]
-    return [convert(jax.random.normal(key, shape, jnp.float32) / shape[0] ** 0.5)
-            for key, shape in zip(keys, shapes, strict=True)]
+@eqx.filter_jit
+def steps(model: Transformer, x: jax.Array) -> jax.Array:
+    d_model = x.shape[-1]
+    return jax.lax.fori_loop(
+        0, STEPS, lambda i, x: x + step_chain(model, x)[:, :d_model] * 1e-6, x)
 
 
 def main() -> None:
@@ -78,23 +82,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     kinds = [kind for kind in FORMATS if "native" not in kind or available()]
+    model = random_model("base")
     runs = {}
     for kind in kinds:
-        weights = make_weights(kind)
-        step = step_chain(FORMATS[kind][1], weights)
-
-        @jax.jit
-        def steps(x, step=step):
-            return jax.lax.fori_loop(0, STEPS, lambda i, x: x + step(x)[:, :D_MODEL] * 1e-6, x)
-
-        x = jnp.ones((args.rows, D_MODEL), jnp.float32)
-        steps(x).block_until_ready()  # compile
-        runs[kind] = (steps, x, weights_bytes(weights))
+        # Quantized from the stacked model (as `infer convert` does), then split into layers.
+        formatted = FORMATS[kind](model.stacked()).unstacked()
+        x = jnp.ones((args.rows, model.cfg.d_model), jnp.float32)
+        steps(formatted, x).block_until_ready()  # compile
+        runs[kind] = (formatted, x, matmul_weight_bytes(formatted))
     times = {kind: [] for kind in kinds}
     for _ in range(args.repeats):
-        for kind, (steps, x, _) in runs.items():
+        for kind, (formatted, x, _) in runs.items():
             start = time.perf_counter()
-            steps(x).block_until_ready()
+            steps(formatted, x).block_until_ready()
             times[kind].append((time.perf_counter() - start) / STEPS)
     bandwidth = measure_bandwidth()
     print(f"rows {args.rows}, {args.repeats} rounds, copy bandwidth {bandwidth / 1e9:.1f} GB/s")

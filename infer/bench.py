@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpllm.model import Transformer
+from hpllm.model import ModelCache, Transformer
 from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
 from infer.generate import Generator, decode_chunk
 from infer.kernels import available as native_kernels_available
@@ -63,14 +63,13 @@ def _nbytes(tree: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
 
 
-def bytes_per_step(model: Transformer, cache: Any, batch: int) -> tuple[int, int]:
-    """(weight bytes, KV-cache bytes) that one decode step reads."""
+def bytes_per_step(model: Transformer, cache: ModelCache, batch: int) -> tuple[int, int]:
+    """(weight bytes, KV-cache bytes) that one decode step reads (either layer layout)."""
     embed_rows = batch * model.embed.shape[1] * model.embed.dtype.itemsize
     weights = _nbytes(model.blocks) + _nbytes(model.final_norm) + _nbytes(model.lm_head)
     if model.lm_head is None:  # tied: the embedding table is the head
         weights += _nbytes(model.embed)
-    kv = sum(c.nbytes() for c in cache) if isinstance(cache, tuple) else cache.nbytes()
-    return weights + embed_rows, kv
+    return weights + embed_rows, _nbytes(cache)
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -242,8 +241,7 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
         head = "quantized" if report.get("lm_head_quantized") else "f32"
-        native = report.get("native_kernel", report.get("native_int8_kernel"))
-        kernel = "native" if native else "XLA"
+        kernel = "native" if report["native_kernel"] else "XLA"
         if report["weights"] in ("f32", "bf16", "fp8"):
             kernel = "XLA"
         weights = report["weights"] + (" (bf16 compute)" if report["compute_dtype"] == "bfloat16"

@@ -25,7 +25,8 @@ from io import TextIOBase as TextIO
 from hpllm.hf_tokenizer import PretrainedTokenizer
 from hpllm.model import Transformer
 from hpllm.tokenizer import Tokenizer
-from infer.generate import Generator, TextStream
+from infer.detokenizer import Detokenizer
+from infer.generate import Generator
 from infer.sampling import SamplingConfig
 
 HELP = """commands:
@@ -68,7 +69,9 @@ class Chat:
             stop_ids = [tokenizer.eos_id, tokenizer.user_id]
         self.sampling = sampling
         self.context = model.cfg.max_seq_len
-        # Leave room for a reply of at least a quarter of the context.
+        # A reply may take at most a quarter of the context (`--max-new-tokens` is capped
+        # there), so that the conversation keeps three quarters; the prompt is cut to leave
+        # room for the whole reply.
         self.max_new_tokens = max(1, min(max_new_tokens, self.context // 4))
         self.seed = seed
         self.generator = Generator(model, stop_ids=stop_ids,
@@ -125,7 +128,7 @@ class Chat:
             self.history = self.history[dropped:]
             print(f"[dropped the {dropped} oldest turn(s) to fit the context of "
                   f"{self.context} tokens]", file=err, flush=True)
-        stream = TextStream(self.tokenizer.decode)
+        stream = Detokenizer(self.tokenizer.decode)
         started = time.perf_counter()
         generation = self.generator.start([prompt], max_new_tokens=self.max_new_tokens,
                                           sampling=self.sampling, seed=self.seed)

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from hpllm.errors import UserError
 from hpllm.hf_tokenizer import GenerationDefaults, PretrainedTokenizer
 from hpllm.kvcache import CACHE_DTYPE_ALIASES
-from hpllm.quant import SCHEMES
-from infer.generate import LAYOUTS, Generator, TextStream
-from infer.loading import load, require_tokenizer
+from infer.detokenizer import Detokenizer
+from infer.generate import LAYOUTS, Generator
+from infer.loading import SCHEMES, load, require_tokenizer
 from infer.sampling import SamplingConfig
 
 COMMANDS = ("convert", "generate", "chat", "bench", "export")
@@ -40,14 +40,16 @@ def _positive_int(text: str) -> int:
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
     # Sampling flags default to None: an imported model's generation_config.json fills what is
-    # not given, then the built-in defaults (set_defaults) do.
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    # not given, then the built-in defaults (generate: 1.0 / 0 / 1.0; chat: 0.8 / 50 / 1.0).
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                        help="default %(default)s")
     parser.add_argument("--temperature", type=float, default=None, metavar="F",
-                        help="0 = greedy (default 1.0, or the model's generation_config.json)")
+                        help="0 = greedy (default: the model's generation_config.json, else "
+                        "1.0; chat 0.8)")
     parser.add_argument("--top-k", type=int, default=None, metavar="N",
-                        help="0 = no cut (default 0, or generation_config.json)")
+                        help="0 = no cut (default: generation_config.json, else 0; chat 50)")
     parser.add_argument("--top-p", type=float, default=None, metavar="F",
-                        help="in (0, 1] (default 1.0, or generation_config.json)")
+                        help="in (0, 1] (default: generation_config.json, else 1.0)")
     parser.add_argument("--seed", type=int, default=0, metavar="N")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     parser.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
@@ -76,7 +78,10 @@ def build_parser() -> Parser:
                           help="stop a completion at this text (repeatable)")
     _sampling_args(generate)
 
-    chat = commands.add_parser("chat", help="interactive multi-turn chat (the default)")
+    chat = commands.add_parser("chat", help="interactive multi-turn chat (the default)",
+                               description="Interactive multi-turn chat. A reply takes at most "
+                               "a quarter of the model's context (--max-new-tokens is capped "
+                               "there).")
     chat.add_argument("checkpoint", metavar="CKPT")
     chat.add_argument("--system", default=None, metavar="TEXT",
                       help="system prompt (models with a chat template of their own)")
@@ -165,7 +170,7 @@ def run_generate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     generation = generator.start(prompts, max_new_tokens=args.max_new_tokens,
                                  sampling=sampling, seed=args.seed)
-    streams = [TextStream(tokenizer.decode, args.stop) for _ in prompts]
+    streams = [Detokenizer(tokenizer.decode, args.stop) for _ in prompts]
     single = len(prompts) == 1
     if single:  # stream as it comes; a batch is printed once complete, in order
         sys.stdout.write(args.prompt[0])

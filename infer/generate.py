@@ -7,8 +7,12 @@
 - Decode runs `chunk_size` steps inside one `lax.while_loop` over a fixed-shape `DecodeState`
   (KV cache donated, so it is updated in place), then returns to Python, which streams the new
   tokens to the caller. Rows stop at an end token, at their token budget or at the end of the
-  cache; a finished row keeps its shape in the batch but emits nothing and stops advancing.
-  Stop strings are checked on the host between chunks (`Generation.stop_row`).
+  cache; a finished row keeps its shape in the batch but emits nothing, stops advancing and
+  writes nothing into the cache. Stop strings are checked on the host between chunks
+  (`Generation.stop_row`).
+
+Each row's position (the next cache slot it writes) lives in `DecodeState.positions` and
+nowhere else; the cache records no lengths.
 """
 
 import dataclasses
@@ -20,15 +24,11 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Int, PRNGKeyArray
 
-from hpllm.kvcache import KVCache
-from hpllm.model import Transformer
-from infer.decoder import LayerCaches, UnrolledDecoder
-from infer.kernels import native_int8_ops
+from hpllm.model import ModelCache, Transformer, cache_max_len
+from infer.kernels import use_native_kernels
 from infer.sampling import SamplingConfig, sample
 
-Model = Transformer | UnrolledDecoder
-Cache = KVCache | LayerCaches
-LAYOUTS = ("unrolled", "scanned")
+LAYOUTS = ("unrolled", "scanned")  # the model's blocks unstacked (the fast one) or stacked
 
 GREEDY = SamplingConfig(greedy=True)
 NO_TOKEN = -1  # marks "nothing emitted at this step" in a chunk's token block
@@ -44,10 +44,11 @@ class DecodeState(eqx.Module):
     """Everything the decode loop carries between steps; shapes never change.
 
     `last[b]` is the newest token of row b, not yet in the cache; it goes to slot
-    `positions[b]` on the next step. `budget[b]` counts the tokens row b may still emit.
+    `positions[b]` on the next step: the number of slots row b fills. `budget[b]` counts the
+    tokens row b may still emit.
     """
 
-    cache: Cache
+    cache: ModelCache
     last: Int[Array, " batch"]
     positions: Int[Array, " batch"]
     done: Bool[Array, " batch"]
@@ -64,34 +65,6 @@ def bucket_length(length: int, limit: int) -> int:
     return min(bucket, limit)
 
 
-def allocate_cache(model: Model, batch: int, max_len: int, dtype: str) -> Cache:
-    if isinstance(model, UnrolledDecoder):
-        return model.allocate_cache(batch, max_len, dtype)
-    return KVCache.allocate(model.cfg, batch, max_len, dtype)
-
-
-def cache_capacity(cache: Cache) -> int:
-    return cache[0].max_len if isinstance(cache, tuple) else cache.max_len
-
-
-def _with_lengths(cache: Cache, lengths: Int[Array, " batch"]) -> Cache:
-    if isinstance(cache, tuple):
-        return tuple(c.with_lengths(lengths) for c in cache)
-    return cache.with_lengths(lengths)
-
-
-def _last_logits(model: Model, tokens: Int[Array, "batch seq"], positions: Int[Array, "batch seq"],
-                 last: Int[Array, " batch"], cache: Cache):
-    """Logits at index `last[b]` of each row, after writing the whole input into the cache."""
-    if isinstance(model, UnrolledDecoder):
-        # Only the rows' last positions go through the LM head (a vocab-wide matmul).
-        x, cache = model.hidden(tokens, positions, cache)
-        x = jnp.take_along_axis(x, last[:, None, None], axis=1)
-        return model.logits(x)[:, 0], cache
-    logits, cache = model.decode(tokens, positions, cache)
-    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], cache
-
-
 def _finished(state_positions, budget, token, stop_ids: tuple[int, ...], max_len: int):
     is_stop = jnp.zeros_like(token, dtype=bool)
     for stop_id in stop_ids:
@@ -101,11 +74,11 @@ def _finished(state_positions, budget, token, stop_ids: tuple[int, ...], max_len
 
 @eqx.filter_jit(donate="all-except-first")
 def prefill(
-    model: Model,
+    model: Transformer,
     tokens: Int[Array, "batch bucket"],
     lengths: Int[Array, " batch"],
     budget: Int[Array, " batch"],
-    cache: Cache,
+    cache: ModelCache,
     key: PRNGKeyArray,
     sampling: SamplingConfig,
     stop_ids: tuple[int, ...],
@@ -116,22 +89,24 @@ def prefill(
     """
     batch, bucket = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
-    last_logits, cache = _last_logits(model, tokens, positions, lengths - 1, cache)
-    max_len = cache_capacity(cache)
+    # Only each row's last prompt token goes through the LM head (a vocab-wide matmul).
+    logits, cache = model.decode(tokens, positions, cache, logits_at=lengths - 1)
+    last_logits = logits[:, 0]
+    max_len = cache_max_len(cache)
     key, step_key = jax.random.split(key)
     first = sample(last_logits, step_key, sampling)
     budget = budget - 1
     done = _finished(lengths, budget, first, stop_ids, max_len) | (budget < 0)
     is_stop = _finished(lengths, jnp.ones_like(budget), first, stop_ids, max_len + 1)
     emitted = jnp.where(is_stop | (budget < 0), NO_TOKEN, first)
-    state = DecodeState(cache=_with_lengths(cache, lengths), last=first, positions=lengths,
+    state = DecodeState(cache=cache, last=first, positions=lengths,
                         done=done, budget=budget, key=key)
     return state, emitted
 
 
 @eqx.filter_jit(donate="all-except-first")
 def decode_chunk(
-    model: Model,
+    model: Transformer,
     state: DecodeState,
     n_steps: int,
     sampling: SamplingConfig,
@@ -142,7 +117,7 @@ def decode_chunk(
     Returns the new state and the emitted tokens, `NO_TOKEN` where a row emitted nothing.
     """
     batch = state.last.shape[0]
-    max_len = cache_capacity(state.cache)
+    max_len = cache_max_len(state.cache)
 
     def not_finished(carry):
         step, state, _ = carry
@@ -150,10 +125,11 @@ def decode_chunk(
 
     def one_step(carry):
         step, state, emitted = carry
-        logits, cache = model.decode(state.last[:, None], state.positions[:, None], state.cache)
+        active = ~state.done
+        logits, cache = model.decode(state.last[:, None], state.positions[:, None], state.cache,
+                                     active=active)
         key, step_key = jax.random.split(state.key)
         token = sample(logits[:, -1], step_key, sampling)
-        active = ~state.done
         positions = state.positions + active.astype(jnp.int32)
         budget = state.budget - active.astype(jnp.int32)
         is_stop = _finished(positions, jnp.ones_like(budget), token, stop_ids, max_len + 1)
@@ -177,7 +153,7 @@ class Generation:
     everything row b has emitted so far.
     """
 
-    model: Model
+    model: Transformer
     state: DecodeState
     first: list[int]
     sampling: SamplingConfig
@@ -217,10 +193,10 @@ class Generator:
     """Holds a model and its generation settings; `start` begins a batch of prompts.
 
     `context` is the longest sequence (prompt + completion) a row may reach: the model's
-    `max_seq_len` unless a shorter one is asked for. `layout="unrolled"` (the fast one, see
-    `infer.decoder`) copies the weights into per-layer buffers; "scanned" runs the model as
-    trained. `native_kernels` swaps int8 weight-only matmuls for the native kernel of
-    `infer.kernels` where it can be built.
+    `max_seq_len` unless a shorter one is asked for. `layout="unrolled"` (the fast one)
+    decodes with the model's blocks unstacked (`Transformer.unstacked`: per-layer buffers);
+    "scanned" keeps them stacked, as trained. `native_kernels` swaps int8 / int4 weight-only
+    matmuls for the native kernels of `infer.kernels` where they can be built.
     """
 
     def __init__(self, model: Transformer, *, stop_ids: Sequence[int] = (),
@@ -231,9 +207,9 @@ class Generator:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.model = UnrolledDecoder(model) if layout == "unrolled" else model
+        self.model = model.unstacked() if layout == "unrolled" else model.stacked()
         if native_kernels:
-            self.model = native_int8_ops(self.model)
+            self.model = use_native_kernels(self.model)
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.kv_cache_dtype = kv_cache_dtype
         self.chunk_size = chunk_size
@@ -265,7 +241,7 @@ class Generator:
         cache_len = self.cache_length(bucket, max_new_tokens)
         padded = [list(p) + [0] * (bucket - len(p)) for p in prompts]
         batch = len(prompts)
-        cache = allocate_cache(self.model, batch, cache_len, self.kv_cache_dtype)
+        cache = self.model.allocate_cache(batch, cache_len, self.kv_cache_dtype)
         state, first = prefill(
             self.model, jnp.asarray(padded, jnp.int32),
             jnp.asarray([len(p) for p in prompts], jnp.int32),
@@ -283,50 +259,3 @@ class Generator:
         for _ in generation:
             pass
         return generation.tokens
-
-
-class TextStream:
-    """Turns one row's growing token list into text pieces that are safe to print.
-
-    Text is re-decoded from all ids each time (a byte-level BPE token can end mid-character), a
-    trailing replacement character waits for the rest of its bytes, and the last few characters
-    wait until they cannot be the start of a stop string. `push` returns the new printable text
-    and sets `stopped` once a stop string appears (the stop string itself is never printed).
-    """
-
-    def __init__(self, decode, stop_strings: Sequence[str] = ()):
-        self._decode = decode
-        self.stop_strings = [s for s in stop_strings if s]
-        self._hold = max((len(s) for s in self.stop_strings), default=1) - 1
-        self.ids: list[int] = []
-        self.text = ""  # what has been handed out so far
-        self.stopped = False
-
-    def _full_text(self) -> str:
-        text = self._decode(self.ids)
-        for stop in self.stop_strings:
-            at = text.find(stop)
-            if at >= 0:
-                text, self.stopped = text[:at], True
-        return text
-
-    def push(self, ids: Sequence[int]) -> str:
-        if self.stopped:
-            return ""
-        self.ids.extend(ids)
-        text = self._full_text()
-        if not self.stopped:
-            text = text.rstrip("\ufffd")
-            text = text[:max(len(self.text), len(text) - self._hold)]
-        new = text[len(self.text):] if text.startswith(self.text) else ""
-        self.text += new
-        return new
-
-    def finish(self) -> str:
-        """Whatever was held back, once no more tokens will come."""
-        if self.stopped:
-            return ""
-        text = self._full_text()
-        new = text[len(self.text):] if text.startswith(self.text) else ""
-        self.text += new
-        return new

@@ -10,7 +10,8 @@ import pytest
 import infer.generate as generate_module
 from hpllm.config import preset
 from hpllm.model import Transformer
-from infer.generate import Generator, PromptTooLongError, TextStream, bucket_length
+from infer.detokenizer import Detokenizer
+from infer.generate import Generator, PromptTooLongError, bucket_length
 from infer.loading import quantize
 from infer.sampling import SamplingConfig, filter_logits, sample
 
@@ -55,10 +56,46 @@ def test_greedy_with_cache_equals_recomputation(model, layout):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_greedy_with_cache_equals_recomputation_for_quantized_weights(model, scheme):
+    from infer.kernels import NativeInt4Dot, NativeInt8Dot, available
+
     quantized = quantize(model, scheme, group_size=32)
     prompt = _prompt(1, 9)
-    got = Generator(quantized, chunk_size=4).generate([prompt], max_new_tokens=12)[0]
+    generator = Generator(quantized, chunk_size=4)
+    if available():  # the unstacked blocks run the native kernels
+        native = NativeInt8Dot if scheme == "int8" else NativeInt4Dot
+        assert all(isinstance(block.mlp.w_up.op, native) for block in generator.model.blocks)
+    got = generator.generate([prompt], max_new_tokens=12)[0]
     assert got == greedy_by_recomputation(quantized, prompt, 12)
+
+
+def _cache_row(cache, row: int) -> list[np.ndarray]:
+    """Copies of row `row` of every cache array (batch is axis 1 when layers are stacked)."""
+    axis = 0 if isinstance(cache, tuple) else 1
+    return [np.take(np.asarray(leaf), row, axis=axis) for leaf in jax.tree.leaves(cache)]
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+def test_finished_rows_never_write_into_the_cache_again(model, layout):
+    # Row 0 fills the cache to its last slot, row 1 is stopped from the host (as a stop string
+    # does), row 2 runs on for several more chunks.
+    prompts = [_prompt(9, TINY.max_seq_len - 8), _prompt(10, 5), _prompt(11, 5)]
+    generation = Generator(model, chunk_size=2, layout=layout).start(prompts,
+                                                                      max_new_tokens=30)
+    finished_at: dict[int, list[np.ndarray]] = {}
+    chunks_after = 0
+    for chunk, _ in enumerate(generation):
+        if chunk == 1:
+            generation.stop_row(1)
+        done = jax.device_get(generation.state.done).tolist()
+        for row in (0, 1):
+            if done[row] and row not in finished_at:
+                finished_at[row] = _cache_row(generation.state.cache, row)
+        chunks_after += len(finished_at) == 2
+    assert chunks_after > 3 and len(generation.tokens[2]) == 30
+    assert int(generation.state.positions[0]) == TINY.max_seq_len  # at the end of the cache
+    for row, snapshot in finished_at.items():
+        for now, then in zip(_cache_row(generation.state.cache, row), snapshot, strict=True):
+            np.testing.assert_array_equal(now, then)
 
 
 def test_batch_of_different_lengths_equals_each_alone(model):
@@ -145,14 +182,14 @@ def test_invalid_sampling_settings_are_rejected(bad):
         SamplingConfig(**bad)
 
 
-def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_strings():
+def test_detokenizer_holds_back_partial_characters_and_cuts_at_stop_strings():
     pieces = ["Hel", "lo", " wo", "rld", "STOP", " more"]
-    stream = TextStream(lambda ids: "".join(pieces[i] for i in ids), stop_strings=["STOP"])
+    stream = Detokenizer(lambda ids: "".join(pieces[i] for i in ids), stop_strings=["STOP"])
     out = "".join(stream.push([i]) for i in range(len(pieces))) + stream.finish()
     assert out == "Hello world" and stream.stopped
 
     utf8 = "é".encode()
-    stream = TextStream(lambda ids: bytes(utf8[i] for i in ids).decode("utf-8", "replace"))
+    stream = Detokenizer(lambda ids: bytes(utf8[i] for i in ids).decode("utf-8", "replace"))
     assert stream.push([0]) == ""  # half a character waits for the rest
     assert stream.push([1]) == "é"
 

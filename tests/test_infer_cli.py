@@ -202,3 +202,20 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(run_dir, capsys):
     assert len(out.splitlines()) == 2  # each reply ended with its newline
     # The history keeps what was streamed before the interrupt, nothing more.
     assert [turn.reply for turn in chat.history] == kept
+
+
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_sampling_help_shows_the_defaults_that_apply(command, capsys):
+    from infer.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args([command, "CKPT", *(["--prompt", "x"] if command == "generate"
+                                                 else [])])
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"--temperature F 0 = greedy (default {args.temperature})" in help_text
+    assert f"--top-k N 0 = no cut (default {args.top_k})" in help_text
+    assert f"--max-new-tokens N default {args.max_new_tokens}" in help_text
+    if command == "chat":
+        assert (args.max_new_tokens, args.temperature, args.top_k) == (256, 0.8, 50)

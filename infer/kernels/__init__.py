@@ -5,12 +5,12 @@ becomes a full f32 copy of the weight followed by an f32 dot, so int8 (and bf16)
 no faster than f32 ones (docs/performance.md has the figures). `int8_matvec.cc` reads each
 quantized weight once and widens it in registers. It wants the weights in 128-column tiles
 (`TiledInt8Weight`, `TiledInt4Weight`: one contiguous stream per tile), made once at load
-time by `native_int8_ops`; checkpoints keep the plain `[d_in, d_out]` layout.
+time by `use_native_kernels`; checkpoints keep the plain `[d_in, d_out]` layout.
 
 The kernel is compiled on first use with the system C++ compiler (`-O3 -march=native`)
 into a cache folder (`$HPLLM_CACHE` or `~/.cache/hpllm`), keyed by a hash of the source, the
 flags and the JAX version. Without a compiler, or with `HPLLM_NATIVE_KERNELS=0`, nothing
-changes: `native_int8_ops` returns the model as is and the pure-XLA op runs.
+changes: `use_native_kernels` returns the model as is and the pure-XLA ops run.
 """
 
 import ctypes
@@ -86,7 +86,7 @@ def available() -> bool:
             _state["ok"] = True
         except OSError as error:
             _state["why"] = str(error)
-            print(f"note: native int8 kernel unavailable ({error}); using the XLA op",
+            print(f"note: native int8/int4 kernels unavailable ({error}); using the XLA ops",
                   file=sys.stderr)
     return bool(_state["ok"])
 
@@ -172,7 +172,7 @@ class NativeInt8Dot(MatmulOp):
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledInt8Weight
                  ) -> Float[Array, "*batch d_out"]:
-        if x.dtype != jnp.float32 or weight.values.ndim != 3:
+        if x.dtype != jnp.float32:
             return int8_weight_only_matmul(x, *weight.plain())
         rows, d_in = _rows(x), x.shape[-1]
         call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
@@ -186,7 +186,7 @@ class NativeInt4Dot(MatmulOp):
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledInt4Weight
                  ) -> Float[Array, "*batch d_out"]:
-        if x.dtype != jnp.float32 or weight.packed.ndim != 3:
+        if x.dtype != jnp.float32:
             return int4_weight_only_matmul(x, *weight.plain(), weight.d_in)
         rows, half_rows = _rows(x), weight.packed.shape[-2]
         x2 = x.reshape(rows, x.shape[-1])
@@ -197,9 +197,10 @@ class NativeInt4Dot(MatmulOp):
         return call(x2, weight.packed, weight.scales).reshape(x.shape[:-1] + (weight.d_out,))
 
 
-def native_int8_ops(model: eqx.Module) -> eqx.Module:
+def use_native_kernels(model: eqx.Module) -> eqx.Module:
     """`model` with every int8 / int4 weight-only op swapped for its native twin and its weight
-    retiled for it (if the kernel is available)."""
+    retiled for it (if the kernels are available). Works in either layer layout: `lax.scan`
+    hands the ops of stacked blocks one layer's tiles, as the unstacked blocks hold them."""
     if not available():
         return model
 

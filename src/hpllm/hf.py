@@ -443,7 +443,8 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
     embed = np.asarray(model.embed, np.float32)
     yield "model.embed_tokens.weight", embed
     for layer in range(cfg.n_layers):
-        block = jax.tree.map(lambda x, i=layer: x[i], model.blocks)
+        block = (jax.tree.map(lambda x, i=layer: x[i], model.blocks) if model.is_stacked
+                 else model.blocks[layer])
         named = {}
         for path, linear in jax.tree_util.tree_leaves_with_path(
                 block, is_leaf=lambda x: isinstance(x, Linear)):

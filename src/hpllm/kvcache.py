@@ -1,14 +1,17 @@
 """Preallocated key/value cache for incremental decoding.
 
 Shapes are fixed at allocation, so the jitted decode step never sees a new shape and never
-recompiles. New keys/values are written in place with `lax.dynamic_update_slice` at each
-sequence's own position; nothing is ever concatenated.
+recompiles. New keys/values are written in place at each sequence's own slots; nothing is
+ever concatenated.
+
+A `KVCache` holds one layer (`[batch, max_len, kv_heads, head_dim]`), or every layer stacked
+along a leading axis for a model whose blocks are stacked (`lax.scan` hands each block its own
+layer's slice). Which slots hold real tokens is not recorded here: the caller owns the
+positions (`infer.generate.DecodeState.positions`) and passes them to every write and read.
 """
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
-from jax import lax
 from jaxtyping import Array, Float, Int, Int8
 
 from hpllm.config import DTYPE_ALIASES, ModelConfig
@@ -17,9 +20,9 @@ from hpllm.config import DTYPE_ALIASES, ModelConfig
 CACHE_DTYPE_ALIASES = {**DTYPE_ALIASES, "int8": "int8"}
 CACHE_DTYPES = tuple(CACHE_DTYPE_ALIASES.values())
 
-CacheArray = Float[Array, "layers batch max_len kv_heads head_dim"] | Int8[
-    Array, "layers batch max_len kv_heads head_dim"]
-CacheScale = Float[Array, "layers batch max_len kv_heads"]
+CacheArray = Float[Array, "*layers batch max_len kv_heads head_dim"] | Int8[
+    Array, "*layers batch max_len kv_heads head_dim"]
+CacheScale = Float[Array, "*layers batch max_len kv_heads"]
 
 
 def _quantize_per_head(
@@ -33,50 +36,45 @@ def _quantize_per_head(
     return q.astype(jnp.int8), scale
 
 
-def _write_rows(buffer: Array, new: Array, layer: Int[Array, ""], start: Int[Array, " batch"]
-                ) -> Array:
-    """Write `new[b]` (shape [seq, ...]) into `buffer[layer, b, start[b]:start[b]+seq]`."""
-
-    def write_row(row: Array, new_row: Array, row_start: Int[Array, ""]) -> Array:
-        index = (layer, row_start) + (0,) * (new_row.ndim - 1)
-        return lax.dynamic_update_slice(row, new_row[None].astype(row.dtype), index)
-
-    return jax.vmap(write_row, in_axes=(1, 0, 0), out_axes=1)(buffer, new, start)
+def _write_slots(buffer: Array, new: Array, slots: Int[Array, "batch seq"]) -> Array:
+    """`buffer[b, slots[b, s]] = new[b, s]`, skipping every slot outside the buffer."""
+    rows = jnp.arange(buffer.shape[0], dtype=jnp.int32)[:, None]
+    # "drop", not the clamping of dynamic_update_slice: a write past the end must not land
+    # on the last slot.
+    return buffer.at[rows, slots].set(new.astype(buffer.dtype), mode="drop")
 
 
 class KVCache(eqx.Module):
-    """Keys and values of every layer: `[layers, batch, max_len, kv_heads, head_dim]`.
+    """Keys and values of one layer, `[batch, max_len, kv_heads, head_dim]` (or of every layer,
+    with a leading layer axis).
 
-    `lengths[b]` counts the positions of row `b` that hold real tokens. With `dtype="int8"` the
-    values are int8 with one float32 scale per (layer, row, position, head), which halves the
-    bytes of a bf16 cache that every decode step reads.
+    With `dtype="int8"` the values are int8 with one float32 scale per (row, slot, head), which
+    halves the bytes of a bf16 cache that every decode step reads. `k`, `v` and the scales are
+    separate buffers (never one array twice), so every leaf can be donated.
     """
 
     k: CacheArray
     v: CacheArray
     k_scale: CacheScale | None
     v_scale: CacheScale | None
-    lengths: Int[Array, " batch"]
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, max_len: int | None = None,
-                 dtype: str = "float32") -> "KVCache":
+                 dtype: str = "float32", *, n_layers: int | None = None) -> "KVCache":
+        """An empty cache of one layer, or of `n_layers` layers stacked along a leading axis."""
         if dtype not in CACHE_DTYPES:
             raise ValueError(f"KV-cache dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
         max_len = cfg.max_seq_len if max_len is None else max_len
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        k = jnp.zeros(shape, jnp.dtype(dtype))
-        v = jnp.zeros(shape, jnp.dtype(dtype))
+        layers = () if n_layers is None else (n_layers,)
+        shape = (*layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         quantized = dtype == "int8"
-        # Separate buffers (never one array twice) so every leaf can be donated.
-        k_scale = jnp.zeros(shape[:-1], jnp.float32) if quantized else None
-        v_scale = jnp.zeros(shape[:-1], jnp.float32) if quantized else None
-        return cls(k=k, v=v, k_scale=k_scale, v_scale=v_scale,
-                   lengths=jnp.zeros((batch,), jnp.int32))
+        return cls(k=jnp.zeros(shape, jnp.dtype(dtype)), v=jnp.zeros(shape, jnp.dtype(dtype)),
+                   k_scale=jnp.zeros(shape[:-1], jnp.float32) if quantized else None,
+                   v_scale=jnp.zeros(shape[:-1], jnp.float32) if quantized else None)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[-3]
 
     @property
     def quantized(self) -> bool:
@@ -84,46 +82,32 @@ class KVCache(eqx.Module):
 
     def write(
         self,
-        layer: Int[Array, ""],
         k: Float[Array, "batch seq kv_heads head_dim"],
         v: Float[Array, "batch seq kv_heads head_dim"],
-        start: Int[Array, " batch"],
+        slots: Int[Array, "batch seq"],
     ) -> "KVCache":
-        """Store this layer's new keys/values at positions `start[b] ...` of each row.
+        """Store new keys/values of one layer: token s of row b goes to slot `slots[b, s]`.
 
-        The caller keeps `start[b] + seq <= max_len`: `dynamic_update_slice` clamps indices
-        instead of failing, which would silently overwrite earlier positions.
+        A slot outside `[0, max_len)` writes nothing, which is how a finished row leaves its
+        cache untouched.
         """
         if not self.quantized:
             return eqx.tree_at(lambda c: (c.k, c.v), self,
-                               (_write_rows(self.k, k, layer, start),
-                                _write_rows(self.v, v, layer, start)))
+                               (_write_slots(self.k, k, slots), _write_slots(self.v, v, slots)))
         qk, sk = _quantize_per_head(k)
         qv, sv = _quantize_per_head(v)
         return eqx.tree_at(
             lambda c: (c.k, c.v, c.k_scale, c.v_scale), self,
-            (_write_rows(self.k, qk, layer, start), _write_rows(self.v, qv, layer, start),
-             _write_rows(self.k_scale, sk, layer, start),
-             _write_rows(self.v_scale, sv, layer, start)))
+            (_write_slots(self.k, qk, slots), _write_slots(self.v, qv, slots),
+             _write_slots(self.k_scale, sk, slots), _write_slots(self.v_scale, sv, slots)))
 
     def read(
-        self, layer: Int[Array, ""], dtype: jnp.dtype
+        self, dtype: jnp.dtype
     ) -> tuple[Float[Array, "batch max_len kv_heads head_dim"],
                Float[Array, "batch max_len kv_heads head_dim"]]:
         """This layer's keys and values as `dtype` (int8 values are dequantized here)."""
-        k = lax.dynamic_index_in_dim(self.k, layer, axis=0, keepdims=False)
-        v = lax.dynamic_index_in_dim(self.v, layer, axis=0, keepdims=False)
+        k, v = self.k, self.v
         if self.quantized:
-            k_scale = lax.dynamic_index_in_dim(self.k_scale, layer, axis=0, keepdims=False)
-            v_scale = lax.dynamic_index_in_dim(self.v_scale, layer, axis=0, keepdims=False)
-            k = k.astype(jnp.float32) * k_scale[..., None]
-            v = v.astype(jnp.float32) * v_scale[..., None]
+            k = k.astype(jnp.float32) * self.k_scale[..., None]
+            v = v.astype(jnp.float32) * self.v_scale[..., None]
         return k.astype(dtype), v.astype(dtype)
-
-    def with_lengths(self, lengths: Int[Array, " batch"]) -> "KVCache":
-        return eqx.tree_at(lambda c: c.lengths, self, lengths.astype(jnp.int32))
-
-    def nbytes(self) -> int:
-        """Bytes held by the cache (what a decode step reads at most)."""
-        leaves = jax.tree.leaves(eqx.filter(self, eqx.is_array))
-        return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)

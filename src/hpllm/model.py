@@ -5,8 +5,12 @@ One set of modules serves both flows. `Transformer.__call__` is the training for
 windows (causal mask, optional segment ids for packed documents); `Transformer.decode` writes
 new keys/values into a preallocated `KVCache` and attends over it (prefill and decode are the
 same code with different lengths). Layers are stacked along a leading axis at init and run with
-`lax.scan`, so compile time does not grow with depth.
+`lax.scan`, so compile time does not grow with depth; `Transformer.unstacked()` gives the
+per-layer layout that decoding runs fastest in (one model class, two layer layouts).
 """
+
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -150,12 +154,13 @@ class Attention(eqx.Module):
         rotary: Rotary,
         mask: Bool[Array, "batch seq max_len"],
         cache: KVCache,
-        layer: Int[Array, ""],
-        start: Int[Array, " batch"],
+        slots: Int[Array, "batch seq"],
     ) -> tuple[Float[Array, "batch seq d_model"], KVCache]:
+        """Write this layer's new keys/values into its own `cache` at `slots`, then attend
+        over the whole cache (masked)."""
         q, k, v = self._project(x, rotary)
-        cache = cache.write(layer, k, v, start)
-        k_all, v_all = cache.read(layer, x.dtype)
+        cache = cache.write(k, v, slots)
+        k_all, v_all = cache.read(x.dtype)
         return self._attend(q, k_all, v_all, mask), cache
 
 
@@ -202,38 +207,39 @@ class Block(eqx.Module):
         rotary: Rotary,
         mask: Bool[Array, "batch seq max_len"],
         cache: KVCache,
-        layer: Int[Array, ""],
-        start: Int[Array, " batch"],
+        slots: Int[Array, "batch seq"],
     ) -> tuple[Float[Array, "batch seq d_model"], KVCache]:
-        attn_out, cache = self.attn.decode(self.attn_norm(x), rotary, mask, cache, layer, start)
+        attn_out, cache = self.attn.decode(self.attn_norm(x), rotary, mask, cache, slots)
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), cache
 
 
-def output_logits(
-    x: Float[Array, "batch seq d_model"],
-    final_norm: RMSNorm,
-    embed: Float[Array, "vocab d_model"],
-    lm_head: Linear | None,
-    scale_tied_head: bool = True,
-) -> Float[Array, "batch seq vocab"]:
-    """Final norm, then the LM head (or the tied embeddings) -> float32 logits."""
-    x = final_norm(x)
-    if lm_head is None:
-        head = embed.T.astype(x.dtype)
-        if scale_tied_head:  # so unit-RMS embeddings give unit logits (models trained here)
-            head = head / jnp.sqrt(jnp.float32(x.shape[-1])).astype(x.dtype)
-        logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
-    else:
-        logits = lm_head(x)
-    return logits.astype(jnp.float32)
+ModelCache = KVCache | tuple[KVCache, ...]
+"""A model's KV cache, laid out like its blocks: one `KVCache` with a leading layer axis for
+stacked blocks, one `KVCache` per layer for unstacked ones (`Transformer.allocate_cache`)."""
+
+
+def cache_max_len(cache: ModelCache) -> int:
+    """Slots per row of a model's cache, in either layout."""
+    return (cache[0] if isinstance(cache, tuple) else cache).max_len
 
 
 class Transformer(eqx.Module):
-    """The decoder. `blocks` holds every layer's leaves stacked along a leading layer axis."""
+    """The decoder. Its `blocks` are in one of two layer layouts:
+
+    - stacked (as built; for training): one `Block` whose leaves carry a leading layer axis,
+      run with `lax.scan`, so compile time does not grow with depth;
+    - unstacked (for decoding): a tuple of per-layer `Block`s, run by a loop unrolled at trace
+      time. Each layer's weights and KV cache are buffers of their own, so on a CPU every
+      matmul reads its weight in place and every cache write updates its buffer in place;
+      scanning instead slices each layer out of the stacked weights and cache at every step
+      (docs/performance.md has the figures).
+
+    `unstacked()` and `stacked()` convert between them; every method works in both.
+    """
 
     embed: Float[Array, "vocab d_model"]
-    blocks: Block
+    blocks: Block | tuple[Block, ...]
     final_norm: RMSNorm
     lm_head: Linear | None
     cfg: ModelConfig = eqx.field(static=True)
@@ -253,12 +259,73 @@ class Transformer(eqx.Module):
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.cfg.compute_dtype)
 
+    @property
+    def is_stacked(self) -> bool:
+        return not isinstance(self.blocks, tuple)
+
+    def unstacked(self) -> "Transformer":
+        """This model with one `Block` per layer (the decoding layout); itself if it already
+        is. Run eagerly, each layer's leaves are new, contiguous buffers (slices are copies)."""
+        if not self.is_stacked:
+            return self
+        blocks = tuple(
+            jax.tree.map(lambda leaf, i=i: leaf[i] if eqx.is_array(leaf) else leaf, self.blocks)
+            for i in range(self.cfg.n_layers))
+        return eqx.tree_at(lambda m: m.blocks, self, blocks)
+
+    def stacked(self) -> "Transformer":
+        """This model with its layers stacked along a leading axis (the training layout);
+        itself if it already is."""
+        if self.is_stacked:
+            return self
+        blocks = jax.tree.map(lambda *leaves: jnp.stack(leaves) if eqx.is_array(leaves[0])
+                              else leaves[0], *self.blocks)
+        return eqx.tree_at(lambda m: m.blocks, self, blocks)
+
+    def allocate_cache(self, batch: int, max_len: int | None = None, dtype: str = "float32"
+                       ) -> ModelCache:
+        """An empty KV cache for `decode`, in this model's layer layout (`max_len` defaults to
+        the context, `dtype` is one of `hpllm.kvcache.CACHE_DTYPES`)."""
+        if self.is_stacked:
+            return KVCache.allocate(self.cfg, batch, max_len, dtype, n_layers=self.cfg.n_layers)
+        # Separate buffers per layer, each donated and updated in place.
+        return tuple(KVCache.allocate(self.cfg, batch, max_len, dtype)
+                     for _ in range(self.cfg.n_layers))
+
+    def _over_layers(self, step: Callable, x: Float[Array, "batch seq d_model"], per_layer: Any
+                     ) -> tuple[Float[Array, "batch seq d_model"], Any]:
+        """`x, out = step(block, x, per_layer_input)` for every layer in order. `per_layer`
+        (the KV cache, or None) and the collected outputs are laid out like the blocks:
+        a leading layer axis (scanned with the stacked blocks) or a tuple."""
+        if self.is_stacked:
+            params, static = eqx.partition(self.blocks, eqx.is_array)
+
+            def scan_step(x, inputs):
+                layer_params, layer_input = inputs
+                return step(eqx.combine(layer_params, static), x, layer_input)
+
+            return lax.scan(scan_step, x, (params, per_layer))
+        inputs = (None,) * len(self.blocks) if per_layer is None else per_layer
+        outputs = []
+        for block, layer_input in zip(self.blocks, inputs, strict=True):
+            x, out = step(block, x, layer_input)
+            outputs.append(out)
+        return x, tuple(outputs)
+
     def _embed(self, tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq d_model"]:
         return jnp.take(self.embed, tokens, axis=0).astype(self.compute_dtype)
 
     def _logits(self, x: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq vocab"]:
-        return output_logits(x, self.final_norm, self.embed, self.lm_head,
-                             self.cfg.scale_tied_head)
+        """Final norm, then the LM head (or the tied embeddings) -> float32 logits."""
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            head = self.embed.T.astype(x.dtype)
+            if self.cfg.scale_tied_head:  # unit-RMS embeddings give unit logits (trained here)
+                head = head / jnp.sqrt(jnp.float32(x.shape[-1])).astype(x.dtype)
+            logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32)
 
     def __call__(
         self,
@@ -272,40 +339,39 @@ class Transformer(eqx.Module):
         rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta,
                              self.cfg.rope_scaling)
         mask = causal_mask(positions, segment_ids)
-        params, static = eqx.partition(self.blocks, eqx.is_array)
-
-        def layer_step(x, layer_params):
-            block = eqx.combine(layer_params, static)
-            return block(x, rotary, mask), None
-
-        x, _ = lax.scan(layer_step, self._embed(tokens), params)
+        x, _ = self._over_layers(lambda block, x, _: (block(x, rotary, mask), None),
+                                 self._embed(tokens), None)
         return self._logits(x)
 
     def decode(
         self,
         tokens: Int[Array, "batch seq"],
         positions: Int[Array, "batch seq"],
-        cache: KVCache,
-    ) -> tuple[Float[Array, "batch seq vocab"], KVCache]:
-        """Inference forward: `tokens[b]` sit at `positions[b]` (consecutive, starting at the
-        row's current length). Their keys/values are written into the cache, each query attends
-        to the cache up to its own position, and `lengths` becomes `positions[:, -1] + 1`.
+        cache: ModelCache,
+        *,
+        active: Bool[Array, " batch"] | None = None,
+        logits_at: Int[Array, " batch"] | None = None,
+    ) -> tuple[Float[Array, "batch scored vocab"], ModelCache]:
+        """Inference forward over a KV cache from `allocate_cache`: `tokens[b]` sit at
+        `positions[b]` (consecutive). Their keys/values are written into cache slots
+        `positions[b]`, and each query attends to the slots up to its own position. Prefill is
+        this call with the whole (right-padded) prompt; decode is this call with one token.
 
-        Prefill is this call with the whole (padded) prompt; decode is this call with one token.
+        Rows where `active` is False (finished ones) write nothing into the cache, and neither
+        does a position at or past its end; such rows' logits are meaningless. With
+        `logits_at`, row b returns the logits of its token `logits_at[b]` only (scored = 1):
+        the LM head, a vocab-wide matmul, runs for that token alone. Otherwise scored = seq.
         """
+        max_len = cache_max_len(cache)
         rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta,
                              self.cfg.rope_scaling)
-        mask = cache_mask(positions, cache.max_len)
-        start = positions[:, 0]
-        params, static = eqx.partition(self.blocks, eqx.is_array)
+        mask = cache_mask(positions, max_len)
+        slots = positions if active is None else jnp.where(active[:, None], positions, max_len)
 
-        def layer_step(carry, layer_inputs):
-            x, cache = carry
-            layer_params, layer = layer_inputs
-            block = eqx.combine(layer_params, static)
-            x, cache = block.decode(x, rotary, mask, cache, layer, start)
-            return (x, cache), None
+        def layer_step(block, x, layer_cache):
+            return block.decode(x, rotary, mask, layer_cache, slots)
 
-        layers = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
-        (x, cache), _ = lax.scan(layer_step, (self._embed(tokens), cache), (params, layers))
-        return self._logits(x), cache.with_lengths(positions[:, -1] + 1)
+        x, cache = self._over_layers(layer_step, self._embed(tokens), cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+        return self._logits(x), cache
