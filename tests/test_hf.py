@@ -198,7 +198,8 @@ def test_cli_converts_generates_and_chats_with_hf_folders(tmp_path, capsys):
     from infer.loading import load
     from infer.sampling import SamplingConfig
 
-    loaded = load(folder)
+    loaded = load(out)  # the converted folder carries the template, stop ids and sampling
+    assert loaded.generation is not None and not loaded.generation.greedy
     chat = Chat(loaded.model, loaded.tokenizer, sampling=SamplingConfig(greedy=True),
                 max_new_tokens=4, system="Be brief.")
     prompt, _ = chat.prompt_ids(loaded.tokenizer.encode("Hi"), "Hi")
