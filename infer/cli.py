@@ -38,18 +38,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Given(argparse.Action):
+    """Stores the value and notes in `namespace.given` that the flag was on the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+
+SAMPLING_NOTE = ("A Hugging Face model's generation_config.json replaces the sampling defaults "
+                 "(--temperature, --top-k, --top-p, greedy or not) of flags not given.")
+
+
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    # Sampling flags default to None: an imported model's generation_config.json fills what is
-    # not given, then the built-in defaults (generate: 1.0 / 0 / 1.0; chat: 0.8 / 50 / 1.0).
+    # "%(default)s" is filled in when help is printed, so chat's set_defaults shows there. The
+    # sampling flags record that they were given (`_Given`): for an imported model, its
+    # generation_config.json replaces the defaults of the flags that were not.
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                         help="default %(default)s")
-    parser.add_argument("--temperature", type=float, default=None, metavar="F",
-                        help="0 = greedy (default: the model's generation_config.json, else "
-                        "1.0; chat 0.8)")
-    parser.add_argument("--top-k", type=int, default=None, metavar="N",
-                        help="0 = no cut (default: generation_config.json, else 0; chat 50)")
-    parser.add_argument("--top-p", type=float, default=None, metavar="F",
-                        help="in (0, 1] (default: generation_config.json, else 1.0)")
+    parser.add_argument("--temperature", type=float, default=1.0, metavar="F", action=_Given,
+                        help="0 = greedy (default %(default)s)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="N", action=_Given,
+                        help="0 = no cut (default %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="F", action=_Given,
+                        help="in (0, 1]")
     parser.add_argument("--seed", type=int, default=0, metavar="N")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     parser.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
@@ -71,7 +83,9 @@ def build_parser() -> Parser:
     convert.add_argument("--quantize-head", action="store_true",
                          help="quantize the LM head too (default: it stays float)")
 
-    generate = commands.add_parser("generate", help="complete prompts (several = one batch)")
+    generate = commands.add_parser("generate", help="complete prompts (several = one batch)",
+                                   description="Complete prompts (several = one batch). "
+                                   + SAMPLING_NOTE)
     generate.add_argument("checkpoint", metavar="CKPT")
     generate.add_argument("--prompt", action="append", required=True, metavar="TEXT")
     generate.add_argument("--stop", action="append", default=[], metavar="TEXT",
@@ -81,12 +95,12 @@ def build_parser() -> Parser:
     chat = commands.add_parser("chat", help="interactive multi-turn chat (the default)",
                                description="Interactive multi-turn chat. A reply takes at most "
                                "a quarter of the model's context (--max-new-tokens is capped "
-                               "there).")
+                               "there). " + SAMPLING_NOTE)
     chat.add_argument("checkpoint", metavar="CKPT")
     chat.add_argument("--system", default=None, metavar="TEXT",
                       help="system prompt (models with a chat template of their own)")
     _sampling_args(chat)
-    chat.set_defaults(max_new_tokens=256, builtin_sampling=(0.8, 50, 1.0))
+    chat.set_defaults(max_new_tokens=256, temperature=0.8, top_k=50)
 
     bench = commands.add_parser("bench", help="prefill/decode speed against memory bandwidth")
     source = bench.add_mutually_exclusive_group(required=True)
@@ -126,17 +140,15 @@ def _sampling(args: argparse.Namespace, defaults: GenerationDefaults | None = No
     """The flags, else the model's generation_config.json, else the built-in defaults."""
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    temperature, top_k, top_p = getattr(args, "builtin_sampling", (1.0, 0, 1.0))
-    greedy = args.greedy
-    if defaults is not None:
-        temperature, top_k, top_p = defaults.temperature, defaults.top_k, defaults.top_p
-        sampling_flags = (args.temperature, args.top_k, args.top_p)
-        greedy = greedy or (defaults.greedy and all(f is None for f in sampling_flags))
+    if defaults is None:
+        return SamplingConfig(greedy=args.greedy, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p)
+    given = getattr(args, "given", frozenset())
     return SamplingConfig(
-        greedy=greedy,
-        temperature=temperature if args.temperature is None else args.temperature,
-        top_k=top_k if args.top_k is None else args.top_k,
-        top_p=top_p if args.top_p is None else args.top_p)
+        greedy=args.greedy or (defaults.greedy and not given),
+        temperature=args.temperature if "temperature" in given else defaults.temperature,
+        top_k=args.top_k if "top_k" in given else defaults.top_k,
+        top_p=args.top_p if "top_p" in given else defaults.top_p)
 
 
 def run_convert(args: argparse.Namespace) -> None:

@@ -258,3 +258,21 @@ def test_old_configs_load_without_the_new_fields():
     assert cfg == preset("tiny") and cfg.scale_tied_head and cfg.head_dim == 16
     scaled = cfg.replace(rope_scaling=RopeScaling("llama3", 8.0), qkv_bias=True)
     assert ModelConfig.from_json(scaled.to_json()) == scaled
+
+
+def test_sampling_flags_override_generation_config():
+    from hpllm.hf_tokenizer import GenerationDefaults
+    from infer.cli import _sampling, build_parser
+    from infer.sampling import SamplingConfig
+
+    parser = build_parser()
+    from_file = GenerationDefaults(greedy=False, temperature=0.6, top_k=50, top_p=0.9)
+    assert _sampling(parser.parse_args(["chat", "X"]), from_file) == SamplingConfig(
+        temperature=0.6, top_k=50, top_p=0.9)
+    assert _sampling(parser.parse_args(["chat", "X", "--temperature", "0.8"]), from_file) == \
+        SamplingConfig(temperature=0.8, top_k=50, top_p=0.9)
+    # do_sample false (or absent) in the file: greedy unless a sampling flag is given.
+    args = parser.parse_args(["generate", "X", "--prompt", "a"])
+    assert _sampling(args, GenerationDefaults()).is_greedy
+    assert _sampling(parser.parse_args(["chat", "X"]), None) == SamplingConfig(
+        temperature=0.8, top_k=50)  # models trained here: the built-in defaults
