@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 # (and has nothing to do once finished) instead of refusing to overwrite the run.
 demo: $(STAMP)
 	$(PY) -m train --out runs/demo $$(test -d runs/demo/checkpoints && echo --resume)
-	$(PY) -m infer convert runs/demo --to int8 --out runs/demo-int8
+	$(PY) -m infer convert runs/demo --to int8 --out runs/demo-int8 --force
 	$(PY) -m infer generate runs/demo-int8 --prompt "Mr. Speaker, Members of the Congress" \
 		--max-new-tokens 60 --temperature 0.8 --top-k 40 --seed 0
 	@echo "chat with the model: $(PY) -m infer chat runs/demo-int8"

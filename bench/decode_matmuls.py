@@ -32,9 +32,10 @@ import jax.numpy as jnp
 
 from hpllm.linear import Linear
 from hpllm.model import Transformer
+from hpllm.quant import WITH_HEAD
 from infer.bench import measure_bandwidth
 from infer.kernels import available, use_native_kernels
-from infer.loading import WITH_HEAD, quantize, random_model
+from infer.loading import quantize, random_model
 
 STEPS = 32
 

@@ -36,9 +36,9 @@ from hpllm.quant import (
     Fp8WeightOnlyDot,
     Int4Weight,
     Int4WeightOnlyDot,
-    Int8Dot,
     Int8Weight,
     Int8WeightOnlyDot,
+    W8A8Dot,
 )
 from hpllm.quant.quantizers import (
     fake_quant_fp8,
@@ -199,7 +199,7 @@ def decode_rows(repeats: int, batch: int = 8, n: int = 2048) -> list[str]:
         "int8 weight-only": (Int8WeightOnlyDot(), Int8Weight(w)),
         "fp8 weight-only": (Fp8WeightOnlyDot(), Fp8Weight(w)),
         "int4 weight-only g128": (Int4WeightOnlyDot(), Int4Weight(w, 128)),
-        "w8a8: int8 weights, activations per token, int8 dot": (Int8Dot(), Int8Weight(w)),
+        "w8a8: int8 weights, activations per token, int8 dot": (W8A8Dot(), Int8Weight(w)),
     }
     calls, weight_bytes = {}, {}
     for name, (op, weight) in variants.items():

@@ -26,6 +26,7 @@ first run, if matplotlib is installed).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,7 +44,10 @@ import jax
 import jax.numpy as jnp
 
 from hpllm.config import PRESETS
+from hpllm.errors import PathError, UserError
+from hpllm.locking import LOCK_NAME, folder_lock
 from hpllm.model import Transformer
+from hpllm.outputs import check_output
 from hpllm.quant import QuantConfig, quantize_weights
 from hpllm.tokenizer import Tokenizer
 from train import data as train_data
@@ -327,16 +331,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """A new or empty folder only (never --data): a study writes several files and runs/."""
+    check_output(args.out, inputs=[args.data] if Path(args.data).exists() else [],
+                 replaceable=lambda path: (path / "runs").exists(), kind="study",
+                 force_flag=None)
+
+
 def run_study(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    out = Path(args.out)
+    """Check --out, then run the study with the folder locked against a second study."""
     if "float" not in args.modes:
         raise UsageError("--modes must include 'float' (the reference of every gap)")
     if len(set(args.seeds)) != len(args.seeds):
         raise UsageError("--seeds must be distinct")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
-    if (out / "runs").exists():
-        raise UsageError(f"--out {out} already holds a study; choose another --out")
+    _check_out(args)
+    out = Path(args.out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PathError.from_os_error(error, out, "write") from error
+    try:
+        with folder_lock(out):
+            if any(p.name != LOCK_NAME for p in out.iterdir()):
+                _check_out(args)  # another study filled it meanwhile
+            return _study(args, log, out)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only while still empty: a failed start leaves nothing behind
+        raise
+
+
+def _study(args: argparse.Namespace, log: Callable[[str], None], out: Path) -> dict[str, Any]:
     base = Settings(preset=args.preset, data=args.data, seq_len=args.seq_len,
                     batch_size=args.batch_size, steps=args.steps, lr=args.lr,
                     warmup=min(100, args.steps // 10), eval_every=args.eval_every,
@@ -428,8 +455,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         done = run_study(args, log)
-    except (UsageError, train_data.DataError) as error:
+    except (UsageError, UserError, train_data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # writing results into --out: full disk, permissions
+        print(f"error: cannot write {error.filename or args.out}: "
+              f"{error.strerror or error}", file=sys.stderr)
         return 2
     print(done["table"] + "\n" + comparison_table(done["results"]), end="")
     log(f"wrote {Path(args.out) / 'results.md'}, results.json; "

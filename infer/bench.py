@@ -24,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hpllm.errors import UserError
 from hpllm.model import ModelCache, Transformer
+from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
 from infer.generate import Generator, decode_chunk
 from infer.kernels import available as native_kernels_available
 from infer.kernels import load as load_native_kernels
-from infer.loading import DEFAULT_TARGETS, WITH_HEAD, load, quantize, random_model
+from infer.loading import load, quantize, random_model
 from infer.sampling import SamplingConfig
 
 COPY_BYTES = 512 * 2**20
@@ -87,8 +89,8 @@ def bench_batch(model: Transformer, batch: int, *, prompt_len: int, new_tokens: 
                 native_kernels: bool = True) -> dict[str, Any]:
     context = min(prompt_len + new_tokens, model.cfg.max_seq_len)
     if prompt_len >= context:
-        raise ValueError(f"--prompt-len {prompt_len} leaves no room to decode in the context "
-                         f"of {model.cfg.max_seq_len}")
+        raise UserError(f"--prompt-len {prompt_len} leaves no room to decode in the context "
+                        f"of {model.cfg.max_seq_len}")
     generator = Generator(model, kv_cache_dtype=kv_cache_dtype, context=context, layout=layout,
                           native_kernels=native_kernels)
     runner = generator.model
@@ -164,22 +166,22 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
-        raise ValueError(f"--batch-sizes must be a comma-separated list of integers, got "
-                         f"{args.batch_sizes!r}") from None
+        raise UserError(f"--batch-sizes must be a comma-separated list of integers, got "
+                        f"{args.batch_sizes!r}") from None
     if any(b < 1 for b in batch_sizes):
-        raise ValueError(f"--batch-sizes must be >= 1, got {args.batch_sizes!r}")
+        raise UserError(f"--batch-sizes must be >= 1, got {args.batch_sizes!r}")
     if args.preset is not None:
         model, source, scheme = random_model(args.preset, compute_dtype=args.compute_dtype), \
             f"preset {args.preset} (random weights)", "f32"
     else:
         if args.compute_dtype is not None:
-            raise ValueError("--compute-dtype works with --preset only")
+            raise UserError("--compute-dtype works with --preset only")
         loaded = load(args.checkpoint)
         model, source, scheme = loaded.model, str(loaded.path), loaded.scheme or "f32"
     models = {scheme: model}
     if args.to is not None:
         if scheme != "f32":
-            raise ValueError(f"{source} is already {scheme}; --to needs float weights")
+            raise UserError(f"{source} is already {scheme}; --to needs float weights")
         targets = WITH_HEAD if args.quantize_head else DEFAULT_TARGETS
         models = {to: quantize(model, to, args.group_size, targets)
                   for to in args.to.split(",")}

@@ -1,26 +1,34 @@
 """Command line of `python -m infer`: convert, generate, chat (the default), bench.
 
-Mistakes in the input (missing or corrupt checkpoint, bad flag value, prompt too long) end with
-one line `error: ...` on stderr and exit status 2, never a traceback.
+Mistakes in the input (missing or corrupt checkpoint, bad flag value, prompt too long, an
+`--out` that would overwrite something, a full or read-only disk) end with one line
+`error: ...` on stderr and exit status 2. Only `hpllm.errors.UserError` (raised where input is
+checked, OS errors on the user's paths included) is reported that way: anything else is a bug
+and keeps its traceback.
 """
 
 import argparse
+import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from hpllm.checkpoint import CheckpointError
+from hpllm.config import PRESETS
+from hpllm.errors import UserError
+from hpllm.kvcache import CACHE_DTYPE_ALIASES
+from hpllm.quant import SCHEMES
 from infer.detokenizer import Detokenizer
 from infer.generate import LAYOUTS, Generator
-from infer.loading import SCHEMES, load, require_tokenizer
+from infer.loading import GROUP_SIZES, Loaded, load, require_tokenizer
 from infer.sampling import SamplingConfig
 
 COMMANDS = ("convert", "generate", "chat", "bench")
-CACHE_DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16", "int8": "int8"}
+MAX_SEED = 2**32 - 1
+MAX_BATCH = 4096  # bench batch sizes: beyond this a KV cache alone outgrows any CPU's memory
 
 
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit status 2."""
+class UsageError(UserError):
+    """A bad flag: reported as one line, exit status 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,25 +36,84 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper end if high is None)."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            upper = f" and <= {high}" if high is not None else ""
+            raise argparse.ArgumentTypeError(f"must be >= {low}{upper}, got {value}")
+        return value
+
+    return integer
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+_finite_float.__name__ = "number"
+
+
+def _preset_name(text: str) -> str:
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {text!r}; choose one of "
+                                         f"{', '.join(PRESETS)}")
+    return text
+
+
+def _group_size(text: str) -> int:
+    value = _int_in(1)(text)
+    if value not in GROUP_SIZES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                                         f"got {value}")
+    return value
+
+
+def _batch_sizes(text: str) -> str:
+    """Checks a comma-separated list of batch sizes; the text goes on to `infer.bench`."""
+    try:
+        for part in text.split(","):
+            _int_in(1, MAX_BATCH)(part)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of batch sizes, each "
+                                         f"{error}") from None
+    return text
+
+
+def _non_empty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+_positive_int = _int_in(1)
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
     # "%(default)s" is filled in when help is printed, so chat's set_defaults shows there.
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
-                        help="default %(default)s")
-    parser.add_argument("--temperature", type=float, default=1.0, metavar="F",
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
+                        help="at most N new tokens (>= 1; more than the context leaves is "
+                        "reduced to what fits, with a note; default %(default)s)")
+    parser.add_argument("--temperature", type=_finite_float, default=1.0, metavar="F",
                         help="0 = greedy (default %(default)s)")
-    parser.add_argument("--top-k", type=int, default=0, metavar="N",
+    parser.add_argument("--top-k", type=_int_in(0), default=0, metavar="N",
                         help="0 = no cut (default %(default)s)")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="F", help="in (0, 1]")
-    parser.add_argument("--seed", type=int, default=0, metavar="N")
+    parser.add_argument("--top-p", type=_finite_float, default=1.0, metavar="F",
+                        help="in (0, 1]")
+    parser.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, metavar="N",
+                        help=f"random seed, 0 to {MAX_SEED}")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
-    parser.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_NAMES), default="f32")
+    parser.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
 
 
 def build_parser() -> Parser:
@@ -55,10 +122,15 @@ def build_parser() -> Parser:
 
     convert = commands.add_parser("convert", help="quantize a training checkpoint")
     convert.add_argument("checkpoint", metavar="RUN_OR_CKPT")
-    convert.add_argument("--to", required=True, metavar="SCHEME",
-                         help=f"one of {', '.join(s for s in SCHEMES if s != 'f32')}")
-    convert.add_argument("--out", required=True, metavar="DIR")
-    convert.add_argument("--group-size", type=int, default=128, metavar="{32,64,128}",
+    convert.add_argument("--to", required=True, choices=SCHEMES, metavar="SCHEME",
+                         help=f"weight format: one of {', '.join(SCHEMES)} (w8a8: int8 "
+                         "weights and per-token int8 activations)")
+    convert.add_argument("--out", required=True, metavar="DIR",
+                         help="a new folder (or an empty one); never the input or a folder "
+                         "holding anything else")
+    convert.add_argument("--force", action="store_true",
+                         help="replace DIR if it holds an earlier conversion (only that)")
+    convert.add_argument("--group-size", type=_group_size, default=128, metavar="{32,64,128}",
                          help="int4 group size (default 128)")
     convert.add_argument("--quantize-head", action="store_true",
                          help="quantize the LM head too (default: it stays float)")
@@ -66,8 +138,8 @@ def build_parser() -> Parser:
     generate = commands.add_parser("generate", help="complete prompts (several = one batch)")
     generate.add_argument("checkpoint", metavar="CKPT")
     generate.add_argument("--prompt", action="append", required=True, metavar="TEXT")
-    generate.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                          help="stop a completion at this text (repeatable)")
+    generate.add_argument("--stop", action="append", type=_non_empty, default=[],
+                          metavar="TEXT", help="stop a completion at this text (repeatable)")
     _sampling_args(generate)
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat (the default)",
@@ -81,20 +153,22 @@ def build_parser() -> Parser:
     bench = commands.add_parser("bench", help="prefill/decode speed against memory bandwidth")
     source = bench.add_mutually_exclusive_group(required=True)
     source.add_argument("checkpoint", nargs="?", metavar="CKPT")
-    source.add_argument("--preset", metavar="NAME", help="random weights of a preset's shape")
+    source.add_argument("--preset", type=_preset_name, metavar="NAME",
+                        help=f"random weights of a preset's shape ({', '.join(PRESETS)})")
     bench.add_argument("--to", default=None, metavar="SCHEME",
                        help=f"convert first: one of {', '.join(SCHEMES)}; a comma-separated "
                        "list compares them in one run, interleaved")
-    bench.add_argument("--group-size", type=int, default=128, metavar="{32,64,128}")
+    bench.add_argument("--group-size", type=_group_size, default=128, metavar="{32,64,128}")
     bench.add_argument("--quantize-head", action="store_true",
                        help="with --to: quantize the LM head too")
     bench.add_argument("--no-native-kernels", action="store_true",
                        help="use only XLA ops (no native int8/int4 kernels)")
-    bench.add_argument("--batch-sizes", default="1,8", metavar="LIST")
+    bench.add_argument("--batch-sizes", type=_batch_sizes, default="1,8", metavar="LIST",
+                       help=f"comma-separated, each 1 to {MAX_BATCH} (default 1,8)")
     bench.add_argument("--prompt-len", type=_positive_int, default=128, metavar="N")
     bench.add_argument("--new-tokens", type=_positive_int, default=128, metavar="N")
     bench.add_argument("--repeats", type=_positive_int, default=3, metavar="N")
-    bench.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_NAMES), default="f32")
+    bench.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
     bench.add_argument("--layout", choices=LAYOUTS, default="unrolled")
     bench.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
                        help="activation dtype (--preset only; default: the preset's)")
@@ -103,20 +177,49 @@ def build_parser() -> Parser:
 
 
 def _sampling(args: argparse.Namespace) -> SamplingConfig:
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     return SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p)
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _unverified_note(path: object) -> None:
+    _note(f"{path} has no manifest.json (written before checksums were recorded); its "
+          "files were not verified")
+
+
+def _load(path: str) -> Loaded:
+    loaded = load(path)
+    if not loaded.verified:
+        _unverified_note(loaded.path)
+    return loaded
+
+
+def fit_new_tokens(requested: int, longest_prompt: int, context: int) -> int:
+    """`requested` new tokens, reduced (with a note) to what the context leaves after the
+    longest prompt: its last slot holds the prompt's last token or a new one, and the final
+    new token needs no slot, so `context - longest_prompt + 1` tokens fit."""
+    if longest_prompt > context:
+        raise UsageError(f"prompt of {longest_prompt} tokens does not fit the model's context "
+                         f"of {context} tokens; shorten it")
+    room = context - longest_prompt + 1
+    if requested > room:
+        _note(f"--max-new-tokens {requested} is more than the context of {context} tokens "
+              f"leaves after a {longest_prompt}-token prompt; generating at most {room}")
+        return room
+    return requested
 
 
 def run_convert(args: argparse.Namespace) -> None:
     from infer.convert import convert
 
-    if args.to == "f32" or args.to not in SCHEMES:
-        raise UsageError(f"unknown scheme {args.to!r} for --to; choose one of "
-                         f"{', '.join(s for s in SCHEMES if s != 'f32')}")
     started = time.perf_counter()
-    result = convert(args.checkpoint, args.to, args.out, args.group_size, args.quantize_head)
+    result = convert(args.checkpoint, args.to, args.out, args.group_size, args.quantize_head,
+                     force=args.force)
+    if not result.verified:
+        _unverified_note(result.source)
     mib = 2**20
     print(f"converted {result.source} -> {result.out} ({args.to}): weights "
           f"{result.bytes_before / mib:.1f} MiB -> {result.bytes_after / mib:.1f} MiB "
@@ -126,15 +229,17 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     sampling = _sampling(args)
-    loaded = load(args.checkpoint)
+    loaded = _load(args.checkpoint)
     tokenizer = require_tokenizer(loaded)
-    prompts = [tokenizer.encode(p) for p in args.prompt]
+    prompts = [tokenizer.encode(p) for p in args.prompt]  # typed text: specials stay text
     if any(not p for p in prompts):
         raise UsageError("empty --prompt: give some text")
+    max_new_tokens = fit_new_tokens(args.max_new_tokens, max(map(len, prompts)),
+                                    loaded.model.cfg.max_seq_len)
     generator = Generator(loaded.model, stop_ids=[tokenizer.eos_id],
-                          kv_cache_dtype=CACHE_DTYPE_NAMES[args.kv_cache_dtype])
+                          kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype])
     started = time.perf_counter()
-    generation = generator.start(prompts, max_new_tokens=args.max_new_tokens,
+    generation = generator.start(prompts, max_new_tokens=max_new_tokens,
                                  sampling=sampling, seed=args.seed)
     streams = [Detokenizer(tokenizer.decode, args.stop) for _ in prompts]
     single = len(prompts) == 1
@@ -169,10 +274,13 @@ def run_chat(args: argparse.Namespace) -> None:
     from infer.chat import Chat
 
     sampling = _sampling(args)
-    loaded = load(args.checkpoint)
+    loaded = _load(args.checkpoint)
     chat = Chat(loaded.model, require_tokenizer(loaded), sampling=sampling,
                 max_new_tokens=args.max_new_tokens, seed=args.seed,
-                kv_cache_dtype=CACHE_DTYPE_NAMES[args.kv_cache_dtype])
+                kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype])
+    if chat.max_new_tokens < args.max_new_tokens:
+        _note(f"replies are at most {chat.max_new_tokens} tokens (a quarter of the context of "
+              f"{chat.context}), not --max-new-tokens {args.max_new_tokens}")
     chat.loop(sys.stdin.buffer, sys.stdout, sys.stderr)
 
 
@@ -182,17 +290,33 @@ def run_bench(args: argparse.Namespace) -> None:
     run_from_args(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line, with every check that needs no checkpoint done (flag ranges,
+    sampling settings, bench options); a `UsageError` for anything out of range."""
+    argv = list(argv)
     # `python -m infer CKPT` is short for `python -m infer chat CKPT`.
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "chat")
+    args = build_parser().parse_args(argv)
+    if args.command in ("generate", "chat"):
+        _sampling(args)
+    if args.command == "bench":
+        if args.compute_dtype is not None and args.preset is None:
+            raise UsageError("--compute-dtype works with --preset only")
+        for scheme in (args.to or "f32").split(","):
+            if scheme not in SCHEMES:
+                raise UsageError(f"--to: unknown scheme {scheme!r}; choose from "
+                                 f"{', '.join(SCHEMES)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     runners = {"convert": run_convert, "generate": run_generate, "chat": run_chat,
                "bench": run_bench}
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(sys.argv[1:] if argv is None else argv)
         runners[args.command](args)
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as error:
+    except UserError as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2

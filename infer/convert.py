@@ -2,16 +2,33 @@
 weights (int8 / packed int4 / fp8 values plus their scales, or bf16).
 
 The output folder holds config.json ({"format_version", "model", "weights": {"scheme",
-"group_size"}, "source"}), model.safetensors and tokenizer.json. Embeddings and the LM head stay
-float unless `--quantize-head` (then the LM head is quantized too and config.json lists the
-"targets").
+"group_size"}, "source"}), model.safetensors, tokenizer.json and manifest.json. Embeddings and
+the LM head stay float unless `--quantize-head` (then the LM head is quantized too and
+config.json lists the "targets").
+
+`--out` follows `hpllm.outputs.check_output`: never the input, inside it or around it, never a
+training run, never an existing non-empty folder, except that `force` replaces an earlier
+conversion (a folder holding only what convert writes). While converting, the output path is
+locked (`hpllm.locking.output_lock`), so a second convert to the same `--out` is refused with
+the first one's PID; the result appears by one rename, complete or not at all.
 """
 
 import dataclasses
 from pathlib import Path
 
 from hpllm.checkpoint import CheckpointError, save_model
-from infer.loading import DEFAULT_TARGETS, WITH_HEAD, check_scheme, load, quantize
+from hpllm.errors import PathError, UserError
+from hpllm.locking import output_lock
+from hpllm.outputs import check_output
+from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
+from infer.loading import (
+    GROUP_SIZES,
+    check_scheme,
+    is_converted_checkpoint,
+    load,
+    quantize,
+    resolve_checkpoint,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,30 +37,53 @@ class ConvertResult:
     source: Path
     bytes_before: int
     bytes_after: int
+    verified: bool  # whether the source had a manifest to check
+
+
+def _check_out(out: str | Path, source: str | Path, force: bool) -> bool:
+    """`check_output` for a conversion of `source`: also the run folder and checkpoint that
+    `source` resolves to count as inputs."""
+    inputs = [Path(source)]
+    if Path(source).exists():
+        checkpoint = resolve_checkpoint(source)
+        inputs.append(checkpoint)
+        if checkpoint.parent.name == "checkpoints":  # the run folder: it holds the tokenizer
+            inputs.append(checkpoint.parent.parent)
+    return check_output(out, inputs=inputs, force=force, replaceable=is_converted_checkpoint,
+                        kind="converted checkpoint")
 
 
 def convert(source: str | Path, scheme: str, out: str | Path, group_size: int = 128,
-            quantize_head: bool = False) -> ConvertResult:
-    """Quantize the model at `source` to `scheme` and write it to `out` (atomically)."""
+            quantize_head: bool = False, *, force: bool = False) -> ConvertResult:
+    """Quantize the model at `source` to `scheme` and write it to `out` (atomically, under a
+    lock; `force` may replace an earlier conversion at `out`, nothing else)."""
     check_scheme(scheme)
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"--group-size must be 32, 64 or 128, got {group_size}")
-    loaded = load(source)
-    if loaded.scheme is not None:
-        raise CheckpointError(f"{loaded.path} is already converted ({loaded.scheme}); convert "
-                              "from the training checkpoint instead")
-    if quantize_head and loaded.model.lm_head is None:
-        raise ValueError("--quantize-head: this model ties its LM head to the embeddings")
-    targets = WITH_HEAD if quantize_head else DEFAULT_TARGETS
-    model = quantize(loaded.model, scheme, group_size, targets)
-    files = {}
-    if loaded.tokenizer is not None:
-        files["tokenizer.json"] = loaded.tokenizer.to_json()
-    weights = {"scheme": scheme, "group_size": group_size}
-    if quantize_head:
-        weights["targets"] = list(targets)
-    extra = {"weights": weights,
-             "source": str(loaded.path)}
-    out = save_model(Path(out), model, extra, files)
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got "
+                        f"{group_size}")
+    _check_out(out, source, force)  # before any work: a refusal should come at once
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PathError.from_os_error(error, out, "write") from error
+    with output_lock(out):
+        replaces = _check_out(out, source, force)  # again: nobody else can write it now
+        loaded = load(source)
+        if loaded.scheme is not None:
+            raise CheckpointError(f"{loaded.path} is already converted ({loaded.scheme}); "
+                                  "convert from the training checkpoint instead")
+        if quantize_head and loaded.model.lm_head is None:
+            raise UserError("--quantize-head: this model ties its LM head to the embeddings")
+        targets = WITH_HEAD if quantize_head else DEFAULT_TARGETS
+        model = quantize(loaded.model, scheme, group_size, targets)
+        files = {}
+        if loaded.tokenizer is not None:
+            files["tokenizer.json"] = loaded.tokenizer.to_json()
+        weights = {"scheme": scheme, "group_size": group_size}
+        if quantize_head:
+            weights["targets"] = list(targets)
+        extra = {"weights": weights, "source": str(loaded.path)}
+        save_model(out, model, extra, files, replace=replaces)
     return ConvertResult(out, loaded.path, (loaded.path / "model.safetensors").stat().st_size,
-                         (out / "model.safetensors").stat().st_size)
+                         (out / "model.safetensors").stat().st_size, loaded.verified)

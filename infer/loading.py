@@ -7,10 +7,14 @@
 
 The skeleton to load into is built with `eqx.filter_eval_shape` (shapes only, no memory) by
 applying the same transformation that produced the file: `quantize_for_training` for a training
-checkpoint, `quantize_weights` for a converted one.
+checkpoint, `quantize_weights` for a converted one. Every file is first checked against the
+checkpoint's manifest (`hpllm.checkpoint.verify_checkpoint`); a checkpoint from before
+manifests loads unverified (`Loaded.verified` is False). Anything wrong with the folder is a
+`CheckpointError` naming the file (and the field, for config.json).
 """
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +23,21 @@ import jax
 
 from hpllm.checkpoint import (
     CONFIG_FILE,
+    MANIFEST_FILE,
     CheckpointError,
     latest_checkpoint,
     load_model,
     read_config,
+    verify_checkpoint,
 )
 from hpllm.config import ModelConfig, preset
+from hpllm.errors import UserError
 from hpllm.model import Transformer
+from hpllm.quant import DEFAULT_TARGETS, SCHEMES
 from hpllm.tokenizer import Tokenizer
 
-SCHEMES = ("f32", "bf16", "int8", "int4", "fp8")
 TOKENIZER_FILE = "tokenizer.json"
-# The layer weights; "lm_head" is added on request (the embeddings always stay float).
-DEFAULT_TARGETS = ("blocks.*",)
-WITH_HEAD = ("blocks.*", "lm_head")
+GROUP_SIZES = (32, 64, 128)  # int4 group sizes along d_in that convert offers
 
 
 @dataclasses.dataclass
@@ -44,12 +49,43 @@ class Loaded:
     config: dict[str, Any]
     path: Path
     scheme: str | None
+    verified: bool = True  # False: written before manifests, so no checksums to check
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """The "weights" section of a converted checkpoint's config.json."""
+
+    scheme: str
+    group_size: int = 128
+    targets: tuple[str, ...] = DEFAULT_TARGETS
 
 
 def check_scheme(scheme: str) -> str:
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        raise UserError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     return scheme
+
+
+def weight_format(config: dict[str, Any], source: Path) -> WeightFormat:
+    """The checked "weights" section of config.json `source`; errors name the file and field."""
+    weights = config["weights"]
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{source}: weights must be a JSON object, got {weights!r:.60}")
+    scheme = weights.get("scheme")
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
+        raise CheckpointError(f"{source}: weights.scheme must be one of {', '.join(SCHEMES)}, "
+                              f"got {scheme!r:.60}")
+    group_size = weights.get("group_size", 128)
+    if type(group_size) is not int or group_size not in GROUP_SIZES:
+        raise CheckpointError(f"{source}: weights.group_size must be one of "
+                              f"{', '.join(map(str, GROUP_SIZES))}, got {group_size!r:.60}")
+    targets = weights.get("targets", list(DEFAULT_TARGETS))
+    if not isinstance(targets, list) or not targets or not all(
+            isinstance(t, str) and t for t in targets):
+        raise CheckpointError(f"{source}: weights.targets must be a non-empty list of layer "
+                              f"patterns such as {list(DEFAULT_TARGETS)}, got {targets!r:.60}")
+    return WeightFormat(scheme, group_size, tuple(targets))
 
 
 def quantize(model: Transformer, scheme: str, group_size: int = 128,
@@ -80,27 +116,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
                           "run folder (no checkpoints/)")
 
 
-def _skeleton(cfg: ModelConfig, config: dict[str, Any]) -> Transformer:
+def _skeleton(cfg: ModelConfig, config: dict[str, Any], *, source: Path) -> Transformer:
+    """Shapes of the model that config.json `source` describes (float, QAT or converted)."""
     def float_model() -> Transformer:
         return Transformer(cfg, key=jax.random.key(0))
 
     if "weights" in config:
-        weights = config["weights"]
-        if not isinstance(weights, dict) or weights.get("scheme") not in SCHEMES:
-            raise CheckpointError(f"config.json: unknown weight scheme in {weights!r}")
-        scheme, group_size = weights["scheme"], int(weights.get("group_size", 128))
-        targets = tuple(weights.get("targets", DEFAULT_TARGETS))
-        return eqx.filter_eval_shape(lambda: quantize(float_model(), scheme, group_size,
-                                                      targets))
-    if config.get("quant") and config["quant"].get("mode", "none") != "none":
-        from hpllm.quant import QuantConfig, quantize_for_training
+        weights = weight_format(config, source)
+        return eqx.filter_eval_shape(lambda: quantize(
+            float_model(), weights.scheme, weights.group_size, weights.targets))
+    quant = config.get("quant")
+    if quant is None:
+        return eqx.filter_eval_shape(float_model)
+    from hpllm.quant import QuantConfig, quantize_for_training
 
-        try:
-            qcfg = QuantConfig.from_dict(config["quant"])
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"config.json: invalid quant section ({error})") from None
-        return eqx.filter_eval_shape(lambda: quantize_for_training(float_model(), qcfg))
-    return eqx.filter_eval_shape(float_model)
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{source}: quant must be a JSON object, got {quant!r:.60}")
+    try:
+        qcfg = QuantConfig.from_dict(quant)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: invalid quant section ({error})") from None
+    if qcfg.mode == "none":
+        return eqx.filter_eval_shape(float_model)
+    return eqx.filter_eval_shape(lambda: quantize_for_training(float_model(), qcfg))
 
 
 def _find_tokenizer(checkpoint: Path) -> Tokenizer | None:
@@ -109,7 +147,7 @@ def _find_tokenizer(checkpoint: Path) -> Tokenizer | None:
         if candidate.is_file():
             try:
                 return Tokenizer.load(candidate)
-            except (OSError, ValueError) as error:
+            except UserError as error:
                 raise CheckpointError(str(error)) from None
     return None
 
@@ -117,10 +155,25 @@ def _find_tokenizer(checkpoint: Path) -> Tokenizer | None:
 def load(path: str | Path) -> Loaded:
     """Load the model (and tokenizer, when there is one) that `path` names."""
     checkpoint = resolve_checkpoint(path)
-    config = read_config(checkpoint)
-    model, config = load_model(checkpoint, _skeleton)
+    verified = verify_checkpoint(checkpoint)
+    model, config = load_model(
+        checkpoint, functools.partial(_skeleton, source=checkpoint / CONFIG_FILE), verify=False)
     scheme = config["weights"]["scheme"] if "weights" in config else None
-    return Loaded(model, _find_tokenizer(checkpoint), config, checkpoint, scheme)
+    return Loaded(model, _find_tokenizer(checkpoint), config, checkpoint, scheme, verified)
+
+
+def is_converted_checkpoint(path: Path) -> bool:
+    """Whether `path` is an earlier output of `convert` and holds nothing else: the only
+    folder `convert --force` may replace."""
+    path = Path(path)
+    written_by_convert = {CONFIG_FILE, "model.safetensors", TOKENIZER_FILE, MANIFEST_FILE}
+    try:
+        if not {p.name for p in path.iterdir()} <= written_by_convert:
+            return False
+        config = read_config(path)
+    except (OSError, CheckpointError):
+        return False
+    return isinstance(config.get("weights"), dict) and "step" not in config
 
 
 def random_model(preset_name: str, *, seed: int = 0, compute_dtype: str | None = None

@@ -22,3 +22,36 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture
 def key() -> jax.Array:
     return jax.random.key(0)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """`mount(size)`: a fresh tmpfs of `size` (e.g. "1m") mounted under tmp_path, for tests of a
+    full or read-only disk; `remount_read_only(folder)` makes it read-only. Both unmounted at
+    the end. Skips where mounting is not permitted (it needs root, or CAP_SYS_ADMIN)."""
+    import shutil
+    import subprocess
+
+    mounted = []
+
+    class Mounts:
+        @staticmethod
+        def mount(size: str):
+            if shutil.which("mount") is None:
+                pytest.skip("no mount command here")
+            folder = tmp_path / f"fs{len(mounted)}"
+            folder.mkdir()
+            result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                     str(folder)], capture_output=True, text=True)
+            if result.returncode != 0:
+                pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
+            mounted.append(folder)
+            return folder
+
+        @staticmethod
+        def remount_read_only(folder):
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+
+    yield Mounts
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)

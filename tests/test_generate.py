@@ -9,6 +9,7 @@ import pytest
 
 import infer.generate as generate_module
 from hpllm.config import preset
+from hpllm.errors import UserError
 from hpllm.model import Transformer
 from infer.detokenizer import Detokenizer
 from infer.generate import Generator, PromptTooLongError, bucket_length
@@ -178,7 +179,7 @@ def test_top_k_one_and_temperature_zero_are_greedy():
 @pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0),
                                  dict(top_k=-2)])
 def test_invalid_sampling_settings_are_rejected(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         SamplingConfig(**bad)
 
 

@@ -111,7 +111,7 @@ def test_generate_reads_converted_checkpoints_and_int8_kv_cache(run_dir, tmp_pat
 @pytest.mark.parametrize(("argv", "message"), [
     (["generate", "{tmp}/missing", "--prompt", "x"], "no such file"),
     (["generate", "{corrupt}", "--prompt", "x"], "unreadable or truncated"),
-    (["convert", "{run}", "--to", "int3", "--out", "{tmp}/o"], "unknown scheme"),
+    (["convert", "{run}", "--to", "int3", "--out", "{tmp}/o"], "invalid choice"),
     (["generate", "{run}", "--prompt", "the cat " * 100], "does not fit"),
     (["generate", "{run}", "--prompt", "x", "--top-p", "0"], "--top-p"),
     (["generate", "{run}", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
@@ -216,6 +216,6 @@ def test_sampling_help_shows_the_defaults_that_apply(command, capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"--temperature F 0 = greedy (default {args.temperature})" in help_text
     assert f"--top-k N 0 = no cut (default {args.top_k})" in help_text
-    assert f"--max-new-tokens N default {args.max_new_tokens}" in help_text
+    assert f"with a note; default {args.max_new_tokens})" in help_text
     if command == "chat":
         assert (args.max_new_tokens, args.temperature, args.top_k) == (256, 0.8, 50)

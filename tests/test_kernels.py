@@ -17,6 +17,7 @@ import pytest
 
 from hpllm.config import preset
 from hpllm.model import Transformer
+from hpllm.quant import WITH_HEAD
 from hpllm.quant.weight_only import Int4Weight, Int4WeightOnlyDot, Int8Weight, Int8WeightOnlyDot
 from infer import kernels
 from infer.kernels import (
@@ -26,7 +27,7 @@ from infer.kernels import (
     TiledInt8Weight,
     use_native_kernels,
 )
-from infer.loading import WITH_HEAD, quantize
+from infer.loading import quantize
 
 PATHS = ("portable", "avx2", "avx512")
 ROWS = (1, 2, 3, 4, 7, 8, 16, 33)

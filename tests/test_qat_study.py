@@ -90,3 +90,20 @@ def test_existing_study_folder_is_refused(study, tmp_path, capsys):
     (tmp_path / "runs").mkdir()
     assert study.main(["--preset", "tiny", "--steps", "1", "--out", str(tmp_path)]) == 2
     assert "already holds a study" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["", "{data}", "{mine}", "{a_file}"])
+def test_out_never_overwrites_what_the_study_did_not_create(study, tmp_path, capsys, out):
+    data = tmp_path / "corpus.txt"
+    data.write_text("text")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("precious")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("precious")
+    out = out.format(data=data, mine=mine, a_file=a_file)
+    assert study.main(["--preset", "tiny", "--steps", "1", "--data", str(data),
+                       "--out", out]) == 2
+    assert capsys.readouterr().err.startswith("error: --out")
+    assert (mine / "results.json").read_text() == "precious"
+    assert a_file.read_text() == "precious" and data.read_text() == "text"

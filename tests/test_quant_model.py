@@ -101,7 +101,8 @@ def test_delayed_state_has_the_layer_axis_and_splits_from_parameters(model):
 
 
 def _train(model, steps, tokens, lr=1e-2):
-    """The train step of CONTRACTS.md: the gradient w.r.t. the quant state is the new state."""
+    """The train step of the `hpllm.quant.api` docstring: the gradient w.r.t. the quant
+    state is the new state."""
     # Fresh buffers: the step donates them, and `model` may share arrays with other tests.
     params, state = jax.tree.map(jnp.copy, split_quant_state(model))
     optim = optax.adam(lr)

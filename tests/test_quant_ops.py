@@ -11,13 +11,12 @@ from hpllm.quant import (
     DelayedScale,
     Fp8QATDot,
     Int4WeightQATDot,
-    Int8Dot,
     Int8QATDot,
     Int8Weight,
-    fake_quant_ste,
-    fp8_dot,
-    int8_dot,
+    W8A8Dot,
 )
+from hpllm.quant.fake_quant import fake_quant_ste
+from hpllm.quant.integer import fp8_dot, int8_dot
 from hpllm.quant.quantizers import fake_quant_fp8, fake_quant_int4, fake_quant_int8
 
 
@@ -44,7 +43,7 @@ def test_fake_quant_int8_equals_real_int8_matmul_when_f32_accumulation_is_exact(
     exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     np.testing.assert_array_equal(real, exact.astype(np.float32))
     # The W8A8 inference op is the same integer path.
-    np.testing.assert_array_equal(Int8Dot()(x, Int8Weight(w)), real)
+    np.testing.assert_array_equal(W8A8Dot()(x, Int8Weight(w)), real)
 
 
 def test_fake_and_real_int8_differ_for_large_contracting_dims():

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from hpllm.errors import UserError
 from hpllm.tokenizer import ASSISTANT, EOS, MIN_VOCAB_SIZE, USER, Tokenizer
 
 CORPUS = [
@@ -53,12 +54,23 @@ def test_training_learns_merges_from_the_corpus(tokenizer):
 
 def test_special_tokens_are_single_reserved_ids(tokenizer):
     assert (tokenizer.eos_id, tokenizer.user_id, tokenizer.assistant_id) == (0, 1, 2)
-    ids = tokenizer.encode(f"{USER}hi{ASSISTANT}yo{EOS}")
+    ids = tokenizer.encode(f"{USER}hi{ASSISTANT}yo{EOS}", specials=True)
     assert ids[0] == tokenizer.user_id and ids[-1] == tokenizer.eos_id
     assert ids.count(tokenizer.assistant_id) == 1
     assert tokenizer.decode(ids, skip_special_tokens=True) == "hiyo"
     # Ordinary text never produces a special id.
     assert not {0, 1, 2} & set(tokenizer.encode("endoftext user assistant <|"))
+
+
+@pytest.mark.parametrize("text", [f"{EOS}{USER}", f"hi{ASSISTANT}", f"a {USER} b {EOS}{EOS}",
+                                  f"<|{USER}|>", EOS[:-1] + ASSISTANT])
+def test_text_can_never_forge_a_special_token(tokenizer, text):
+    """Typed text naming a special token is encoded as its bytes, so a chat user cannot end
+    a turn or start one; the bytes still decode to exactly what was typed."""
+    for ids in (tokenizer.encode(text), tokenizer.encode_batch([text])[0]):
+        assert not {tokenizer.eos_id, tokenizer.user_id, tokenizer.assistant_id} & set(ids)
+        assert tokenizer.decode(ids) == text
+    assert {0, 1, 2} & set(tokenizer.encode(text, specials=True))
 
 
 def test_encode_batch_matches_encode(tokenizer):
@@ -77,11 +89,11 @@ def test_save_load_round_trip(tokenizer, tmp_path):
 
 
 def test_load_errors_are_one_line(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         Tokenizer.load(tmp_path / "missing.json")
     truncated = tmp_path / "tokenizer.json"
     truncated.write_text('{"version": "1.0", "model": {')
-    with pytest.raises(ValueError, match="not a valid tokenizer.json") as info:
+    with pytest.raises(UserError, match="not a valid tokenizer.json") as info:
         Tokenizer.load(truncated)
     assert "\n" not in str(info.value)
 

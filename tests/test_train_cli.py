@@ -87,7 +87,7 @@ def test_run_folder_and_exact_resume(tmp_path, tokenizer_file):
     step3, step6 = straight / "checkpoints/step_000003", straight / "checkpoints/step_000006"
     assert {p.name for p in step6.iterdir()} == {
         "config.json", "model.safetensors", "opt_state.safetensors", "data_state.json",
-        "tokenizer.json"}
+        "tokenizer.json", "manifest.json"}
     assert latest_checkpoint(straight) == step6
 
     # The first half: the same run as it stood after step 3.

@@ -7,6 +7,7 @@ A checkpoint folder `OUT/checkpoints/step_000100/` holds
     opt_state.safetensors   AdamW moments and counters
     data_state.json         the batch iterator's position
     tokenizer.json
+    manifest.json           size and SHA-256 of each file above, checked before loading
 
 It is written by `hpllm.checkpoint.write_checkpoint` (hidden temporary folder, then rename), so
 a kill at any moment leaves either the complete folder or none. Old checkpoints are renamed to
@@ -31,6 +32,7 @@ from hpllm.checkpoint import (
     latest_checkpoint,
     load_tree,
     read_config,
+    verify_checkpoint,
     write_checkpoint,
 )
 from hpllm.quant import split_quant_state
@@ -76,6 +78,7 @@ class Checkpointer:
                 {**self.config, "step": step},
                 {"model": model, "opt_state": opt_state},
                 {DATA_STATE_FILE: json.dumps(data_state), "tokenizer.json": self.tokenizer_json},
+                replace=True,  # a step saved again after resuming from an earlier one
             )
             self.prune()
         return path
@@ -108,6 +111,7 @@ def load_training_checkpoint(path: Path, skeleton: TrainState
     """(state, data_state, config) of checkpoint `path`. `skeleton` gives the tree structure
     (shapes only is fine: `eqx.filter_eval_shape` of the initial state)."""
     path = Path(path)
+    verify_checkpoint(path)
     config = read_config(path)
     if not isinstance(config.get("step"), int):
         raise CheckpointError(f"{path / CONFIG_FILE}: no integer 'step'; not a training checkpoint")

@@ -23,10 +23,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from hpllm.checkpoint import CheckpointError, read_config
-from hpllm.config import PRESETS, ModelConfig, preset
+from hpllm.checkpoint import FORMAT_VERSION, CheckpointError, read_config
+from hpllm.config import DTYPE_ALIASES, PRESETS, ModelConfig, preset
+from hpllm.errors import UserError
 from hpllm.model import Transformer
-from hpllm.quant import QuantConfig, quantize_for_training, split_quant_state
+from hpllm.quant import MODES, QuantConfig, quantize_for_training, split_quant_state
 from hpllm.sharding import check_batch_divisible, make_mesh, shard_batch, shard_tree
 from hpllm.tokenizer import Tokenizer
 from train import data as train_data
@@ -43,8 +44,6 @@ from train.loop import (
     train_loop,
 )
 
-QUANT_MODES = ("none", "int8", "fp8")
-DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 BUNDLED_DATA = train_data.DEFAULT_DATA
 
 
@@ -104,7 +103,7 @@ HELP = {
     "warmup": "linear warmup steps (default: steps/10, at most 100)",
     "weight_decay": "AdamW weight decay (on weight matrices only)",
     "clip": "clip gradients to this global norm",
-    "quant": f"quantization-aware training: {', '.join(QUANT_MODES)}",
+    "quant": f"quantization-aware training: {', '.join(MODES)}",
     "eval_every": "evaluate held-out loss every N steps and at the end (0: never)",
     "eval_batches": "held-out batches per evaluation",
     "save_every": "checkpoint every N steps (0: only at the end and on Ctrl-C)",
@@ -152,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
             kind = int
         text = HELP[field.name] if "(default" in HELP[field.name] else (
             HELP[field.name] + f" (default: {default})")
-        metavar = {"preset": "{" + ",".join(PRESETS) + "}", "quant": "{" + ",".join(QUANT_MODES)
-                   + "}", "dtype": "{" + ",".join(DTYPES) + "}"}.get(field.name, "N")
+        metavar = {"preset": "{" + ",".join(PRESETS) + "}", "quant": "{" + ",".join(MODES)
+                   + "}", "dtype": "{" + ",".join(DTYPE_ALIASES) + "}"}.get(field.name, "N")
         if kind is str and field.name not in ("preset", "quant", "dtype"):
             metavar = field.name.upper()
         elif kind is float:
@@ -187,10 +186,10 @@ def validate(settings: Settings) -> ModelConfig:
     s = settings
     if s.preset not in PRESETS:
         raise UsageError(f"unknown --preset {s.preset!r}; choose one of {', '.join(PRESETS)}")
-    if s.quant not in QUANT_MODES:
-        raise UsageError(f"unknown --quant {s.quant!r}; choose one of {', '.join(QUANT_MODES)}")
-    if s.dtype not in DTYPES:
-        raise UsageError(f"unknown --dtype {s.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if s.quant not in MODES:
+        raise UsageError(f"unknown --quant {s.quant!r}; choose one of {', '.join(MODES)}")
+    if s.dtype not in DTYPE_ALIASES:
+        raise UsageError(f"unknown --dtype {s.dtype!r}; choose one of {', '.join(DTYPE_ALIASES)}")
     positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches")
     non_negative = ("warmup", "eval_every", "save_every", "keep", "seed")
     for name in positive + non_negative:
@@ -210,7 +209,7 @@ def validate(settings: Settings) -> ModelConfig:
     if s.seq_len > cfg.max_seq_len:
         raise UsageError(f"--seq-len {s.seq_len} is above the {s.preset} preset's max_seq_len "
                          f"({cfg.max_seq_len}); use --seq-len {cfg.max_seq_len} or less")
-    changes: dict[str, Any] = {"compute_dtype": DTYPES[s.dtype]}
+    changes: dict[str, Any] = {"compute_dtype": DTYPE_ALIASES[s.dtype]}
     if s.vocab_size is not None:
         changes["vocab_size"] = s.vocab_size
     try:
@@ -358,7 +357,7 @@ def run(settings: Settings, resume: bool) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run_config = {"model": cfg.to_dict(), "quant": qcfg.to_dict(), "train": settings.to_dict(),
                   "devices": len(mesh.devices.flat)}
-    write_json_atomically(out / "config.json", {"format_version": 1, **run_config})
+    write_json_atomically(out / "config.json", {"format_version": FORMAT_VERSION, **run_config})
     tokenizer.save(out / "tokenizer.json")
     metrics_path = out / "metrics.jsonl"
     if resume:
@@ -421,7 +420,7 @@ def read_checkpoint_tokenizer(checkpoint: Path) -> Tokenizer:
     file = checkpoint / "tokenizer.json"
     try:
         return Tokenizer.load(file)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, UserError) as error:
         raise CheckpointError(f"{file}: {error}") from None
 
 

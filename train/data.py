@@ -72,6 +72,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float32, Int32
 
+from hpllm.errors import UserError
 from hpllm.tokenizer import Tokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data"
@@ -373,7 +374,7 @@ def get_tokenizer(spec: str | Path, texts: Callable[[], Iterable[str]] | Iterabl
     if str(spec) != "train":
         try:
             return Tokenizer.load(spec)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, UserError) as err:
             raise DataError(f"{err}; pass a tokenizer.json path or --tokenizer train") from None
 
     def first_part() -> Iterator[str]:

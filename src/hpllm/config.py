@@ -4,7 +4,9 @@ import dataclasses
 import json
 from typing import Any
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+# The short names the command lines take for a compute dtype, and the dtypes they stand for.
+DTYPE_ALIASES = {"f32": "float32", "bf16": "bfloat16"}
+COMPUTE_DTYPES = tuple(DTYPE_ALIASES.values())
 
 
 @dataclasses.dataclass(frozen=True)

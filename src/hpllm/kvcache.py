@@ -14,9 +14,11 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Int8
 
-from hpllm.config import ModelConfig
+from hpllm.config import DTYPE_ALIASES, ModelConfig
 
-CACHE_DTYPES = ("float32", "bfloat16", "int8")
+# Short name (as the command lines take it) -> the cache's storage dtype.
+CACHE_DTYPE_ALIASES = {**DTYPE_ALIASES, "int8": "int8"}
+CACHE_DTYPES = tuple(CACHE_DTYPE_ALIASES.values())
 
 CacheArray = Float[Array, "*layers batch max_len kv_heads head_dim"] | Int8[
     Array, "*layers batch max_len kv_heads head_dim"]

@@ -12,11 +12,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+# What an op multiplies by: a float matrix, or a quantized tensor module (int8/int4/fp8 values
+# plus their scales, in `hpllm.quant.weight_only`) that the matching op knows how to read.
+Weight = Float[Array, "d_in d_out"] | eqx.Module
+
 
 class MatmulOp(eqx.Module):
-    """`op(x, weight) -> x @ weight`, in the dtype of `x`. Subclasses decide the numerics."""
+    """`op(x, weight) -> x @ weight`, in the dtype of `x`. Subclasses decide the numerics and
+    narrow `weight` to the one format they read."""
 
-    def __call__(self, x: Float[Array, "*batch d_in"], weight) -> Float[Array, "*batch d_out"]:
+    def __call__(self, x: Float[Array, "*batch d_in"], weight: Weight
+                 ) -> Float[Array, "*batch d_out"]:
         raise NotImplementedError
 
 
@@ -35,9 +41,11 @@ class Linear(eqx.Module):
 
     `weight` is a float array for float and QAT ops; conversion replaces it with a quantized
     tensor (int8/int4/fp8 values plus scales) together with the matching weight-only op.
+    Inside a model whose layers are stacked for `lax.scan`, every leaf (the weight, a quantized
+    weight's values and scales, an op's state) has the leading layer axis too.
     """
 
-    weight: Float[Array, "d_in d_out"] | eqx.Module
+    weight: Float[Array, "*layers d_in d_out"] | eqx.Module
     op: MatmulOp
 
     def __init__(self, d_in: int, d_out: int, *, key: PRNGKeyArray, scale: float = 1.0):

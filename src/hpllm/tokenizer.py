@@ -8,7 +8,11 @@ special tokens come first in the vocabulary:
     "<|user|>"       (id 1)  chat template: a user turn follows
     "<|assistant|>"  (id 2)  chat template: an assistant turn follows
 
-Special tokens written literally in the text are encoded as their single id.
+Text is text: `encode` turns a special token's name written in the text ("<|user|>" typed by
+a user, or found in a document) into its ordinary bytes, never into the special id, so no
+input can forge a turn boundary of the chat template or a document boundary. Special ids come
+only from code that places them (`eos_id`, `user_id`, `assistant_id`), or from
+`encode(text, specials=True)` for a trusted template written as text.
 """
 
 import json
@@ -17,6 +21,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from hpllm.errors import UserError
 
 EOS = "<|endoftext|>"
 USER = "<|user|>"
@@ -33,6 +39,9 @@ class Tokenizer:
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
         self._tok = hf_tokenizer
+        # A twin that reads special-token names as plain text (the flag is per tokenizer).
+        self._text_tok = HFTokenizer.from_str(hf_tokenizer.to_str())
+        self._text_tok.encode_special_tokens = True
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
@@ -57,16 +66,20 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Read a `tokenizer.json`; a missing or unreadable file raises a one-line error."""
+        """Read a `tokenizer.json`; a missing or unreadable file raises a one-line `UserError`
+        naming it."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+            raise UserError(f"tokenizer file {path} does not exist")
         try:
             hf_tokenizer = HFTokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ValueError(f"{path} is not a valid tokenizer.json ({reason})") from None
-        return cls(hf_tokenizer)
+            raise UserError(f"{path} is not a valid tokenizer.json ({reason})") from None
+        try:
+            return cls(hf_tokenizer)
+        except ValueError as err:
+            raise UserError(f"{path}: {err}") from None
 
     def save(self, path: str | Path) -> None:
         """Write `tokenizer.json` atomically (temporary file + rename)."""
@@ -82,12 +95,15 @@ class Tokenizer:
     def from_json(cls, text: str) -> "Tokenizer":
         return cls(HFTokenizer.from_str(text))
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, specials: bool = False) -> list[int]:
+        """Ids of `text`. A special token's name in the text is encoded as plain text unless
+        `specials` (only for trusted text, such as a template written by the program)."""
+        tokenizer = self._tok if specials else self._text_tok
+        return tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts at once (parallel inside `tokenizers`)."""
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        """`encode` of many texts at once (parallel inside `tokenizers`), specials as text."""
+        return [e.ids for e in self._text_tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Special tokens are written out unless `skip_special_tokens`."""

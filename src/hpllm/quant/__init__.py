@@ -3,14 +3,17 @@ inference ops, and the model-level API. See docs/numerics.md for the numerics an
 
 Files by job: `quantizers` (int8/fp8/int4 scaling, packing, delayed-scaling state),
 `fake_quant` (QAT ops with straight-through gradients), `integer` (int8 x int8 -> int32 and
-fp8 x fp8 matmuls), `weight_only` (quantized weight tensors and inference ops), `api`
-(QuantConfig and the tree maps over a model).
+fp8 x fp8 matmuls, and the W8A8 op), `weight_only` (quantized weight tensors and inference
+ops), `api` (the vocabulary, QuantConfig and the tree maps over a model). The package exports
+the model-level API, the ops and the weight formats; the numerics underneath (`int8_dot`,
+`fake_quant_ste`, the quantizers) are imported from their modules.
 """
 
 from hpllm.quant.api import (
     DEFAULT_TARGETS,
     MODES,
     SCHEMES,
+    WITH_HEAD,
     QuantConfig,
     linear_paths,
     quantize_for_training,
@@ -19,8 +22,8 @@ from hpllm.quant.api import (
     strip_training_quant,
     training_op,
 )
-from hpllm.quant.fake_quant import Fp8QATDot, Int4WeightQATDot, Int8QATDot, fake_quant_ste
-from hpllm.quant.integer import Int8Dot, fp8_dot, fp8_matmul, int8_dot, int8_matmul
+from hpllm.quant.fake_quant import Fp8QATDot, Int4WeightQATDot, Int8QATDot
+from hpllm.quant.integer import W8A8Dot
 from hpllm.quant.quantizers import DelayedScale
 from hpllm.quant.weight_only import (
     Fp8Weight,
@@ -32,9 +35,9 @@ from hpllm.quant.weight_only import (
 )
 
 __all__ = [
-    "DEFAULT_TARGETS", "MODES", "SCHEMES", "DelayedScale", "Fp8QATDot", "Fp8Weight",
-    "Fp8WeightOnlyDot", "Int4Weight", "Int4WeightOnlyDot", "Int4WeightQATDot", "Int8Dot",
-    "Int8QATDot", "Int8Weight", "Int8WeightOnlyDot", "QuantConfig", "fake_quant_ste", "fp8_dot",
-    "fp8_matmul", "int8_dot", "int8_matmul", "linear_paths", "quantize_for_training",
-    "quantize_weights", "split_quant_state", "strip_training_quant", "training_op",
+    "DEFAULT_TARGETS", "MODES", "SCHEMES", "WITH_HEAD", "DelayedScale", "Fp8QATDot",
+    "Fp8Weight", "Fp8WeightOnlyDot", "Int4Weight", "Int4WeightOnlyDot", "Int4WeightQATDot",
+    "Int8QATDot", "Int8Weight", "Int8WeightOnlyDot", "QuantConfig", "W8A8Dot", "linear_paths",
+    "quantize_for_training", "quantize_weights", "split_quant_state", "strip_training_quant",
+    "training_op",
 ]

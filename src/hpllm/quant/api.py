@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from hpllm.linear import FloatDot, Linear, MatmulOp
 from hpllm.quant.fake_quant import QAT_OPS, Fp8QATDot, Int4WeightQATDot, Int8QATDot
-from hpllm.quant.integer import Int8Dot
+from hpllm.quant.integer import W8A8Dot
 from hpllm.quant.quantizers import DelayedScale
 from hpllm.quant.weight_only import (
     Fp8Weight,
@@ -46,10 +46,15 @@ from hpllm.quant.weight_only import (
     Int8WeightOnlyDot,
 )
 
+# The project's quantization vocabulary, defined once: both command lines take their choices
+# from here. Training modes are the fake-quant (QAT) ops of `training_op`; inference schemes
+# are the weight formats of `quantize_weights`.
 MODES = ("none", "int8", "fp8", "int4w")
 SCALINGS = ("delayed", "current")
-SCHEMES = ("int8", "int4", "fp8", "bf16", "f32", "w8a8")
+SCHEMES = ("f32", "bf16", "int8", "int4", "fp8", "w8a8")
+# The layer weights; "lm_head" is added on request (the embeddings always stay float).
 DEFAULT_TARGETS = ("blocks.*",)
+WITH_HEAD = (*DEFAULT_TARGETS, "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +239,7 @@ def _convert(linear: Linear, scheme: str, group_size: int) -> Linear:
     if scheme == "int8":
         return _with(linear, Int8Weight(w), Int8WeightOnlyDot())
     if scheme == "w8a8":
-        return _with(linear, Int8Weight(w), Int8Dot())
+        return _with(linear, Int8Weight(w), W8A8Dot())
     if scheme == "int4":
         return _with(linear, Int4Weight(w, group_size), Int4WeightOnlyDot())
     if scheme == "fp8":

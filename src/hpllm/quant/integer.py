@@ -57,7 +57,7 @@ def fp8_dot(x: Float[Array, "*batch k"], w: Float[Array, "k n"]) -> Float[Array,
     return acc * (x_scale.reshape(()) * w_scale.reshape(()))
 
 
-class Int8Dot(MatmulOp):
+class W8A8Dot(MatmulOp):
     """W8A8 inference op: int8 weights (per channel) and activations quantized per token on
     the fly, multiplied in int8 with int32 accumulation."""
 

@@ -139,5 +139,3 @@ class Int4WeightOnlyDot(MatmulOp):
                  ) -> Float[Array, "*batch d_out"]:
         return int4_weight_only_matmul(x, weight.packed, weight.scales, weight.d_in)
 
-
-QUANTIZED_WEIGHTS = (Int8Weight, Int4Weight, Fp8Weight)
