@@ -6,13 +6,16 @@
 //       bench/kernel_variants.cc -o /tmp/kernel_variants
 //   flock /tmp/hpllm-bench.lock /tmp/kernel_variants
 //
+// The same with -march=x86-64-v3 (the AVX2 path) and with -DHPLLM_PORTABLE (portable loops);
+// bench/kernel_paths.sh builds and runs all three.
+//
 // 1. Weight layout, int8, one activation row, tiles split over 2 OpenMP threads: the shipped
 //    tile kernel on the tiled layout [N/128][K][128] against the same arithmetic walking the
 //    checkpoint's plain [K][N] layout tile by tile (the first version of the kernel).
 // 2. Rows per pass over a tile, int8, one thread: 8 activation rows as two passes of 4
 //    (kRowChunk) against one pass of 8 (the weight GB/s counts the bytes each reads).
-// 3. int4 unpacking, one thread: the portable loop against the AVX-512 intrinsics (when built
-//    with AVX-512), 1 and 4 rows, group 128.
+// 3. The instruction path this build compiled (AVX-512, AVX2 or portable: build it three
+//    times, see below), int8 and int4 (group 128), 1 and 4 rows, one thread.
 //
 // Each call multiplies by a different copy of the weights (~300 MB in all), so they come from
 // memory, as in decoding, not from cache. Figures: median over 7 rounds of the time per call,
@@ -114,29 +117,35 @@ int main() {
     report("int8, 8 rows as two passes of 4, 1 thread", K, N, 2 * four, 2.0 * size);
     report("int8, 8 rows in one pass, 1 thread", K, N, eight, size);
 
-    auto int4 = [&](auto rows, bool intrinsics) {
+    // 3. This build's instruction path (HpllmKernelPath), int8 and int4, 1 and 4 rows.
+    auto int8 = [&](auto rows) {
       constexpr int64_t R = decltype(rows)::value;
       return seconds_per_call(copies, [&](int64_t c) {
-        for (int64_t t = 0; t < tiles; ++t) {
-          const uint8_t* p = packed.data() + c * size / 2 + t * (K / 2) * kTile;
-#if defined(__AVX512F__)
-          if (intrinsics) {
-            int4_tile_avx512<R>(x.data(), K, p, scale.data() + t * kTile, N, K, group, out);
-            continue;
-          }
-#endif
-          int4_tile_portable<R>(x.data(), K, p, scale.data() + t * kTile, N, K, group, out);
-        }
+        for (int64_t t = 0; t < tiles; ++t)
+          int8_tile<R>(x.data(), K, w.data() + c * size + t * K * kTile,
+                       scale.data() + t * kTile, K, out);
+      });
+    };
+    auto int4 = [&](auto rows) {
+      constexpr int64_t R = decltype(rows)::value;
+      return seconds_per_call(copies, [&](int64_t c) {
+        for (int64_t t = 0; t < tiles; ++t)
+          int4_tile<R>(x.data(), K, packed.data() + c * size / 2 + t * (K / 2) * kTile,
+                       scale.data() + t * kTile, N, K, group, out);
       });
     };
     const auto one = std::integral_constant<int64_t, 1>{};
     const auto four_rows = std::integral_constant<int64_t, 4>{};
-    report("int4, 1 row, 1 thread, portable loop", K, N, int4(one, false), size / 2.0);
-    report("int4, 4 rows, 1 thread, portable loop", K, N, int4(four_rows, false), size / 2.0);
-#if defined(__AVX512F__)
-    report("int4, 1 row, 1 thread, AVX-512", K, N, int4(one, true), size / 2.0);
-    report("int4, 4 rows, 1 thread, AVX-512", K, N, int4(four_rows, true), size / 2.0);
-#endif
+    char name[96];
+    const char* path = HpllmKernelPath();
+    std::snprintf(name, sizeof name, "int8, 1 row, 1 thread, %s", path);
+    report(name, K, N, int8(one), size);
+    std::snprintf(name, sizeof name, "int8, 4 rows, 1 thread, %s", path);
+    report(name, K, N, int8(four_rows), size);
+    std::snprintf(name, sizeof name, "int4, 1 row, 1 thread, %s", path);
+    report(name, K, N, int4(one), size / 2.0);
+    std::snprintf(name, sizeof name, "int4, 4 rows, 1 thread, %s", path);
+    report(name, K, N, int4(four_rows), size / 2.0);
   }
   return 0;
 }

@@ -29,6 +29,7 @@ from hpllm.model import ModelCache, Transformer
 from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
 from infer.generate import Generator, decode_chunk
 from infer.kernels import available as native_kernels_available
+from infer.kernels import load as load_native_kernels
 from infer.loading import load, quantize, random_model
 
 COPY_BYTES = 512 * 2**20
@@ -217,6 +218,11 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "lm_head_quantized": bool(args.quantize_head and name != "f32"),
             "native_kernel": bool(name in ("int8", "int4") and not args.no_native_kernels
                                   and native_kernels_available()),
+            # Which instruction path the native kernels were built with (avx512 / avx2 /
+            # portable), and the CPU's vector flags: figures differ a lot between them.
+            "native_kernel_path": (load_native_kernels().path
+                                   if native_kernels_available() else None),
+            "cpu_vector_flags": _cpu_vector_flags(),
             "n_params": m.cfg.n_params,
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
@@ -231,6 +237,16 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         print(json.dumps(report, indent=2))
     return report
+
+
+def _cpu_vector_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(flag for flag in set(flags) if flag.startswith(("avx", "amx")) or flag == "fma")
 
 
 def markdown_table(reports: list[dict[str, Any]]) -> str:

@@ -7,19 +7,35 @@ quantized weight once and widens it in registers. It wants the weights in 128-co
 (`TiledInt8Weight`, `TiledInt4Weight`: one contiguous stream per tile), made once at load
 time by `use_native_kernels`; checkpoints keep the plain `[d_in, d_out]` layout.
 
-The kernel is compiled on first use with the system C++ compiler (`-O3 -march=native`)
-into a cache folder (`$HPLLM_CACHE` or `~/.cache/hpllm`), keyed by a hash of the source, the
-flags and the JAX version. Without a compiler, or with `HPLLM_NATIVE_KERNELS=0`, nothing
-changes: `use_native_kernels` returns the model as is and the pure-XLA ops run.
+The kernel is compiled on first use with the system C++ compiler into a cache folder
+(`$HPLLM_CACHE` or `~/.cache/hpllm`). Its instruction path (AVX-512, AVX2 + FMA, or portable
+loops) is chosen at compile time from the target's feature macros; `HPLLM_KERNEL_ISA` picks the
+build:
+
+- `native` (default): `-march=native`, the best path this CPU runs;
+- `avx512` / `avx2`: `-march=x86-64-v4` / `-march=x86-64-v3` (for tests and comparisons);
+- `portable`: the plain loops (`-DHPLLM_PORTABLE`), the path of non-x86 machines.
+
+The cached library's name is a hash of the source, the flags, the JAX version and the target
+features the compiler resolves for those flags (its predefined macros), so a home folder shared
+by an AVX-512 and an AVX2 machine holds one library per CPU kind and neither loads the other's.
+Without a compiler, or with `HPLLM_NATIVE_KERNELS=0`, nothing changes: `use_native_kernels`
+returns the model as is and the pure-XLA ops run.
+
+From `PREFILL_ROWS` activation rows up (a prompt: batch x prompt length rows), the ops hand the
+product to XLA's f32 dot on a dequantized copy of the weight made per call: a 128-row product is
+compute-bound, and XLA's blocked GEMM beats the matrix-vector kernel there (docs/performance.md).
 """
 
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import equinox as eqx
@@ -38,29 +54,83 @@ from hpllm.quant.weight_only import (
 )
 
 SOURCE = Path(__file__).with_name("int8_matvec.cc")
-TARGET = "hpllm_int8_matvec"
-INT4_TARGET = "hpllm_int4_matvec"
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
+COMMON_FLAGS = ("-O3", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
+# HPLLM_KERNEL_ISA -> the target flags of that build.
+ISA_FLAGS = {
+    "native": ("-march=native",),
+    "avx512": ("-march=x86-64-v4",),
+    "avx2": ("-march=x86-64-v3",),
+    "portable": ("-march=native", "-DHPLLM_PORTABLE"),
+}
+# /proc/cpuinfo flags a forced build needs (x86-64-v4 / -v3 as GCC defines them).
+ISA_CPU_FLAGS = {
+    "avx512": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma"),
+    "avx2": ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"),
+}
+# Predefined macros that name a target feature: the part of the compiler's view of the target
+# that decides which instructions the library may contain.
+_FEATURE_MACRO = re.compile(r"#define (__(?:[A-Z0-9_]*(?:AVX|SSE|FMA|F16C|BMI|AMX|VNNI|POPCNT"
+                            r"|LZCNT|MOVBE|ARM_FEATURE|ARM_NEON|aarch64|x86_64|riscv)"
+                            r"[A-Za-z0-9_]*)) ")
 
-_state: dict[str, object] = {}
+
+def default_isa() -> str:
+    isa = os.environ.get("HPLLM_KERNEL_ISA", "native")
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"HPLLM_KERNEL_ISA must be one of {', '.join(ISA_FLAGS)}, got {isa!r}")
+    return isa
+
+
+def cpu_lacks(isa: str) -> str | None:
+    """Why this CPU cannot run the `isa` build, or None if it can."""
+    needed = ISA_CPU_FLAGS.get(isa, ())
+    if not needed:
+        return None
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no /proc/cpuinfo to read the CPU's flags from"
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                      if line.startswith("flags")), []))
+    missing = [flag for flag in needed if flag not in flags]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def target_features(compiler: str, flags: tuple[str, ...]) -> tuple[str, ...]:
+    """The target-feature macros (`__AVX2__`, `__AVX512F__`, ...) the compiler defines under
+    `flags`: what `-march=native` resolved to on this machine."""
+    result = subprocess.run([compiler, *flags, "-dM", "-E", "-x", "c++", os.devnull],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise OSError(f"{compiler} {' '.join(flags)} -dM -E failed: {result.stderr.strip()[:300]}")
+    return tuple(sorted(set(_FEATURE_MACRO.findall(result.stdout))))
+
+
+def cache_key(source: bytes, flags: tuple[str, ...], features: tuple[str, ...]) -> str:
+    """Name part of the cached library: changes with the source, the flags, the JAX version
+    (the FFI headers) and the resolved target features."""
+    digest = hashlib.sha256(source)
+    for part in (" ".join(flags), jax.__version__, " ".join(features)):
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:16]
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("HPLLM_CACHE", Path.home() / ".cache" / "hpllm"))
 
 
-def _build() -> Path:
+def _build(isa: str) -> Path:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise OSError("no C++ compiler (g++) found")
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode() + jax.__version__.encode())
-    library = _cache_dir() / f"int8_matvec-{digest.hexdigest()[:16]}.so"
+    flags = COMMON_FLAGS + ISA_FLAGS[isa]
+    key = cache_key(SOURCE.read_bytes(), flags, target_features(compiler, ISA_FLAGS[isa]))
+    library = _cache_dir() / f"int8_matvec-{isa}-{key}.so"
     if library.is_file():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     tmp = library.with_name(f".{library.name}.{uuid.uuid4().hex[:8]}")
-    command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp)]
+    command = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -69,26 +139,62 @@ def _build() -> Path:
     return library
 
 
-def available() -> bool:
-    """Whether the kernel is compiled and registered (building it on the first call)."""
-    if "ok" not in _state:
-        _state["ok"] = False
-        if os.environ.get("HPLLM_NATIVE_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
-            _state["why"] = "disabled" if jax.default_backend() == "cpu" else "not on CPU"
-            return False
-        try:
-            library = ctypes.cdll.LoadLibrary(str(_build()))
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.HpllmInt8Matvec),
-                                        platform="cpu")
-            jax.ffi.register_ffi_target(INT4_TARGET,
-                                        jax.ffi.pycapsule(library.HpllmInt4Matvec),
-                                        platform="cpu")
-            _state["ok"] = True
-        except OSError as error:
-            _state["why"] = str(error)
-            print(f"note: native int8/int4 kernels unavailable ({error}); using the XLA ops",
-                  file=sys.stderr)
-    return bool(_state["ok"])
+@dataclass(frozen=True)
+class Kernels:
+    """One loaded build: its FFI target names and the instruction path it was compiled with."""
+
+    isa: str
+    path: str  # "avx512" | "avx2" | "portable", as the library reports it
+    int8_target: str
+    int4_target: str
+
+
+_loaded: dict[str, Kernels | str] = {}  # isa -> the build, or why it is unavailable
+
+
+def load(isa: str | None = None) -> Kernels | None:
+    """The `isa` build (default: `HPLLM_KERNEL_ISA`), compiled and registered on first use;
+    None if it cannot be (`unavailable_reason` says why)."""
+    isa = isa or default_isa()
+    if isa not in _loaded:
+        _loaded[isa] = _load(isa)
+        if isinstance(_loaded[isa], str) and _loaded[isa] != "disabled":
+            print(f"note: native int8/int4 kernels ({isa}) unavailable ({_loaded[isa]}); using "
+                  "the XLA ops", file=sys.stderr)
+    found = _loaded[isa]
+    return found if isinstance(found, Kernels) else None
+
+
+def unavailable_reason(isa: str | None = None) -> str | None:
+    isa = isa or default_isa()
+    load(isa)
+    found = _loaded[isa]
+    return found if isinstance(found, str) else None
+
+
+def _load(isa: str) -> Kernels | str:
+    if os.environ.get("HPLLM_NATIVE_KERNELS", "1") == "0":
+        return "disabled"
+    if jax.default_backend() != "cpu":
+        return "not on CPU"
+    if (lacks := cpu_lacks(isa)) is not None:
+        return lacks
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build(isa)))
+    except OSError as error:
+        return str(error)
+    library.HpllmKernelPath.restype = ctypes.c_char_p
+    kernels = Kernels(isa, library.HpllmKernelPath().decode(), f"hpllm_int8_matvec_{isa}",
+                      f"hpllm_int4_matvec_{isa}")
+    for target, symbol in ((kernels.int8_target, library.HpllmInt8Matvec),
+                           (kernels.int4_target, library.HpllmInt4Matvec)):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
+    return kernels
+
+
+def available(isa: str | None = None) -> bool:
+    """Whether the kernels are compiled and registered (building them on the first call)."""
+    return load(isa) is not None
 
 
 TILE = 128  # output columns per tile; must equal kTile in int8_matvec.cc
@@ -165,52 +271,71 @@ def _rows(x: Float[Array, "*batch d_in"]) -> int:
     return x.size // x.shape[-1]
 
 
+# Activation rows from which a product goes to XLA's f32 dot on a dequantized copy of the weight
+# instead of the matrix-vector kernel: measured with bench/prefill_threshold.py (figures and
+# command in docs/performance.md). Decode batches (up to 32 rows) stay below it, prompts above.
+PREFILL_ROWS = 64
+
+
 class NativeInt8Dot(MatmulOp):
-    """`Int8WeightOnlyDot` on the native kernel (any number of activation rows: the kernel
-    reuses each weight tile across rows, so prefill reads the weights once too). bf16
-    activations take the XLA op."""
+    """`Int8WeightOnlyDot` on the native kernel of build `isa` (each row chunk reuses a weight
+    tile from cache). From `prefill_rows` rows up, and for bf16 activations, the XLA op on the
+    untiled weight (the reference numerics) runs instead."""
+
+    isa: str = eqx.field(static=True, default="native")
+    prefill_rows: int = eqx.field(static=True, default=PREFILL_ROWS)
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledInt8Weight
                  ) -> Float[Array, "*batch d_out"]:
-        if x.dtype != jnp.float32:
-            return int8_weight_only_matmul(x, *weight.plain())
         rows, d_in = _rows(x), x.shape[-1]
-        call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
+        kernels = load(self.isa)
+        if x.dtype != jnp.float32 or rows >= self.prefill_rows or kernels is None:
+            return int8_weight_only_matmul(x, *weight.plain())
+        call = jax.ffi.ffi_call(kernels.int8_target,
+                                jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
         y = call(x.reshape(rows, d_in), weight.values, weight.scales)
         return y.reshape(x.shape[:-1] + (weight.d_out,))
 
 
 class NativeInt4Dot(MatmulOp):
-    """`Int4WeightOnlyDot` on the native kernel: the packed nibbles are unpacked in registers
-    and each group's partial sum is scaled once."""
+    """`Int4WeightOnlyDot` on the native kernel of build `isa`: the packed nibbles are unpacked
+    in registers and each group's partial sum is scaled once. From `prefill_rows` rows up, and
+    for bf16 activations, the XLA op on the untiled weight runs instead."""
+
+    isa: str = eqx.field(static=True, default="native")
+    prefill_rows: int = eqx.field(static=True, default=PREFILL_ROWS)
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledInt4Weight
                  ) -> Float[Array, "*batch d_out"]:
-        if x.dtype != jnp.float32:
-            return int4_weight_only_matmul(x, *weight.plain(), weight.d_in)
         rows, half_rows = _rows(x), weight.packed.shape[-2]
+        kernels = load(self.isa)
+        if x.dtype != jnp.float32 or rows >= self.prefill_rows or kernels is None:
+            return int4_weight_only_matmul(x, *weight.plain(), weight.d_in)
         x2 = x.reshape(rows, x.shape[-1])
         # Zero activations for the zero padding rows of the last group.
         x2 = jnp.pad(x2, ((0, 0), (0, 2 * half_rows - x2.shape[1])))
-        call = jax.ffi.ffi_call(INT4_TARGET,
+        call = jax.ffi.ffi_call(kernels.int4_target,
                                 jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
         return call(x2, weight.packed, weight.scales).reshape(x.shape[:-1] + (weight.d_out,))
 
 
-def use_native_kernels(model: eqx.Module) -> eqx.Module:
-    """`model` with every int8 / int4 weight-only op swapped for its native twin and its weight
-    retiled for it (if the kernels are available). Works in either layer layout: `lax.scan`
-    hands the ops of stacked blocks one layer's tiles, as the unstacked blocks hold them."""
-    if not available():
+def use_native_kernels(model: eqx.Module, isa: str | None = None,
+                       prefill_rows: int = PREFILL_ROWS) -> eqx.Module:
+    """`model` with every int8 / int4 weight-only op swapped for its native twin (build `isa`,
+    default `HPLLM_KERNEL_ISA`) and its weight retiled for it, if that build is available.
+    Works in either layer layout: `lax.scan` hands the ops of stacked blocks one layer's tiles,
+    as the unstacked blocks hold them."""
+    isa = isa or default_isa()
+    if not available(isa):
         return model
 
     def swap(x):
         if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
-                               (TiledInt8Weight(x.weight), NativeInt8Dot()))
+                               (TiledInt8Weight(x.weight), NativeInt8Dot(isa, prefill_rows)))
         if isinstance(x, Linear) and isinstance(x.op, Int4WeightOnlyDot):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
-                               (TiledInt4Weight(x.weight), NativeInt4Dot()))
+                               (TiledInt4Weight(x.weight), NativeInt4Dot(isa, prefill_rows)))
         return x
 
     return jax.tree.map(swap, model, is_leaf=lambda x: isinstance(x, Linear))

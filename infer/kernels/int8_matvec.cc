@@ -11,11 +11,25 @@
 // rows of one 128-column tile are one contiguous stream. Walking the plain [K, N] layout tile by
 // tile instead reads 128 bytes, jumps N bytes, reads 128 bytes...: on base's matrices at one
 // activation row that is 1.4-2x slower with the same arithmetic (bench/kernel_variants.cc,
-// figures in docs/performance.md). A tile's 128 f32 accumulators per activation row stay
-// in registers (8 AVX-512 or 16 AVX2 vectors); the compiler vectorises the plain loops below
-// under -march=native. Tiles are shared out over XLA's CPU threads, and every row chunk of the
-// activations reuses a tile while it is in cache, so prefill reads each weight from memory once.
-#if defined(__AVX512F__)
+// figures in docs/performance.md). Tiles are shared out over XLA's CPU threads, and every row
+// chunk of the activations reuses a tile while it is in cache, so prefill reads each weight
+// from memory once.
+//
+// Instruction paths, chosen at compile time from the target's feature macros:
+// - AVX-512 (__AVX512F__): 16 f32 lanes, 32 vector registers;
+// - AVX2 + FMA (__AVX2__, __FMA__): 8 lanes, 16 registers;
+// - portable loops that the compiler vectorises as it can (other architectures, or forced with
+//   -DHPLLM_PORTABLE, which infer.kernels does for HPLLM_KERNEL_ISA=portable).
+// The two x86 paths are one template over a small "vector traits" struct: the loop structure
+// (fused widening, FMA accumulation, how many accumulators per pass) is the same, only the
+// register width and count differ. `HpllmKernelPath()` reports which path was compiled.
+#if !defined(HPLLM_PORTABLE) && defined(__AVX512F__)
+#define HPLLM_PATH_AVX512 1
+#elif !defined(HPLLM_PORTABLE) && defined(__AVX2__) && defined(__FMA__)
+#define HPLLM_PATH_AVX2 1
+#endif
+
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -33,16 +47,17 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kTile = 128;  // must equal infer.kernels.TILE
-// Activation rows that share one pass over a tile: 4 x 128 accumulators still fit the 32 vector
-// registers of AVX-512; one pass of 8 rows spills and takes 1.8x as long as two passes of 4
-// (bench/kernel_variants.cc).
+// Activation rows that share one pass over a tile. In the SIMD paths the tile is walked in
+// k-blocks that stay in L1 while every column pass and every row chunk uses them.
 constexpr int64_t kRowChunk = 4;
+// Rows of one k-block of an int8 tile: 64 x 128 bytes = 8 KiB, a sixth of L1.
+constexpr int64_t kBlockK = 64;
 
-// One tile, `Rows` activation rows: out[r][j] = scale[j] * sum_k x[r, k] * w[k, j]. The sums
-// build up in a local array, which the compiler keeps in registers.
+// The portable int8 tile: out[r][j] = scale[j] * sum_k x[r, k] * w[k, j]. The sums build up
+// in a local array, which the compiler keeps in registers where it can.
 template <int64_t Rows>
-void int8_tile(const float* x, int64_t ldx, const int8_t* w, const float* scale, int64_t K,
-               float (*out)[kTile]) {
+void int8_tile_portable(const float* x, int64_t ldx, const int8_t* w, const float* scale,
+                        int64_t K, float (*out)[kTile]) {
   float acc[Rows][kTile] = {};
   for (int64_t k = 0; k < K; ++k) {
     const int8_t* row = w + k * kTile;
@@ -57,56 +72,9 @@ void int8_tile(const float* x, int64_t ldx, const int8_t* w, const float* scale,
     for (int64_t j = 0; j < kTile; ++j) out[r][j] = acc[r][j] * scale[j];
 }
 
-#if defined(__AVX512F__)
-// The int4 tile in AVX-512 intrinsics. The portable loop below widens each k-pair into two
-// staging arrays and reads them back, because GCC does not vectorise the fused loop (u8 -> u32
-// -> f32 with two uses of the byte); here the nibbles go from one load to FMAs in registers:
-// 1.4x faster for one row, 1.6x for four (bench/kernel_variants.cc). The
-// partial sums of `Rows` rows x `kVectors` vectors stay in registers (16 of the 32), so with
-// more than two rows the tile is done in two column halves.
-template <int64_t Rows>
-void int4_tile_avx512(const float* x, int64_t ldx, const uint8_t* packed, const float* scale,
-                      int64_t ld_scale, int64_t K, int64_t group, float (*out)[kTile]) {
-  constexpr int kVectors = Rows <= 2 ? 8 : 4;
-  const __m512i low_nibble = _mm512_set1_epi32(15);
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t j = 0; j < kTile; ++j) out[r][j] = 0.0f;
-  for (int64_t c0 = 0; c0 < kTile; c0 += 16 * kVectors) {
-    for (int64_t g0 = 0; g0 < K; g0 += group) {
-      __m512 part[Rows][kVectors];
-      float x_sum[Rows] = {};
-      for (int64_t r = 0; r < Rows; ++r)
-        for (int v = 0; v < kVectors; ++v) part[r][v] = _mm512_setzero_ps();
-      for (int64_t k = g0; k < g0 + group; k += 2) {
-        const uint8_t* row = packed + (k / 2) * kTile + c0;
-        for (int v = 0; v < kVectors; ++v) {
-          const __m512i bytes = _mm512_cvtepu8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v)));
-          const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low_nibble));
-          const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-          for (int64_t r = 0; r < Rows; ++r) {
-            part[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), low, part[r][v]);
-            part[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k + 1]), high, part[r][v]);
-          }
-        }
-        for (int64_t r = 0; r < Rows; ++r) x_sum[r] += x[r * ldx + k] + x[r * ldx + k + 1];
-      }
-      const float* s = scale + (g0 / group) * ld_scale + c0;
-      for (int64_t r = 0; r < Rows; ++r) {
-        const __m512 offset = _mm512_set1_ps(8.0f * x_sum[r]);
-        for (int v = 0; v < kVectors; ++v) {
-          float* total = out[r] + c0 + 16 * v;
-          _mm512_storeu_ps(total, _mm512_fmadd_ps(_mm512_sub_ps(part[r][v], offset),
-                                                  _mm512_loadu_ps(s + 16 * v),
-                                                  _mm512_loadu_ps(total)));
-        }
-      }
-    }
-  }
-}
-#endif
-
-// The int4 tile in plain loops that the compiler vectorises (any x86 or other CPU).
+// The portable int4 tile (see int4_tile_simd for the format). GCC does not vectorise the fused
+// loop (u8 -> u32 -> f32 with two uses of the byte), so each k-pair is widened into two staging
+// arrays first and read back for every row.
 template <int64_t Rows>
 void int4_tile_portable(const float* x, int64_t ldx, const uint8_t* packed, const float* scale,
                         int64_t ld_scale, int64_t K, int64_t group, float (*out)[kTile]) {
@@ -116,7 +84,6 @@ void int4_tile_portable(const float* x, int64_t ldx, const uint8_t* packed, cons
     float part[Rows][kTile] = {}, x_sum[Rows] = {};
     for (int64_t k = g0; k < g0 + group; k += 2) {
       const uint8_t* row = packed + (k / 2) * kTile;
-      // Unpack once, use for every activation row.
       float low[kTile], high[kTile];
 #pragma omp simd
       for (int64_t j = 0; j < kTile; ++j) {
@@ -140,6 +107,166 @@ void int4_tile_portable(const float* x, int64_t ldx, const uint8_t* packed, cons
   }
 }
 
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+#if defined(HPLLM_PATH_AVX512)
+struct Simd {
+  using F = __m512;
+  static constexpr int64_t kLanes = 16;
+  // Accumulators per pass: half the 32 registers, the rest hold broadcasts and widened weights.
+  static constexpr int64_t kAccumulators = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  // 16 int8 -> 16 f32: sign-extending load, convert.
+  static F widen_int8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // 16 bytes -> their low and high nibbles as f32 (0..15): one zero-extending load, one AND,
+  // one shift, two converts.
+  static void widen_nibbles(const uint8_t* p, F& low, F& high) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    low = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    high = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+  }
+};
+#else
+struct Simd {
+  using F = __m256;
+  static constexpr int64_t kLanes = 8;
+  // Half the 16 registers: 8 accumulators, the rest hold broadcasts and widened weights
+  // (16 accumulators, a whole 128-column tile row, would spill).
+  static constexpr int64_t kAccumulators = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F widen_int8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void widen_nibbles(const uint8_t* p, F& low, F& high) {
+    const __m256i b =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    low = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    high = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+  }
+};
+#endif
+
+// Vectors per column pass for `rows` activation rows: as many of a tile row's kTile / kLanes
+// vectors as keep rows x vectors accumulators within the budget (AVX-512: 8, 8, 4, 4 for 1-4
+// rows; AVX2: 8, 4, 2, 2), so the FMAs of one k have that many independent chains.
+constexpr int64_t vectors_per_pass(int64_t rows) {
+  int64_t v = kTile / Simd::kLanes;
+  while (v > 1 && rows * v > Simd::kAccumulators) v /= 2;
+  return v;
+}
+
+// int8 tile in intrinsics: each weight vector is widened once (load + sign extend + convert)
+// and feeds one FMA per row. The tile is walked in k-blocks of kBlockK rows (8 KiB); within a
+// block each column pass keeps its accumulators in registers and leaves them in `out` for the
+// next block, so the block is read from memory once and from L1 by the later passes.
+template <int64_t Rows>
+void int8_tile_simd(const float* x, int64_t ldx, const int8_t* w, const float* scale, int64_t K,
+                    float (*out)[kTile]) {
+  using F = Simd::F;
+  constexpr int64_t kVectors = vectors_per_pass(Rows), kWidth = kVectors * Simd::kLanes;
+  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+    const int64_t k1 = std::min(K, k0 + kBlockK);
+    for (int64_t c0 = 0; c0 < kTile; c0 += kWidth) {
+      F acc[Rows][kVectors];
+      for (int64_t r = 0; r < Rows; ++r)
+        for (int64_t v = 0; v < kVectors; ++v)
+          acc[r][v] = k0 == 0 ? Simd::zero() : Simd::load(out[r] + c0 + v * Simd::kLanes);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int8_t* row = w + k * kTile + c0;
+        F xv[Rows];
+        for (int64_t r = 0; r < Rows; ++r) xv[r] = Simd::set1(x[r * ldx + k]);
+        for (int64_t v = 0; v < kVectors; ++v) {
+          const F wv = Simd::widen_int8(row + v * Simd::kLanes);
+          for (int64_t r = 0; r < Rows; ++r) acc[r][v] = Simd::fma(xv[r], wv, acc[r][v]);
+        }
+      }
+      const bool last = k1 == K;
+      for (int64_t r = 0; r < Rows; ++r)
+        for (int64_t v = 0; v < kVectors; ++v) {
+          const int64_t j = c0 + v * Simd::kLanes;
+          Simd::store(out[r] + j, last ? Simd::mul(acc[r][v], Simd::load(scale + j)) : acc[r][v]);
+        }
+    }
+  }
+}
+
+// int4 tile in intrinsics: the nibbles go from one load to FMAs in registers (AND / shift and
+// convert, no staging arrays). Per group (the natural k-block: 64 rows x 128 bytes = 8 KiB at
+// group 128), each column pass sums x * (q + 8) in registers, then subtracts 8 x the group's
+// activation sum (computed once per group and row) and adds the scaled result into `out`.
+template <int64_t Rows>
+void int4_tile_simd(const float* x, int64_t ldx, const uint8_t* packed, const float* scale,
+                    int64_t ld_scale, int64_t K, int64_t group, float (*out)[kTile]) {
+  using F = Simd::F;
+  constexpr int64_t kVectors = vectors_per_pass(Rows), kWidth = kVectors * Simd::kLanes;
+  for (int64_t g0 = 0; g0 < K; g0 += group) {
+    float offset[Rows];
+    for (int64_t r = 0; r < Rows; ++r) {
+      float sum = 0.0f;
+      const float* xr = x + r * ldx + g0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < group; ++k) sum += xr[k];
+      offset[r] = 8.0f * sum;
+    }
+    const float* s = scale + (g0 / group) * ld_scale;
+    for (int64_t c0 = 0; c0 < kTile; c0 += kWidth) {
+      F part[Rows][kVectors];
+      for (int64_t r = 0; r < Rows; ++r)
+        for (int64_t v = 0; v < kVectors; ++v) part[r][v] = Simd::zero();
+      for (int64_t k = g0; k < g0 + group; k += 2) {
+        const uint8_t* row = packed + (k / 2) * kTile + c0;
+        F x0[Rows], x1[Rows];
+        for (int64_t r = 0; r < Rows; ++r) {
+          x0[r] = Simd::set1(x[r * ldx + k]);
+          x1[r] = Simd::set1(x[r * ldx + k + 1]);
+        }
+        for (int64_t v = 0; v < kVectors; ++v) {
+          F low, high;
+          Simd::widen_nibbles(row + v * Simd::kLanes, low, high);
+          for (int64_t r = 0; r < Rows; ++r)
+            part[r][v] = Simd::fma(x1[r], high, Simd::fma(x0[r], low, part[r][v]));
+        }
+      }
+      for (int64_t r = 0; r < Rows; ++r) {
+        const F off = Simd::set1(offset[r]);
+        for (int64_t v = 0; v < kVectors; ++v) {
+          const int64_t j = c0 + v * Simd::kLanes;
+          const F scaled = Simd::mul(Simd::sub(part[r][v], off), Simd::load(s + j));
+          Simd::store(out[r] + j, g0 == 0 ? scaled : Simd::add(scaled, Simd::load(out[r] + j)));
+        }
+      }
+    }
+  }
+}
+#endif
+
+template <int64_t Rows>
+void int8_tile(const float* x, int64_t ldx, const int8_t* w, const float* scale, int64_t K,
+               float (*out)[kTile]) {
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+  int8_tile_simd<Rows>(x, ldx, w, scale, K, out);
+#else
+  int8_tile_portable<Rows>(x, ldx, w, scale, K, out);
+#endif
+}
+
 // int4 tile: values packed two per byte along K (row 2p in the low nibble, 2p+1 in the high
 // one) in offset binary (q + 8, 0..15: `TiledInt4Weight` flips the sign bits of the two's
 // complement checkpoint format), one scale per `group` rows and column.
@@ -148,8 +275,8 @@ void int4_tile_portable(const float* x, int64_t ldx, const uint8_t* packed, cons
 template <int64_t Rows>
 void int4_tile(const float* x, int64_t ldx, const uint8_t* packed, const float* scale,
                int64_t ld_scale, int64_t K, int64_t group, float (*out)[kTile]) {
-#if defined(__AVX512F__)
-  int4_tile_avx512<Rows>(x, ldx, packed, scale, ld_scale, K, group, out);
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+  int4_tile_simd<Rows>(x, ldx, packed, scale, ld_scale, K, group, out);
 #else
   int4_tile_portable<Rows>(x, ldx, packed, scale, ld_scale, K, group, out);
 #endif
@@ -214,7 +341,7 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kTile || xd[1] != wd[1] ||
       yd[0] != xd[0] || (yd[1] + kTile - 1) / kTile != wd[0] ||
-      scale.element_count() != wd[0] * kTile)
+      static_cast<int64_t>(scale.element_count()) != wd[0] * kTile)
     return ffi::Error::InvalidArgument(
         "int8_matvec: expects x[M, K], w[tiles, K, 128], scale[tiles * 128] -> y[M, N]");
   const int64_t M = xd[0], K = xd[1], N = yd[1];
@@ -277,3 +404,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt8Matvec, Int8MatvecImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// Which instruction path this library was compiled with ("avx512", "avx2" or "portable"):
+// infer.kernels records it, and the tests check that each forced build runs the path it asked for.
+extern "C" const char* HpllmKernelPath() {
+#if defined(HPLLM_PATH_AVX512)
+  return "avx512";
+#elif defined(HPLLM_PATH_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}

@@ -1,0 +1,78 @@
+"""Where the native matrix-vector kernel stops beating XLA's f32 dot on a dequantized weight.
+
+    flock /tmp/hpllm-bench.lock .venv/bin/python bench/prefill_threshold.py [--repeats 7]
+
+For int8 and int4 (group 128) weights of `base`'s MLP shapes (768 x 2048 and 2048 x 768), and
+row counts from 1 to 256, it times one product through `NativeInt8Dot` / `NativeInt4Dot` with
+the kernel forced (`prefill_rows` never reached) and with the XLA op forced (`prefill_rows=0`:
+dequantize the whole weight to f32 per call, then XLA's dot), interleaved round by round, and
+prints the medians and their ratio. `infer.kernels.PREFILL_ROWS` is set from the row count where
+the ratio crosses 1 (docs/performance.md records the run).
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from hpllm.quant.weight_only import Int4Weight, Int8Weight
+from infer.kernels import (
+    NativeInt4Dot,
+    NativeInt8Dot,
+    TiledInt4Weight,
+    TiledInt8Weight,
+    default_isa,
+    load,
+)
+
+ROWS = (1, 4, 8, 16, 32, 48, 64, 96, 128, 256)
+SHAPES = ((768, 2048), (2048, 768))
+CALLS = 8  # products per timed call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    kernels = load()
+    if kernels is None:
+        raise SystemExit("error: the native kernels are unavailable here")
+    print(f"kernel build {default_isa()} (path {kernels.path}), load "
+          f"{os.getloadavg()[0]:.1f} before")
+    print("| weights | d_in x d_out | rows | kernel us | XLA dequant + dot us | kernel / XLA |")
+    print("|---|---|---|---|---|---|")
+    for scheme in ("int8", "int4"):
+        for d_in, d_out in SHAPES:
+            w = jax.random.normal(jax.random.key(0), (d_in, d_out), jnp.float32) / d_in**0.5
+            tiled = (TiledInt8Weight(Int8Weight(w)) if scheme == "int8"
+                     else TiledInt4Weight(Int4Weight(w, 128)))
+            op = NativeInt8Dot if scheme == "int8" else NativeInt4Dot
+            for rows in ROWS:
+                x = jax.random.normal(jax.random.key(1), (rows, d_in), jnp.float32)
+                runs = {}
+                for name, threshold in (("kernel", 10**9), ("xla", 0)):
+                    product = op(kernels.isa, threshold)
+
+                    def chain(x, tiled, product=product):
+                        # CALLS products on distinct inputs, so XLA can neither merge nor drop one.
+                        return sum(product(x + float(i), tiled)[:, :1] for i in range(CALLS))
+
+                    runs[name] = jax.jit(chain)
+                    runs[name](x, tiled).block_until_ready()
+                times = {name: [] for name in runs}
+                for _ in range(args.repeats):
+                    for name, run in runs.items():
+                        start = time.perf_counter()
+                        run(x, tiled).block_until_ready()
+                        times[name].append((time.perf_counter() - start) / CALLS)
+                kernel, xla = (statistics.median(times[name]) for name in ("kernel", "xla"))
+                print(f"| {scheme} | {d_in} x {d_out} | {rows} | {kernel * 1e6:.0f} | "
+                      f"{xla * 1e6:.0f} | {kernel / xla:.2f} |", flush=True)
+    print(f"load {os.getloadavg()[0]:.1f} after")
+
+
+if __name__ == "__main__":
+    main()
