@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.errors import UserError
+from hpllm.kvcache import CACHE_DTYPE_ALIASES
 from hpllm.model import ModelCache, Transformer
 from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
 from infer.generate import Generator, decode_chunk
@@ -183,7 +184,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         targets = WITH_HEAD if args.quantize_head else DEFAULT_TARGETS
         models = {to: quantize(model, to, args.group_size, targets)
                   for to in args.to.split(",")}
-    cache_dtype = {"f32": "float32", "bf16": "bfloat16", "int8": "int8"}[args.kv_cache_dtype]
+    cache_dtype = CACHE_DTYPE_ALIASES[args.kv_cache_dtype]
     log = sys.stderr
     load_before = os.getloadavg()[0]
     print(f"measuring memory bandwidth ({COPY_BYTES // 2**20} MiB copy)...", file=log, flush=True)

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from hpllm.config import PRESETS
+from hpllm.config import COMPUTE_DTYPES, DTYPE_ALIASES, PRESETS
 from hpllm.errors import UserError
 from hpllm.hf_tokenizer import GenerationDefaults, PretrainedTokenizer
 from hpllm.kvcache import CACHE_DTYPE_ALIASES
@@ -194,7 +194,7 @@ def build_parser() -> Parser:
     bench.add_argument("--repeats", type=_positive_int, default=3, metavar="N")
     bench.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
     bench.add_argument("--layout", choices=LAYOUTS, default="unrolled")
-    bench.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
+    bench.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
                        help="activation dtype (--preset only; default: the preset's)")
     bench.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
@@ -226,7 +226,7 @@ def build_parser() -> Parser:
                         help="hf: config.json, model.safetensors and tokenizer files that "
                         "transformers loads")
     export.add_argument("--out", required=True, metavar="DIR", help="a folder not there yet")
-    export.add_argument("--dtype", choices=("bf16", "f32"), default="bf16",
+    export.add_argument("--dtype", choices=tuple(DTYPE_ALIASES), default="bf16",
                         help="weight dtype in the file (quantized weights are dequantized)")
     return parser
 

@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
-from hpllm.config import ModelConfig, RopeScaling
+from hpllm.config import DTYPE_ALIASES, ModelConfig, RopeScaling
 from hpllm.errors import UserError
 from hpllm.hf_tokenizer import GenerationDefaults, PretrainedTokenizer
 from hpllm.linear import Linear
@@ -42,7 +42,9 @@ WEIGHTS_FILE = "model.safetensors"
 # model_type -> the transformers class that loads it.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM"}
-EXPORT_DTYPES = {"bf16": ml_dtypes.bfloat16, "f32": np.float32}
+# The file dtype of each `--dtype` alias (hpllm.config.DTYPE_ALIASES names the same two).
+EXPORT_DTYPES = {alias: np.dtype(name) if name == "float32" else ml_dtypes.bfloat16
+                 for alias, name in DTYPE_ALIASES.items()}
 
 # safetensors dtype codes <-> NumPy dtypes. safetensors' own NumPy reader cannot return
 # bfloat16 (NumPy has no such dtype), so tensors are read from the byte ranges the header
@@ -496,7 +498,7 @@ def export_hf(model: Transformer, out: str | Path, files: dict[str, str], *,
         raise HFError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     if out.exists():
         raise HFError(f"{out} already exists; choose a new --out folder")
-    config = config_to_hf(model.cfg, architecture, {"bf16": "bfloat16", "f32": "float32"}[dtype],
+    config = config_to_hf(model.cfg, architecture, DTYPE_ALIASES[dtype],
                           bos_id, eos_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
