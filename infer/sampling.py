@@ -101,7 +101,7 @@ def filter_logits(logits: Float[Array, "batch vocab"], config: SamplingConfig
         return logits.astype(jnp.float32) / jnp.float32(config.temperature)
     batch = logits.shape[0]
     rows = RowSampling(temperature=jnp.full((batch,), config.temperature, jnp.float32),
-                       top_k=jnp.full((batch,), config.top_k, jnp.int32),
+                       top_k=jnp.full((batch,), min(config.top_k, INT32_MAX), jnp.int32),
                        top_p=jnp.full((batch,), config.top_p, jnp.float32))
     return filter_rows(logits, rows)
 
