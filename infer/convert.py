@@ -1,6 +1,10 @@
 """`python -m infer convert`: a training checkpoint -> an inference checkpoint with quantized
 weights (int8 / packed int4 / fp8 values plus their scales, or bf16).
 
+With no scheme, the checkpoint's QAT config decides (`hpllm.quant.inference_scheme`): the
+converted model runs what was trained - the same weight quantization and group size, and
+per-token int8 activations after int8 or w4a8 QAT. Another scheme is allowed, with a note.
+
 The output folder holds config.json ({"format_version", "model", "weights": {"scheme",
 "group_size"}, "source"}), model.safetensors, tokenizer.json and manifest.json. Embeddings and
 the LM head stay float unless `--quantize-head` (then the LM head is quantized too and
@@ -20,7 +24,7 @@ from hpllm.checkpoint import CheckpointError, save_model
 from hpllm.errors import PathError, UserError
 from hpllm.locking import output_lock
 from hpllm.outputs import check_output
-from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
+from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD, QuantConfig, inference_scheme
 from infer.loading import (
     GROUP_SIZES,
     check_scheme,
@@ -38,6 +42,42 @@ class ConvertResult:
     bytes_before: int
     bytes_after: int
     verified: bool  # whether the source had a manifest to check
+    format: str  # the scheme written, with its group size where it has one
+    note: str | None = None  # why the format differs from what the checkpoint trained
+
+
+def _describe(scheme: str, group_size: int) -> str:
+    if scheme not in ("int4", "w4a8"):
+        return scheme
+    return f"{scheme}, group size {group_size or 'per channel'}"
+
+
+def trained_quant(config: dict) -> QuantConfig:
+    """The QAT config a training checkpoint's config.json records (float when none)."""
+    quant = config.get("quant")
+    return QuantConfig() if quant is None else QuantConfig.from_dict(quant)
+
+
+def choose_format(trained: QuantConfig, scheme: str | None, group_size: int | None
+                  ) -> tuple[str, int, str | None]:
+    """(scheme, group_size, note): the requested format, filled in from what was trained;
+    the note says how a requested format differs from the trained one."""
+    trained_scheme, trained_group = inference_scheme(trained)
+    uses_groups = ("int4", "w4a8")
+    chosen = scheme if scheme is not None else trained_scheme
+    if group_size is None:
+        group_size = trained_group if trained_scheme in uses_groups else 128
+    if (chosen, group_size if chosen in uses_groups else 0) == (
+            trained_scheme, trained_group if trained_scheme in uses_groups else 0):
+        return chosen, group_size, None
+    note = (f"converting to {_describe(chosen, group_size)}, but the checkpoint was trained "
+            f"with --quant {trained.name}"
+            + (f" --quant-group-size {trained.group_size}" if trained_scheme in uses_groups
+               else "")
+            + f", whose format is {_describe(trained_scheme, trained_group)}; the converted "
+            "model will not compute what was trained (leave out --to and --group-size for "
+            "that)")
+    return chosen, group_size, note
 
 
 def _check_out(out: str | Path, source: str | Path, force: bool) -> bool:
@@ -53,12 +93,15 @@ def _check_out(out: str | Path, source: str | Path, force: bool) -> bool:
                         kind="converted checkpoint")
 
 
-def convert(source: str | Path, scheme: str, out: str | Path, group_size: int = 128,
-            quantize_head: bool = False, *, force: bool = False) -> ConvertResult:
+def convert(source: str | Path, scheme: str | None, out: str | Path,
+            group_size: int | None = None, quantize_head: bool = False, *,
+            force: bool = False) -> ConvertResult:
     """Quantize the model at `source` to `scheme` and write it to `out` (atomically, under a
-    lock; `force` may replace an earlier conversion at `out`, nothing else)."""
-    check_scheme(scheme)
-    if group_size not in GROUP_SIZES:
+    lock; `force` may replace an earlier conversion at `out`, nothing else). `scheme` and
+    `group_size` None: what the checkpoint was trained for (`choose_format`)."""
+    if scheme is not None:
+        check_scheme(scheme)
+    if group_size is not None and group_size not in GROUP_SIZES:
         raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got "
                         f"{group_size}")
     _check_out(out, source, force)  # before any work: a refusal should come at once
@@ -73,6 +116,12 @@ def convert(source: str | Path, scheme: str, out: str | Path, group_size: int = 
         if loaded.scheme is not None:
             raise CheckpointError(f"{loaded.path} is already converted ({loaded.scheme}); "
                                   "convert from the training checkpoint instead")
+        try:
+            trained = trained_quant(loaded.config)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{loaded.path}/config.json: invalid quant section "
+                                  f"({error})") from None
+        scheme, group_size, note = choose_format(trained, scheme, group_size)
         if quantize_head and loaded.model.lm_head is None:
             raise UserError("--quantize-head: this model ties its LM head to the embeddings")
         targets = WITH_HEAD if quantize_head else DEFAULT_TARGETS
@@ -86,4 +135,5 @@ def convert(source: str | Path, scheme: str, out: str | Path, group_size: int = 
         extra = {"weights": weights, "source": str(loaded.path)}
         save_model(out, model, extra, files, replace=replaces)
     return ConvertResult(out, loaded.path, (loaded.path / "model.safetensors").stat().st_size,
-                         (out / "model.safetensors").stat().st_size, loaded.verified)
+                         (out / "model.safetensors").stat().st_size, loaded.verified,
+                         _describe(scheme, group_size), note)

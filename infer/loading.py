@@ -33,11 +33,10 @@ from hpllm.checkpoint import (
 from hpllm.config import ModelConfig, preset
 from hpllm.errors import UserError
 from hpllm.model import Transformer
-from hpllm.quant import DEFAULT_TARGETS, SCHEMES
+from hpllm.quant import DEFAULT_TARGETS, GROUP_SIZES, SCHEMES
 from hpllm.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
-GROUP_SIZES = (32, 64, 128)  # int4 group sizes along d_in that convert offers
 
 
 @dataclasses.dataclass
