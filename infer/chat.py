@@ -1,14 +1,21 @@
 """`python -m infer chat CKPT`: a multi-turn chat loop with streamed replies.
 
-Template (token ids, so user text can never forge a turn boundary by accident):
+Template of models trained here (token ids, so user text can never forge a turn boundary by
+accident):
 
     <|user|> text <|assistant|> reply <|endoftext|> <|user|> text <|assistant|> ...
 
 A reply ends at <|endoftext|>, at <|user|> (the model starting the next turn itself) or at the
-token limit. The chat runs on `infer.engine` with one slot, whose cache keeps the conversation
-so far: a new turn prefills only its own tokens, so the time to its first token does not grow
-with the conversation. When the context is full, the oldest turns are dropped and the cache is
-rebuilt once from what is left.
+token limit. Imported (Hugging Face) models use their own chat template instead, rendered by
+`PretrainedTokenizer.chat_ids` (special tokens only from the template, never from the user's
+text), with the optional `--system` message first, and stop at any of their stop ids.
+
+The chat runs on `infer.engine` with one slot, whose cache keeps the conversation so far. Each
+turn submits the whole rendered conversation; the engine reuses the cached tokens it shares as
+a prefix and prefills only the rest, so the time to the first token does not grow with the
+conversation. (A template that renders earlier turns differently once a new one follows, for
+example by trimming a reply, costs a prefill from the first differing token.) When the context
+is full, the oldest turns are dropped and the cache is rebuilt once from what is left.
 
 Input is one user turn per line, from a terminal or a pipe. Commands: /reset /help /stats /exit.
 Ctrl-C stops the current reply (the loop goes on); end of input (Ctrl-D) exits cleanly.
@@ -20,6 +27,8 @@ from collections.abc import Sequence
 from io import BufferedIOBase as BinaryIO
 from io import TextIOBase as TextIO
 
+from hpllm.errors import UserError
+from hpllm.hf_tokenizer import PretrainedTokenizer
 from hpllm.model import Transformer
 from hpllm.tokenizer import Tokenizer
 from infer.detokenizer import Detokenizer
@@ -35,9 +44,13 @@ HELP = """commands:
 MAX_LINE_BYTES = 1 << 16
 
 
-def render_messages(tokenizer: Tokenizer, messages: Sequence[tuple[str, str]]) -> list[int]:
-    """The template's token ids for (role, text) messages, ready for the assistant's reply. A
-    system message is a user turn (the template has no system role)."""
+def render_messages(tokenizer: Tokenizer | PretrainedTokenizer,
+                    messages: Sequence[tuple[str, str]]) -> list[int]:
+    """The template's token ids for (role, text) messages, ready for the assistant's reply: an
+    imported model's own chat template, or the built-in one, where a system message is a user
+    turn (that template has no system role)."""
+    if isinstance(tokenizer, PretrainedTokenizer):
+        return tokenizer.chat_ids([{"role": role, "content": text} for role, text in messages])
     ids: list[int] = []
     for role, text in messages:
         if role == "assistant":
@@ -51,6 +64,7 @@ def render_messages(tokenizer: Tokenizer, messages: Sequence[tuple[str, str]]) -
 class Turn:
     user: list[int]
     reply: list[int]
+    text: str = ""  # the user's text, for chat templates that render text
 
 
 @dataclasses.dataclass
@@ -63,10 +77,19 @@ class Stats:
 
 
 class Chat:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, sampling: SamplingConfig,
-                 max_new_tokens: int = 256, seed: int = 0, kv_cache_dtype: str = "float32",
-                 reuse_cache: bool = True):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | PretrainedTokenizer, *,
+                 sampling: SamplingConfig, max_new_tokens: int = 256, seed: int = 0,
+                 kv_cache_dtype: str = "float32", reuse_cache: bool = True,
+                 system: str | None = None):
         self.tokenizer = tokenizer
+        self.system = system
+        if isinstance(tokenizer, PretrainedTokenizer):
+            tokenizer.render_chat([{"role": "user", "content": "hi"}])  # fail early: no template
+            stop_ids = list(tokenizer.stop_ids)
+        else:
+            if system is not None:
+                raise UserError("--system: models trained here have no system turn")
+            stop_ids = [tokenizer.eos_id, tokenizer.user_id]
         self.sampling = sampling
         self.context = model.cfg.max_seq_len
         # A reply may take at most a quarter of the context (`--max-new-tokens` is capped
@@ -75,7 +98,7 @@ class Chat:
         self.max_new_tokens = max(1, min(max_new_tokens, self.context // 4))
         self.seed = seed
         self.engine = Engine(model, max_batch=1, max_queue=0, kv_cache_dtype=kv_cache_dtype,
-                             stop_ids=[tokenizer.eos_id, tokenizer.user_id])
+                             stop_ids=stop_ids)
         # False prefills the whole conversation at every turn (the reference in the tests).
         self.reuse_cache = reuse_cache
         self.history: list[Turn] = []
@@ -87,10 +110,25 @@ class Chat:
         ids = [self.tokenizer.user_id, *turn.user, self.tokenizer.assistant_id, *turn.reply]
         return ids + [self.tokenizer.eos_id] if closed else ids
 
-    def prompt_ids(self, user: list[int]) -> tuple[list[int], int]:
+    def _template_ids(self, turns: list[Turn], text: str) -> list[int]:
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for turn in turns:
+            reply = self.tokenizer.decode(turn.reply, skip_special_tokens=True)
+            messages += [{"role": "user", "content": turn.text},
+                         {"role": "assistant", "content": reply}]
+        messages.append({"role": "user", "content": text})
+        return self.tokenizer.chat_ids(messages)
+
+    def prompt_ids(self, user: list[int], text: str = "") -> tuple[list[int], int]:
         """The conversation + the new user turn, and how many old turns were dropped to leave
         room for a reply."""
         budget = self.context - self.max_new_tokens
+        if isinstance(self.tokenizer, PretrainedTokenizer):
+            dropped = 0
+            while (len(ids := self._template_ids(self.history[dropped:], text)) > budget
+                   and dropped < len(self.history)):
+                dropped += 1
+            return ids, dropped
         new = self._turn_ids(Turn(user, []), closed=False)
         turns = [self._turn_ids(t, closed=True) for t in self.history]
         dropped = 0
@@ -106,7 +144,12 @@ class Chat:
                   f"takes at most {self.context - self.max_new_tokens - 2}. Shorten it.]",
                   file=err, flush=True)
             return
-        prompt, dropped = self.prompt_ids(user)
+        prompt, dropped = self.prompt_ids(user, text)
+        if len(prompt) > self.context - self.max_new_tokens:  # template + system + message
+            print(f"[that message with its template is {len(prompt)} tokens; with room for a "
+                  f"reply this model takes at most {self.context - self.max_new_tokens}. "
+                  "Shorten it.]", file=err, flush=True)
+            return
         if dropped:
             self.history = self.history[dropped:]
             print(f"[dropped the {dropped} oldest turn(s) to fit the context of "
@@ -141,7 +184,7 @@ class Chat:
         self.last = Stats(len(reply), time.perf_counter() - started)
         self.total = Stats(self.total.tokens + self.last.tokens,
                            self.total.seconds + self.last.seconds)
-        self.history.append(Turn(user, reply))
+        self.history.append(Turn(user, reply, text))
 
     def command(self, line: str, err: TextIO) -> bool:
         """Run a /command; False means leave the loop."""

@@ -1,4 +1,7 @@
-"""Command line of `python -m infer`: convert, generate, chat (the default), bench, serve.
+"""Command line of `python -m infer`: convert, generate, chat (the default), bench, serve,
+export.
+
+`CKPT` may also be a Hugging Face model folder (Llama, Mistral, Qwen2), converted in memory.
 
 Mistakes in the input (missing or corrupt checkpoint, bad flag value, prompt too long, an
 `--out` that would overwrite something, a full or read-only disk) end with one line
@@ -15,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from hpllm.config import PRESETS
 from hpllm.errors import UserError
+from hpllm.hf_tokenizer import GenerationDefaults, PretrainedTokenizer
 from hpllm.kvcache import CACHE_DTYPE_ALIASES
 from hpllm.quant import SCHEMES
 from infer.detokenizer import Detokenizer
@@ -22,7 +26,7 @@ from infer.generate import LAYOUTS, Generator
 from infer.loading import GROUP_SIZES, Loaded, load, require_tokenizer
 from infer.sampling import SamplingConfig
 
-COMMANDS = ("convert", "generate", "chat", "bench", "serve")
+COMMANDS = ("convert", "generate", "chat", "bench", "serve", "export")
 MAX_SEED = 2**32 - 1
 MAX_BATCH = 4096  # bench batch sizes: beyond this a KV cache alone outgrows any CPU's memory
 
@@ -99,16 +103,31 @@ def _non_empty(text: str) -> str:
 _positive_int = _int_in(1)
 
 
+class _Given(argparse.Action):
+    """Stores the value and notes in `namespace.given` that the flag was on the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+
+SAMPLING_NOTE = ("A Hugging Face model's generation_config.json replaces the sampling defaults "
+                 "(--temperature, --top-k, --top-p, greedy or not) of flags not given.")
+
+
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    # "%(default)s" is filled in when help is printed, so chat's set_defaults shows there.
+    # "%(default)s" is filled in when help is printed, so chat's set_defaults shows there. The
+    # sampling flags record that they were given (`_Given`): for an imported model, its
+    # generation_config.json replaces the defaults of the flags that were not.
     parser.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
                         help="at most N new tokens (>= 1; more than the context leaves is "
                         "reduced to what fits, with a note; default %(default)s)")
     parser.add_argument("--temperature", type=_finite_float, default=1.0, metavar="F",
+                        action=_Given,
                         help="0 = greedy (default %(default)s)")
-    parser.add_argument("--top-k", type=_int_in(0), default=0, metavar="N",
+    parser.add_argument("--top-k", type=_int_in(0), default=0, metavar="N", action=_Given,
                         help="0 = no cut (default %(default)s)")
-    parser.add_argument("--top-p", type=_finite_float, default=1.0, metavar="F",
+    parser.add_argument("--top-p", type=_finite_float, default=1.0, metavar="F", action=_Given,
                         help="in (0, 1]")
     parser.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, metavar="N",
                         help=f"random seed, 0 to {MAX_SEED}")
@@ -120,14 +139,16 @@ def build_parser() -> Parser:
     parser = Parser(prog="python -m infer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    convert = commands.add_parser("convert", help="quantize a training checkpoint")
-    convert.add_argument("checkpoint", metavar="RUN_OR_CKPT")
+    convert = commands.add_parser(
+        "convert", help="quantize a training checkpoint or a Hugging Face model folder")
+    convert.add_argument("checkpoint", metavar="RUN_OR_CKPT_OR_HF_DIR")
     convert.add_argument("--to", default=None, choices=SCHEMES, metavar="SCHEME",
                          help=f"weight format: one of {', '.join(SCHEMES)} (w8a8 / w4a8: "
                          "int8 / int4 weights and per-token int8 activations). Default: the "
-                         "format the checkpoint was trained for (--quant none: f32, int8: "
-                         "w8a8, fp8 and fp8-current: fp8, int4w: int4, w4a8: w4a8, with the "
-                         "trained group size); another format than that prints a note")
+                         "format the checkpoint was trained for (--quant none and Hugging Face "
+                         "folders: f32, int8: w8a8, fp8 and fp8-current: fp8, int4w: int4, "
+                         "w4a8: w4a8, with the trained group size); another format than that "
+                         "prints a note")
     convert.add_argument("--out", required=True, metavar="DIR",
                          help="a new folder (or an empty one); never the input or a folder "
                          "holding anything else")
@@ -140,7 +161,9 @@ def build_parser() -> Parser:
     convert.add_argument("--quantize-head", action="store_true",
                          help="quantize the LM head too (default: it stays float)")
 
-    generate = commands.add_parser("generate", help="complete prompts (several = one batch)")
+    generate = commands.add_parser("generate", help="complete prompts (several = one batch)",
+                                   description="Complete prompts (several = one batch). "
+                                   + SAMPLING_NOTE)
     generate.add_argument("checkpoint", metavar="CKPT")
     generate.add_argument("--prompt", action="append", required=True, metavar="TEXT")
     generate.add_argument("--stop", action="append", type=_non_empty, default=[],
@@ -150,8 +173,10 @@ def build_parser() -> Parser:
     chat = commands.add_parser("chat", help="interactive multi-turn chat (the default)",
                                description="Interactive multi-turn chat. A reply takes at most "
                                "a quarter of the model's context (--max-new-tokens is capped "
-                               "there).")
+                               "there). " + SAMPLING_NOTE)
     chat.add_argument("checkpoint", metavar="CKPT")
+    chat.add_argument("--system", default=None, metavar="TEXT",
+                      help="system prompt (models with a chat template of their own)")
     _sampling_args(chat)
     chat.set_defaults(max_new_tokens=256, temperature=0.8, top_k=50)
 
@@ -202,12 +227,29 @@ def build_parser() -> Parser:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                        help="seconds to finish requests in flight on shutdown "
                        "(default %(default)s)")
+    export = commands.add_parser("export", help="write a model as a Hugging Face folder")
+    export.add_argument("checkpoint", metavar="CKPT")
+    export.add_argument("--format", required=True, choices=("hf",),
+                        help="hf: config.json, model.safetensors and tokenizer files that "
+                        "transformers loads")
+    export.add_argument("--out", required=True, metavar="DIR", help="a folder not there yet")
+    export.add_argument("--dtype", choices=("bf16", "f32"), default="bf16",
+                        help="weight dtype in the file (quantized weights are dequantized)")
     return parser
 
 
-def _sampling(args: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p)
+def _sampling(args: argparse.Namespace, defaults: GenerationDefaults | None = None
+              ) -> SamplingConfig:
+    """The flags, else the model's generation_config.json, else the built-in defaults."""
+    if defaults is None:
+        return SamplingConfig(greedy=args.greedy, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p)
+    given = getattr(args, "given", frozenset())
+    return SamplingConfig(
+        greedy=args.greedy or (defaults.greedy and not given),
+        temperature=args.temperature if "temperature" in given else defaults.temperature,
+        top_k=args.top_k if "top_k" in given else defaults.top_k,
+        top_p=args.top_p if "top_p" in given else defaults.top_p)
 
 
 def _note(message: str) -> None:
@@ -224,6 +266,14 @@ def _load(path: str) -> Loaded:
     if not loaded.verified:
         _unverified_note(loaded.path)
     return loaded
+
+
+def stop_ids_of(tokenizer, *, chat: bool) -> list[int]:
+    """Where a reply ends: an imported model's own stop ids; for a model trained here the end
+    of text, and in a conversation also the start of a user turn it began by itself."""
+    if isinstance(tokenizer, PretrainedTokenizer):
+        return list(tokenizer.stop_ids)
+    return [tokenizer.eos_id, tokenizer.user_id] if chat else [tokenizer.eos_id]
 
 
 def fit_new_tokens(requested: int, longest_prompt: int, context: int) -> int:
@@ -259,15 +309,21 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    sampling = _sampling(args)
     loaded = _load(args.checkpoint)
+    sampling = _sampling(args, loaded.generation)
     tokenizer = require_tokenizer(loaded)
-    prompts = [tokenizer.encode(p) for p in args.prompt]  # typed text: specials stay text
+    if any(not p for p in args.prompt):
+        raise UsageError("empty --prompt: give some text")
+    # Typed text: special tokens' names stay text.
+    if isinstance(tokenizer, PretrainedTokenizer):
+        prompts = [tokenizer.encode_prompt(p) for p in args.prompt]
+    else:
+        prompts = [tokenizer.encode(p) for p in args.prompt]
     if any(not p for p in prompts):
         raise UsageError("empty --prompt: give some text")
     max_new_tokens = fit_new_tokens(args.max_new_tokens, max(map(len, prompts)),
                                     loaded.model.cfg.max_seq_len)
-    generator = Generator(loaded.model, stop_ids=[tokenizer.eos_id],
+    generator = Generator(loaded.model, stop_ids=stop_ids_of(tokenizer, chat=False),
                           kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype])
     started = time.perf_counter()
     generation = generator.start(prompts, max_new_tokens=max_new_tokens,
@@ -304,11 +360,11 @@ def run_generate(args: argparse.Namespace) -> None:
 def run_chat(args: argparse.Namespace) -> None:
     from infer.chat import Chat
 
-    sampling = _sampling(args)
     loaded = _load(args.checkpoint)
+    sampling = _sampling(args, loaded.generation)
     chat = Chat(loaded.model, require_tokenizer(loaded), sampling=sampling,
                 max_new_tokens=args.max_new_tokens, seed=args.seed,
-                kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype])
+                kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype], system=args.system)
     if chat.max_new_tokens < args.max_new_tokens:
         _note(f"replies are at most {chat.max_new_tokens} tokens (a quarter of the context of "
               f"{chat.context}), not --max-new-tokens {args.max_new_tokens}")
@@ -330,12 +386,12 @@ def run_serve(args: argparse.Namespace) -> None:
 
     if args.max_queue < 0:
         raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
-    loaded = load(args.checkpoint)
+    loaded = _load(args.checkpoint)
     tokenizer = require_tokenizer(loaded)
     engine = Engine(loaded.model, max_batch=args.max_batch, max_queue=args.max_queue,
                     context=args.max_seq_len, chunk_size=args.chunk_size,
                     kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype],
-                    stop_ids=[tokenizer.eos_id, tokenizer.user_id])
+                    stop_ids=stop_ids_of(tokenizer, chat=True))
     started = time.perf_counter()
     print(f"compiling {len(engine.buckets)} prefill lengths and the decode chunk...",
           file=sys.stderr, flush=True)
@@ -344,6 +400,13 @@ def run_serve(args: argparse.Namespace) -> None:
     name = args.model_name or Path(args.checkpoint).resolve().name
     serve(engine, tokenizer, name, host=args.host, port=args.port,
           shutdown_timeout=args.shutdown_timeout)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from infer.export import export
+
+    out = export(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"exported {args.checkpoint} -> {out} (Hugging Face folder, {args.dtype} weights)")
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -368,7 +431,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     runners = {"convert": run_convert, "generate": run_generate, "chat": run_chat,
-               "bench": run_bench, "serve": run_serve}
+               "bench": run_bench, "serve": run_serve, "export": run_export}
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
         runners[args.command](args)

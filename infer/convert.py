@@ -1,5 +1,11 @@
-"""`python -m infer convert`: a training checkpoint -> an inference checkpoint with quantized
-weights (int8 / packed int4 / fp8 values plus their scales, or bf16).
+"""`python -m infer convert`: a training checkpoint or a Hugging Face model folder -> an
+inference checkpoint with quantized weights (int8 / packed int4 / fp8 values plus their scales,
+or bf16).
+
+A Hugging Face folder is converted one layer at a time (`hpllm.hf.load_weights`), so the float
+model is never held whole; its tokenizer files (tokenizer.json, tokenizer_config.json,
+generation_config.json) are copied, and config.json records the source architecture
+("hf_architecture") for `export`.
 
 With no scheme, the checkpoint's QAT config decides (`hpllm.quant.inference_scheme`): the
 converted model runs what was trained - the same weight quantization and group size, and
@@ -22,6 +28,8 @@ from pathlib import Path
 
 from hpllm.checkpoint import CheckpointError, save_model
 from hpllm.errors import PathError, UserError
+from hpllm.hf import is_hf_folder
+from hpllm.hf_tokenizer import PretrainedTokenizer
 from hpllm.locking import output_lock
 from hpllm.outputs import check_output
 from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD, QuantConfig, inference_scheme
@@ -30,6 +38,7 @@ from infer.loading import (
     check_scheme,
     is_converted_checkpoint,
     load,
+    load_hf_folder,
     quantize,
     resolve_checkpoint,
 )
@@ -110,30 +119,47 @@ def convert(source: str | Path, scheme: str | None, out: str | Path,
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PathError.from_os_error(error, out, "write") from error
+    targets = WITH_HEAD if quantize_head else DEFAULT_TARGETS
     with output_lock(out):
         replaces = _check_out(out, source, force)  # again: nobody else can write it now
-        loaded = load(source)
-        if loaded.scheme is not None:
-            raise CheckpointError(f"{loaded.path} is already converted ({loaded.scheme}); "
-                                  "convert from the training checkpoint instead")
-        try:
-            trained = trained_quant(loaded.config)
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"{loaded.path}/config.json: invalid quant section "
-                                  f"({error})") from None
-        scheme, group_size, note = choose_format(trained, scheme, group_size)
-        if quantize_head and loaded.model.lm_head is None:
-            raise UserError("--quantize-head: this model ties its LM head to the embeddings")
-        targets = WITH_HEAD if quantize_head else DEFAULT_TARGETS
-        model = quantize(loaded.model, scheme, group_size, targets)
+        if is_hf_folder(source):
+            # Not trained here: no QAT config, so the default is float and any --to is
+            # post-training quantization, which needs no note.
+            scheme, group_size, note = choose_format(QuantConfig(), scheme, group_size)
+            note = None
+            loaded = load_hf_folder(source, scheme, group_size, quantize_head)
+            if quantize_head and loaded.model.lm_head is None:
+                raise UserError("--quantize-head: this model ties its LM head to the embeddings")
+            model = loaded.model
+            bytes_before = sum(f.stat().st_size for f in Path(source).glob("*.safetensors"))
+        else:
+            loaded = load(source)
+            if loaded.scheme is not None:
+                raise CheckpointError(f"{loaded.path} is already converted ({loaded.scheme}); "
+                                      "convert from the training checkpoint instead")
+            try:
+                trained = trained_quant(loaded.config)
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"{loaded.path}/config.json: invalid quant section "
+                                      f"({error})") from None
+            scheme, group_size, note = choose_format(trained, scheme, group_size)
+            if quantize_head and loaded.model.lm_head is None:
+                raise UserError("--quantize-head: this model ties its LM head to the "
+                                "embeddings")
+            model = quantize(loaded.model, scheme, group_size, targets)
+            bytes_before = (loaded.path / "model.safetensors").stat().st_size
         files = {}
-        if loaded.tokenizer is not None:
+        if isinstance(loaded.tokenizer, PretrainedTokenizer):
+            files.update(loaded.tokenizer.files)
+        elif loaded.tokenizer is not None:
             files["tokenizer.json"] = loaded.tokenizer.to_json()
         weights = {"scheme": scheme, "group_size": group_size}
         if quantize_head:
             weights["targets"] = list(targets)
         extra = {"weights": weights, "source": str(loaded.path)}
+        if loaded.architecture is not None:
+            extra["hf_architecture"] = loaded.architecture
         save_model(out, model, extra, files, replace=replaces)
-    return ConvertResult(out, loaded.path, (loaded.path / "model.safetensors").stat().st_size,
+    return ConvertResult(out, loaded.path, bytes_before,
                          (out / "model.safetensors").stat().st_size, loaded.verified,
                          _describe(scheme, group_size), note)

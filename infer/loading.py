@@ -3,7 +3,8 @@
 `CKPT` may be
 - a training run folder (`python -m train --out DIR`): its newest complete checkpoint is used;
 - one training checkpoint (`DIR/checkpoints/step_000100`): float or QAT (fake-quant) weights;
-- a converted checkpoint (`python -m infer convert`): config.json has a "weights" section.
+- a converted checkpoint (`python -m infer convert`): config.json has a "weights" section;
+- a Hugging Face model folder (Llama, Mistral, Qwen2; see `hpllm.hf`), converted in memory.
 
 The skeleton to load into is built with `eqx.filter_eval_shape` (shapes only, no memory) by
 applying the same transformation that produced the file: `quantize_for_training` for a training
@@ -32,6 +33,8 @@ from hpllm.checkpoint import (
 )
 from hpllm.config import ModelConfig, preset
 from hpllm.errors import UserError
+from hpllm.hf import is_hf_folder, load_hf
+from hpllm.hf_tokenizer import TOKENIZER_FILES, GenerationDefaults, PretrainedTokenizer
 from hpllm.model import Transformer
 from hpllm.quant import DEFAULT_TARGETS, GROUP_SIZES, SCHEMES
 from hpllm.tokenizer import Tokenizer
@@ -41,14 +44,18 @@ TOKENIZER_FILE = "tokenizer.json"
 
 @dataclasses.dataclass
 class Loaded:
-    """A loaded model with what came with it. `scheme` is None for training checkpoints."""
+    """A loaded model with what came with it. `scheme` is None for training checkpoints and
+    Hugging Face folders. Imported models (`architecture` set) carry a `PretrainedTokenizer`
+    and the default sampling of their generation_config.json."""
 
     model: Transformer
-    tokenizer: Tokenizer | None
+    tokenizer: Tokenizer | PretrainedTokenizer | None
     config: dict[str, Any]
     path: Path
     scheme: str | None
     verified: bool = True  # False: written before manifests, so no checksums to check
+    architecture: str | None = None  # the Hugging Face architecture it came from, if any
+    generation: GenerationDefaults | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +147,9 @@ def _skeleton(cfg: ModelConfig, config: dict[str, Any], *, source: Path) -> Tran
     return eqx.filter_eval_shape(lambda: quantize_for_training(float_model(), qcfg))
 
 
-def _find_tokenizer(checkpoint: Path) -> Tokenizer | None:
+def _find_tokenizer(checkpoint: Path) -> Tokenizer | PretrainedTokenizer | None:
+    if (checkpoint / "tokenizer_config.json").is_file():  # converted from a Hugging Face model
+        return PretrainedTokenizer.from_folder(checkpoint)
     # A checkpoint carries its own copy; the run folder two levels up has one too.
     for candidate in (checkpoint / TOKENIZER_FILE, checkpoint.parent.parent / TOKENIZER_FILE):
         if candidate.is_file():
@@ -151,21 +160,35 @@ def _find_tokenizer(checkpoint: Path) -> Tokenizer | None:
     return None
 
 
+def load_hf_folder(path: str | Path, scheme: str | None = None, group_size: int = 128,
+                   quantize_head: bool = False) -> Loaded:
+    """A Hugging Face folder, converted to `scheme` (None: float32) layer by layer."""
+    imported = load_hf(path, scheme=scheme, group_size=group_size, quantize_head=quantize_head)
+    config = {"model": imported.model.cfg.to_dict(), "hf_architecture": imported.architecture}
+    return Loaded(imported.model, imported.tokenizer, config, imported.path, None,
+                  architecture=imported.architecture, generation=imported.generation)
+
+
 def load(path: str | Path) -> Loaded:
     """Load the model (and tokenizer, when there is one) that `path` names."""
+    if is_hf_folder(path):
+        return load_hf_folder(path)
     checkpoint = resolve_checkpoint(path)
     verified = verify_checkpoint(checkpoint)
     model, config = load_model(
         checkpoint, functools.partial(_skeleton, source=checkpoint / CONFIG_FILE), verify=False)
     scheme = config["weights"]["scheme"] if "weights" in config else None
-    return Loaded(model, _find_tokenizer(checkpoint), config, checkpoint, scheme, verified)
+    tokenizer = _find_tokenizer(checkpoint)
+    generation = tokenizer.generation if isinstance(tokenizer, PretrainedTokenizer) else None
+    return Loaded(model, tokenizer, config, checkpoint, scheme, verified=verified,
+                  architecture=config.get("hf_architecture"), generation=generation)
 
 
 def is_converted_checkpoint(path: Path) -> bool:
     """Whether `path` is an earlier output of `convert` and holds nothing else: the only
     folder `convert --force` may replace."""
     path = Path(path)
-    written_by_convert = {CONFIG_FILE, "model.safetensors", TOKENIZER_FILE, MANIFEST_FILE}
+    written_by_convert = {CONFIG_FILE, "model.safetensors", MANIFEST_FILE, *TOKENIZER_FILES}
     try:
         if not {p.name for p in path.iterdir()} <= written_by_convert:
             return False
@@ -184,7 +207,7 @@ def random_model(preset_name: str, *, seed: int = 0, compute_dtype: str | None =
     return Transformer(cfg, key=jax.random.key(seed))
 
 
-def require_tokenizer(loaded: Loaded) -> Tokenizer:
+def require_tokenizer(loaded: Loaded) -> Tokenizer | PretrainedTokenizer:
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.path}: no {TOKENIZER_FILE} beside the checkpoint or in "
                               "its run folder; text generation needs one")

@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from hpllm.hf_tokenizer import PretrainedTokenizer
 from hpllm.tokenizer import Tokenizer
 from infer.chat import render_messages
 from infer.detokenizer import Detokenizer
@@ -131,7 +132,8 @@ class _Pipe:
             pass
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
+def create_app(engine: Engine, tokenizer: Tokenizer | PretrainedTokenizer, model_name: str
+               ) -> FastAPI:
     app = FastAPI(title="hpllm", docs_url=None, redoc_url=None)
     created = int(time.time())
 
@@ -177,7 +179,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(texts) != 1:
             raise ApiError(400, "give exactly one prompt", param="prompt")
-        return await complete(body, tokenizer.encode(texts[0]), chat=False)
+        text = texts[0]
+        prompt = (tokenizer.encode_prompt(text) if isinstance(tokenizer, PretrainedTokenizer)
+                  else tokenizer.encode(text))
+        return await complete(body, prompt, chat=False)
 
     async def complete(body: _Body, prompt: list[int], *, chat: bool
                        ) -> JSONResponse | StreamingResponse:
@@ -283,8 +288,8 @@ class _Reply:
         yield "data: [DONE]\n\n"
 
 
-def serve(engine: Engine, tokenizer: Tokenizer, model_name: str, *, host: str, port: int,
-          shutdown_timeout: float = 30.0) -> None:
+def serve(engine: Engine, tokenizer: Tokenizer | PretrainedTokenizer, model_name: str, *,
+          host: str, port: int, shutdown_timeout: float = 30.0) -> None:
     """Serve until SIGTERM or Ctrl-C, then finish the requests in flight and return."""
     import uvicorn
 

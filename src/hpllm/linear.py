@@ -37,7 +37,9 @@ class FloatDot(MatmulOp):
 
 
 class Linear(eqx.Module):
-    """`y = op(x, weight)`. The weight is stored `[d_in, d_out]` so `x @ weight` needs no transpose.
+    """`y = op(x, weight) (+ bias)`. The weight is stored `[d_in, d_out]` so `x @ weight` needs
+    no transpose. The optional bias (Qwen2's query/key/value projections) stays float whatever
+    the op; conversion and QAT replace only the weight and the op.
 
     `weight` is a float array for float and QAT ops; conversion replaces it with a quantized
     tensor (int8/int4/fp8 values plus scales) together with the matching weight-only op.
@@ -47,12 +49,18 @@ class Linear(eqx.Module):
 
     weight: Float[Array, "*layers d_in d_out"] | eqx.Module
     op: MatmulOp
+    bias: Float[Array, "*layers d_out"] | None = None
 
-    def __init__(self, d_in: int, d_out: int, *, key: PRNGKeyArray, scale: float = 1.0):
+    def __init__(self, d_in: int, d_out: int, *, key: PRNGKeyArray, scale: float = 1.0,
+                 bias: bool = False):
         # Normal init scaled by fan-in: the activations keep unit variance through the layer.
         std = scale / math.sqrt(d_in)
         self.weight = std * jax.random.normal(key, (d_in, d_out), jnp.float32)
         self.op = FloatDot()
+        self.bias = jnp.zeros((d_out,), jnp.float32) if bias else None
 
     def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
-        return self.op(x, self.weight)
+        y = self.op(x, self.weight)
+        if self.bias is None:
+            return y
+        return y + self.bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from hpllm.config import ModelConfig
+from hpllm.config import ModelConfig, RopeScaling
 from hpllm.kvcache import KVCache
 from hpllm.linear import Linear
 
@@ -42,9 +42,30 @@ class RMSNorm(eqx.Module):
         return (x32 * inv_rms * scale).astype(x.dtype)
 
 
-def rope_angles(positions: Int[Array, "batch seq"], head_dim: int, theta: float) -> Rotary:
-    """cos and sin of `position * theta^(-2i/head_dim)` for each of the head_dim/2 frequencies."""
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None
+                     ) -> Float[Array, " half_head_dim"]:
+    """`theta^(-2i/head_dim)` for i < head_dim/2, stretched by `scaling` (see `RopeScaling`)."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    # llama3: keep short wavelengths, divide long ones by `factor`, blend the band between.
+    wavelength = 2 * jnp.pi / inv_freq
+    long_limit = scaling.original_max_position / scaling.low_freq_factor
+    short_limit = scaling.original_max_position / scaling.high_freq_factor
+    smooth = ((scaling.original_max_position / wavelength - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    stretched = jnp.where(wavelength > long_limit, inv_freq / scaling.factor, inv_freq)
+    in_band = (wavelength >= short_limit) & (wavelength <= long_limit)
+    return jnp.where(in_band, blended, stretched)
+
+
+def rope_angles(positions: Int[Array, "batch seq"], head_dim: int, theta: float,
+                scaling: RopeScaling | None = None) -> Rotary:
+    """cos and sin of `position * theta^(-2i/head_dim)` for each of the head_dim/2 frequencies."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -89,11 +110,12 @@ class Attention(eqx.Module):
     def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
         kq, kk, kv, ko = jax.random.split(key, 4)
         hd = cfg.head_dim
-        self.wq = Linear(cfg.d_model, cfg.n_heads * hd, key=kq)
-        self.wk = Linear(cfg.d_model, cfg.n_kv_heads * hd, key=kk)
-        self.wv = Linear(cfg.d_model, cfg.n_kv_heads * hd, key=kv)
+        self.wq = Linear(cfg.d_model, cfg.n_heads * hd, key=kq, bias=cfg.qkv_bias)
+        self.wk = Linear(cfg.d_model, cfg.n_kv_heads * hd, key=kk, bias=cfg.qkv_bias)
+        self.wv = Linear(cfg.d_model, cfg.n_kv_heads * hd, key=kv, bias=cfg.qkv_bias)
         # Scaled down so the residual stream does not grow with depth at init.
-        self.wo = Linear(cfg.n_heads * hd, cfg.d_model, key=ko, scale=1 / (2 * cfg.n_layers) ** 0.5)
+        self.wo = Linear(cfg.n_heads * hd, cfg.d_model, key=ko, scale=1 / (2 * cfg.n_layers) ** 0.5,
+                         bias=cfg.out_bias)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
 
     def _project(self, x: Float[Array, "batch seq d_model"], rotary: Rotary):
@@ -297,9 +319,9 @@ class Transformer(eqx.Module):
         """Final norm, then the LM head (or the tied embeddings) -> float32 logits."""
         x = self.final_norm(x)
         if self.lm_head is None:
-            # Tied head: scaled by 1/sqrt(d_model) so unit-RMS embeddings give unit logits.
-            head = (self.embed.T.astype(x.dtype)
-                    / jnp.sqrt(jnp.float32(x.shape[-1])).astype(x.dtype))
+            head = self.embed.T.astype(x.dtype)
+            if self.cfg.scale_tied_head:  # unit-RMS embeddings give unit logits (trained here)
+                head = head / jnp.sqrt(jnp.float32(x.shape[-1])).astype(x.dtype)
             logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)
@@ -314,7 +336,8 @@ class Transformer(eqx.Module):
         `segment_ids` marks packed documents. Returns float32 logits."""
         b, s = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                             self.cfg.rope_scaling)
         mask = causal_mask(positions, segment_ids)
         x, _ = self._over_layers(lambda block, x, _: (block(x, rotary, mask), None),
                                  self._embed(tokens), None)
@@ -340,7 +363,8 @@ class Transformer(eqx.Module):
         the LM head, a vocab-wide matmul, runs for that token alone. Otherwise scored = seq.
         """
         max_len = cache_max_len(cache)
-        rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                             self.cfg.rope_scaling)
         mask = cache_mask(positions, max_len)
         slots = positions if active is None else jnp.where(active[:, None], positions, max_len)
 
