@@ -16,6 +16,7 @@ from hpllm.linear import FloatDot, Linear
 from hpllm.model import Transformer
 from hpllm.quant import (
     GROUP_SIZES,
+    TRAINING_MODE_HELP,
     TRAINING_MODES,
     Fp8QATDot,
     Int4WeightOnlyDot,
@@ -54,6 +55,7 @@ def test_quant_config_round_trips_through_json():
 
 
 def test_every_training_mode_name_is_one_config():
+    assert TRAINING_MODE_HELP.keys() == TRAINING_MODES.keys()  # each mode is documented
     for name in TRAINING_MODES:
         assert QuantConfig.named(name).name == name
     assert QuantConfig.named("fp8-current") == QuantConfig(mode="fp8", scaling="current")

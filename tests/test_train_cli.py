@@ -353,6 +353,11 @@ def test_init_from_restores_the_weights_and_starts_a_fresh_optimizer(tmp_path, t
     expect_error([*argv[:2], "--out", str(tmp_path / "x"), "--preset", "small"],
                  "--preset small differs from the --init-from checkpoint's tiny", capsys)
     assert not (tmp_path / "x").exists()
+    expect_error([*argv[:2], "--out", str(checkpoint / "run")],
+                 "lies inside the --init-from checkpoint", capsys)
+    expect_error(["--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")],
+                 "not a training checkpoint folder", capsys)
+    assert not (tmp_path / "x").exists() and not (checkpoint / "run").exists()
 
     # convert with no --to writes what was trained: w4a8, per channel.
     converted = tmp_path / "converted"
