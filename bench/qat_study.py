@@ -371,7 +371,8 @@ def _study(args: argparse.Namespace, log: Callable[[str], None], out: Path) -> d
             run_dir = out / "runs" / f"{mode}-seed{seed}"
             log(f"seed {seed}: training {label}")
             run, model, seconds = train_one(
-                dataclasses.replace(base, seed=seed, quant=qcfg.mode), qcfg, tokenizer,
+                dataclasses.replace(base, seed=seed, quant=qcfg.name,
+                                    quant_group_size=qcfg.group_size), qcfg, tokenizer,
                 run_dir, log)
             # Every run packs the same held-out text with the same tokenizer and shapes:
             # every model is evaluated on the same batches.

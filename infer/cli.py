@@ -76,7 +76,7 @@ def _preset_name(text: str) -> str:
 
 
 def _group_size(text: str) -> int:
-    value = _int_in(1)(text)
+    value = _int_in(0)(text)
     if value not in GROUP_SIZES:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, GROUP_SIZES))}, "
                                          f"got {value}")
@@ -142,16 +142,22 @@ def build_parser() -> Parser:
     convert = commands.add_parser(
         "convert", help="quantize a training checkpoint or a Hugging Face model folder")
     convert.add_argument("checkpoint", metavar="RUN_OR_CKPT_OR_HF_DIR")
-    convert.add_argument("--to", required=True, choices=SCHEMES, metavar="SCHEME",
-                         help=f"weight format: one of {', '.join(SCHEMES)} (w8a8: int8 "
-                         "weights and per-token int8 activations)")
+    convert.add_argument("--to", default=None, choices=SCHEMES, metavar="SCHEME",
+                         help=f"weight format: one of {', '.join(SCHEMES)} (w8a8 / w4a8: "
+                         "int8 / int4 weights and per-token int8 activations). Default: the "
+                         "format the checkpoint was trained for (--quant none and Hugging Face "
+                         "folders: f32, int8: w8a8, fp8 and fp8-current: fp8, int4w: int4, "
+                         "w4a8: w4a8, with the trained group size); another format than that "
+                         "prints a note")
     convert.add_argument("--out", required=True, metavar="DIR",
                          help="a new folder (or an empty one); never the input or a folder "
                          "holding anything else")
     convert.add_argument("--force", action="store_true",
                          help="replace DIR if it holds an earlier conversion (only that)")
-    convert.add_argument("--group-size", type=_group_size, default=128, metavar="{32,64,128}",
-                         help="int4 group size (default 128)")
+    convert.add_argument("--group-size", type=_group_size, default=None,
+                         metavar="{32,64,128,0}", help="int4 / w4a8 group size along the "
+                         "input dimension, 0: per output channel (default: the trained one, "
+                         "else 128)")
     convert.add_argument("--quantize-head", action="store_true",
                          help="quantize the LM head too (default: it stays float)")
 
@@ -182,7 +188,8 @@ def build_parser() -> Parser:
     bench.add_argument("--to", default=None, metavar="SCHEME",
                        help=f"convert first: one of {', '.join(SCHEMES)}; a comma-separated "
                        "list compares them in one run, interleaved")
-    bench.add_argument("--group-size", type=_group_size, default=128, metavar="{32,64,128}")
+    bench.add_argument("--group-size", type=_group_size, default=128, metavar="{32,64,128,0}",
+                       help="int4 / w4a8 group size, 0: per output channel (default 128)")
     bench.add_argument("--quantize-head", action="store_true",
                        help="with --to: quantize the LM head too")
     bench.add_argument("--no-native-kernels", action="store_true",
@@ -292,8 +299,10 @@ def run_convert(args: argparse.Namespace) -> None:
                      force=args.force)
     if not result.verified:
         _unverified_note(result.source)
+    if result.note:
+        _note(result.note)
     mib = 2**20
-    print(f"converted {result.source} -> {result.out} ({args.to}): weights "
+    print(f"converted {result.source} -> {result.out} ({result.format}): weights "
           f"{result.bytes_before / mib:.1f} MiB -> {result.bytes_after / mib:.1f} MiB "
           f"({result.bytes_before / result.bytes_after:.2f}x smaller) in "
           f"{time.perf_counter() - started:.1f} s")

@@ -7,6 +7,10 @@ model is never held whole; its tokenizer files (tokenizer.json, tokenizer_config
 generation_config.json) are copied, and config.json records the source architecture
 ("hf_architecture") for `export`.
 
+With no scheme, the checkpoint's QAT config decides (`hpllm.quant.inference_scheme`): the
+converted model runs what was trained - the same weight quantization and group size, and
+per-token int8 activations after int8 or w4a8 QAT. Another scheme is allowed, with a note.
+
 The output folder holds config.json ({"format_version", "model", "weights": {"scheme",
 "group_size"}, "source"}), model.safetensors, tokenizer.json and manifest.json. Embeddings and
 the LM head stay float unless `--quantize-head` (then the LM head is quantized too and
@@ -28,7 +32,7 @@ from hpllm.hf import is_hf_folder
 from hpllm.hf_tokenizer import PretrainedTokenizer
 from hpllm.locking import output_lock
 from hpllm.outputs import check_output
-from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
+from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD, QuantConfig, inference_scheme
 from infer.loading import (
     GROUP_SIZES,
     check_scheme,
@@ -47,6 +51,42 @@ class ConvertResult:
     bytes_before: int
     bytes_after: int
     verified: bool  # whether the source had a manifest to check
+    format: str  # the scheme written, with its group size where it has one
+    note: str | None = None  # why the format differs from what the checkpoint trained
+
+
+def _describe(scheme: str, group_size: int) -> str:
+    if scheme not in ("int4", "w4a8"):
+        return scheme
+    return f"{scheme}, group size {group_size or 'per channel'}"
+
+
+def trained_quant(config: dict) -> QuantConfig:
+    """The QAT config a training checkpoint's config.json records (float when none)."""
+    quant = config.get("quant")
+    return QuantConfig() if quant is None else QuantConfig.from_dict(quant)
+
+
+def choose_format(trained: QuantConfig, scheme: str | None, group_size: int | None
+                  ) -> tuple[str, int, str | None]:
+    """(scheme, group_size, note): the requested format, filled in from what was trained;
+    the note says how a requested format differs from the trained one."""
+    trained_scheme, trained_group = inference_scheme(trained)
+    uses_groups = ("int4", "w4a8")
+    chosen = scheme if scheme is not None else trained_scheme
+    if group_size is None:
+        group_size = trained_group if trained_scheme in uses_groups else 128
+    if (chosen, group_size if chosen in uses_groups else 0) == (
+            trained_scheme, trained_group if trained_scheme in uses_groups else 0):
+        return chosen, group_size, None
+    note = (f"converting to {_describe(chosen, group_size)}, but the checkpoint was trained "
+            f"with --quant {trained.name}"
+            + (f" --quant-group-size {trained.group_size}" if trained_scheme in uses_groups
+               else "")
+            + f", whose format is {_describe(trained_scheme, trained_group)}; the converted "
+            "model will not compute what was trained (leave out --to and --group-size for "
+            "that)")
+    return chosen, group_size, note
 
 
 def _check_out(out: str | Path, source: str | Path, force: bool) -> bool:
@@ -62,12 +102,15 @@ def _check_out(out: str | Path, source: str | Path, force: bool) -> bool:
                         kind="converted checkpoint")
 
 
-def convert(source: str | Path, scheme: str, out: str | Path, group_size: int = 128,
-            quantize_head: bool = False, *, force: bool = False) -> ConvertResult:
+def convert(source: str | Path, scheme: str | None, out: str | Path,
+            group_size: int | None = None, quantize_head: bool = False, *,
+            force: bool = False) -> ConvertResult:
     """Quantize the model at `source` to `scheme` and write it to `out` (atomically, under a
-    lock; `force` may replace an earlier conversion at `out`, nothing else)."""
-    check_scheme(scheme)
-    if group_size not in GROUP_SIZES:
+    lock; `force` may replace an earlier conversion at `out`, nothing else). `scheme` and
+    `group_size` None: what the checkpoint was trained for (`choose_format`)."""
+    if scheme is not None:
+        check_scheme(scheme)
+    if group_size is not None and group_size not in GROUP_SIZES:
         raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got "
                         f"{group_size}")
     _check_out(out, source, force)  # before any work: a refusal should come at once
@@ -80,6 +123,10 @@ def convert(source: str | Path, scheme: str, out: str | Path, group_size: int = 
     with output_lock(out):
         replaces = _check_out(out, source, force)  # again: nobody else can write it now
         if is_hf_folder(source):
+            # Not trained here: no QAT config, so the default is float and any --to is
+            # post-training quantization, which needs no note.
+            scheme, group_size, note = choose_format(QuantConfig(), scheme, group_size)
+            note = None
             loaded = load_hf_folder(source, scheme, group_size, quantize_head)
             if quantize_head and loaded.model.lm_head is None:
                 raise UserError("--quantize-head: this model ties its LM head to the embeddings")
@@ -90,6 +137,12 @@ def convert(source: str | Path, scheme: str, out: str | Path, group_size: int = 
             if loaded.scheme is not None:
                 raise CheckpointError(f"{loaded.path} is already converted ({loaded.scheme}); "
                                       "convert from the training checkpoint instead")
+            try:
+                trained = trained_quant(loaded.config)
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"{loaded.path}/config.json: invalid quant section "
+                                      f"({error})") from None
+            scheme, group_size, note = choose_format(trained, scheme, group_size)
             if quantize_head and loaded.model.lm_head is None:
                 raise UserError("--quantize-head: this model ties its LM head to the "
                                 "embeddings")
@@ -108,4 +161,5 @@ def convert(source: str | Path, scheme: str, out: str | Path, group_size: int = 
             extra["hf_architecture"] = loaded.architecture
         save_model(out, model, extra, files, replace=replaces)
     return ConvertResult(out, loaded.path, bytes_before,
-                         (out / "model.safetensors").stat().st_size, loaded.verified)
+                         (out / "model.safetensors").stat().st_size, loaded.verified,
+                         _describe(scheme, group_size), note)

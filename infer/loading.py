@@ -36,11 +36,10 @@ from hpllm.errors import UserError
 from hpllm.hf import is_hf_folder, load_hf
 from hpllm.hf_tokenizer import TOKENIZER_FILES, GenerationDefaults, PretrainedTokenizer
 from hpllm.model import Transformer
-from hpllm.quant import DEFAULT_TARGETS, SCHEMES
+from hpllm.quant import DEFAULT_TARGETS, GROUP_SIZES, SCHEMES
 from hpllm.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
-GROUP_SIZES = (32, 64, 128)  # int4 group sizes along d_in that convert offers
 
 
 @dataclasses.dataclass

@@ -263,8 +263,9 @@ def _usable(args, command: str) -> None:
         logits = jax.random.normal(jax.random.key(1), (2, 40), jnp.float32)
         tokens = np.asarray(sample(logits, key, _sampling(args)))
         assert ((tokens >= 0) & (tokens < 40)).all()
-    if command in ("convert", "bench"):
-        assert args.group_size in GROUP_SIZES
+    if command in ("convert", "bench"):  # convert's None: the trained group size
+        assert args.group_size in GROUP_SIZES or (command == "convert" and args.group_size
+                                                  is None)
     if command == "bench":
         sizes = [int(b) for b in args.batch_sizes.split(",")]
         assert all(1 <= b <= MAX_BATCH for b in sizes)

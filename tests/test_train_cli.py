@@ -298,3 +298,76 @@ def test_latest_checkpoint_ignores_temporaries_and_incomplete_folders(tmp_path):
     # step_000011 has no config.json (written last): not complete.
     assert latest_checkpoint(tmp_path) == folder / "step_000010"
     assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+# --------------------------------------------------------------------------- --quant, --init-from
+
+
+def test_quant_choices_come_from_the_library():
+    from hpllm.quant import GROUP_SIZES, TRAINING_MODES
+    from train.settings import FIELDS, build_parser
+
+    assert FIELDS["quant"].metadata["choices"] == tuple(TRAINING_MODES)
+    assert FIELDS["quant_group_size"].metadata["choices"] == GROUP_SIZES
+    text = " ".join(build_parser().format_help().split())  # unwrapped
+    for name in TRAINING_MODES:
+        assert f"{name} =" in text  # each mode is documented in --help
+
+
+def test_init_from_restores_the_weights_and_starts_a_fresh_optimizer(tmp_path, tokenizer_file,
+                                                                     capsys):
+    import equinox as eqx
+    import jax
+
+    from hpllm.checkpoint import save_tree
+    from infer.cli import main as infer_main
+    from train.cli import parse
+    from train.run import build_run, optimizer_for
+
+    source = tmp_path / "float"
+    assert main(fast(source, tokenizer_file, "--steps", "3")) == 0
+    checkpoint = latest_checkpoint(source)
+    argv = ["--init-from", str(source), "--out", str(tmp_path / "w4a8"), "--quant", "w4a8",
+            "--quant-group-size", "0", "--batch-size", "4", "--seq-len", "32",
+            "--eval-every", "0", "--steps", "2"]
+    settings, resume, _, _ = parse(argv)
+    assert settings.init_from == str(checkpoint) and settings.preset == "tiny" and not resume
+    run = build_run(settings)
+    assert int(run.state.step) == 0 and run.quant.name == "w4a8" and run.quant.group_size == 0
+    # The weights, bit for bit (w4a8's QAT op holds no arrays: the same leaves as the source).
+    save_tree(eqx.combine(run.state.params, run.state.quant_state), tmp_path / "params.st")
+    assert_same_tensors(checkpoint / "model.safetensors", tmp_path / "params.st")
+    # A fresh optimizer, while the source's had moved.
+    fresh = optimizer_for(run.state.params, settings).init(run.state.params)
+    for got, want in zip(jax.tree.leaves(run.state.opt_state), jax.tree.leaves(fresh),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert any(np.any(v != 0) for v in load_file(str(checkpoint / "opt_state.safetensors"))
+               .values())
+
+    assert main(argv) == 0
+    out = tmp_path / "w4a8"
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2]
+    # The model comes from the source: a different one is an error, and nothing is written.
+    capsys.readouterr()
+    expect_error([*argv[:2], "--out", str(tmp_path / "x"), "--preset", "small"],
+                 "--preset small differs from the --init-from checkpoint's tiny", capsys)
+    assert not (tmp_path / "x").exists()
+    expect_error([*argv[:2], "--out", str(checkpoint / "run")],
+                 "lies inside the --init-from checkpoint", capsys)
+    expect_error(["--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")],
+                 "not a training checkpoint folder", capsys)
+    assert not (tmp_path / "x").exists() and not (checkpoint / "run").exists()
+
+    # convert with no --to writes what was trained: w4a8, per channel.
+    converted = tmp_path / "converted"
+    assert infer_main(["convert", str(out), "--out", str(converted)]) == 0
+    err = capsys.readouterr().err
+    assert "note:" not in err
+    weights = json.loads((converted / "config.json").read_text())["weights"]
+    assert weights == {"scheme": "w4a8", "group_size": 0}
+    # Another format is allowed, with one note.
+    assert infer_main(["convert", str(out), "--to", "int4", "--out",
+                       str(tmp_path / "other")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "--quant w4a8 --quant-group-size 0" in err, err

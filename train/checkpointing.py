@@ -14,9 +14,11 @@ a kill at any moment leaves either the complete folder or none. Old checkpoints 
 a hidden name before they are deleted, for the same reason.
 """
 
+import dataclasses
 import json
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,22 @@ from hpllm.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
     checkpoint_step,
+    latest_checkpoint,
     load_tree,
+    model_config,
     read_config,
     verify_checkpoint,
     write_checkpoint,
 )
+from hpllm.config import ModelConfig
 from hpllm.errors import PathError
-from hpllm.quant import split_quant_state
+from hpllm.model import Transformer
+from hpllm.quant import (
+    QuantConfig,
+    quantize_for_training,
+    split_quant_state,
+    strip_training_quant,
+)
 from train.loop import TrainState
 
 DATA_STATE_FILE = "data_state.json"
@@ -122,3 +133,59 @@ def load_training_checkpoint(path: Path, skeleton: TrainState
         raise CheckpointError(f"{data_file}: corrupt JSON ({error})") from None
     step = jnp.asarray(config["step"], jnp.int32)
     return TrainState(params, quant_state, opt_state, step), data_state, config
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+    """Weights a new run starts from (`--init-from`): where they are, the model they fit, the
+    settings they fix (preset, vocab_size, tokenizer), and how to load them as a float
+    `Transformer` of a given config (its compute dtype may differ from the source's)."""
+
+    path: Path
+    model: ModelConfig
+    settings: dict[str, Any]
+    load: Callable[[ModelConfig], Transformer]
+
+
+def open_init_source(path: str | Path) -> InitSource:
+    """What `--init-from PATH` names: a training checkpoint folder, or a run folder (its
+    newest checkpoint). Other kinds of source (a Hugging Face folder) are one more branch
+    here."""
+    path = Path(path)
+    if path.is_dir() and checkpoint_dir(path).is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"--init-from {path}: this run folder has no complete "
+                                  "checkpoint yet")
+        path = latest
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"--init-from {path}: not a training checkpoint folder (no "
+                              f"{CONFIG_FILE}) nor a training run folder (no checkpoints/)")
+    return _training_checkpoint_source(path)
+
+
+def _training_checkpoint_source(path: Path) -> InitSource:
+    file = path / CONFIG_FILE
+    config = read_config(path)
+    train, quant = config.get("train"), config.get("quant", {"mode": "none"})
+    if not isinstance(config.get("step"), int) or not isinstance(train, dict):
+        raise CheckpointError(f"--init-from {path}: {file} has no integer 'step' and 'train' "
+                              "settings; not a training checkpoint")
+    try:
+        source_quant = QuantConfig.from_dict(quant)
+    except (TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{file}: invalid quant section ({error})") from None
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"--init-from {path}: no tokenizer.json there")
+    source_model = model_config(config, file)
+    fixed = {"preset": train.get("preset"), "vocab_size": source_model.vocab_size,
+             "tokenizer": str(path / "tokenizer.json")}
+
+    def load(cfg: ModelConfig) -> Transformer:
+        verify_checkpoint(path)
+        skeleton = eqx.filter_eval_shape(
+            lambda: quantize_for_training(Transformer(cfg, key=jax.random.key(0)),
+                                          source_quant))
+        return strip_training_quant(load_tree(skeleton, path / "model.safetensors"))
+
+    return InitSource(path, source_model, fixed, load)

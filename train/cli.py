@@ -19,7 +19,7 @@ from hpllm import distributed
 from hpllm.checkpoint import latest_checkpoint
 from hpllm.errors import UserError
 from hpllm.locking import folder_lock
-from train.checkpointing import Checkpointer
+from train.checkpointing import Checkpointer, open_init_source
 from train.loop import NonFiniteLossError, Progress, eval_record, train_steps
 from train.processes import add_process_flags, join_if_asked, pop_process_flags
 from train.run import Run, build_run
@@ -30,7 +30,16 @@ from train.run_folder import (
     trim_metrics,
     write_json_atomically,
 )
-from train.settings import Settings, build_parser, layer, out_folder, read_config_file
+from train.settings import (
+    Settings,
+    UsageError,
+    build_parser,
+    flag,
+    layer,
+    out_folder,
+    read_config_file,
+    same_path,
+)
 
 RESUME_HELP = (
     "continue the run in --out with its saved settings, from the newest checkpoint that "
@@ -58,11 +67,30 @@ def parse(argv: list[str] | None) -> tuple[Settings, bool, Path | None, dict[str
     resume_from = given.pop("resume_from", None)
     resume = given.pop("resume", False) or resume_from is not None
     from_file = read_config_file(given.pop("config")) if "config" in given else {}
+    if not resume:
+        from_file, given = with_init_source(from_file, given)
     out = out_folder({**from_file, **given})
     checkpoint, saved, saved_in = None, {}, ""
     if resume:
         checkpoint, saved, saved_in = resume_point(out, resume_from)
     return layer(saved, from_file, given, saved_in), resume, checkpoint, processes
+
+
+def with_init_source(from_file: dict[str, Any], given: dict[str, Any]
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """With --init-from: the settings its checkpoint fixes (model, tokenizer) join the
+    --config layer, and --init-from names the checkpoint itself; a flag or --config value
+    that contradicts them is an error."""
+    layered = {**from_file, **given}
+    if layered.get("init_from") is None:
+        return from_file, given
+    source = open_init_source(layered["init_from"])
+    for name, value in source.settings.items():
+        if name in layered and same_path(name, layered[name]) != same_path(name, value):
+            raise UsageError(f"{flag(name)} {layered[name]} differs from the --init-from "
+                             f"checkpoint's {value}; the model and tokenizer come from it, "
+                             "leave the flag out")
+    return {**from_file, **source.settings}, {**given, "init_from": str(source.path)}
 
 
 class SigintFlag:

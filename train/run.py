@@ -23,7 +23,7 @@ from hpllm.quant import QuantConfig, quantize_for_training, split_quant_state
 from hpllm.sharding import check_batch_divisible, make_mesh, shard_batch, shard_tree
 from hpllm.tokenizer import Tokenizer
 from train.batches import Batch, TrainBatches, eval_batches
-from train.checkpointing import load_training_checkpoint
+from train.checkpointing import load_training_checkpoint, open_init_source
 from train.loop import (
     StepBatch,
     TrainState,
@@ -78,8 +78,18 @@ class Run:
         return evaluate(model, iter(self.held_out), put)
 
 
-def initial_state(cfg: ModelConfig, qcfg: QuantConfig, settings: Settings) -> TrainState:
-    model = quantize_for_training(Transformer(cfg, key=jax.random.key(settings.seed)), qcfg)
+def quant_config(settings: Settings) -> QuantConfig:
+    """The QuantConfig of `--quant` and `--quant-group-size`."""
+    return QuantConfig.named(settings.quant, group_size=settings.quant_group_size)
+
+
+def initial_state(cfg: ModelConfig, qcfg: QuantConfig, settings: Settings,
+                  model: Transformer | None = None) -> TrainState:
+    """Step 0 of a run: `model` (float; default: random from the seed) under `qcfg`, and a
+    fresh optimizer."""
+    if model is None:
+        model = Transformer(cfg, key=jax.random.key(settings.seed))
+    model = quantize_for_training(model, qcfg)
     params, quant_state = split_quant_state(model)
     optimizer = optimizer_for(params, settings)
     return TrainState(params, quant_state, optimizer.init(params), jnp.zeros((), jnp.int32))
@@ -102,14 +112,17 @@ def build_run(settings: Settings, *, resume_from: Path | None = None,
               quant: QuantConfig | None = None, tokenizer: Tokenizer | None = None,
               devices: list | None = None) -> Run:
     """Check `settings` and build the run: from checkpoint `resume_from` if given, else from
-    scratch. `quant` refines the settings' quant mode (fp8 scaling, int4 group size);
-    `tokenizer` replaces the one the settings would train or load; `devices` (default: all)
-    make the mesh."""
+    the weights of `settings.init_from` (fresh optimizer, step 0), else from scratch. `quant`
+    refines the settings' quant mode (amax history, targets...); `tokenizer` replaces the one
+    the settings would train or load; `devices` (default: all) make the mesh."""
     cfg = validate(settings)
-    qcfg = QuantConfig(mode=settings.quant) if quant is None else quant
-    if qcfg.mode != settings.quant:
-        raise UsageError(f"quant config mode {qcfg.mode!r} differs from --quant "
+    qcfg = quant_config(settings) if quant is None else quant
+    if qcfg.name != settings.quant:
+        raise UsageError(f"quant config mode {qcfg.name!r} differs from --quant "
                          f"{settings.quant!r}")
+    if qcfg.mode in ("int4w", "w4a8") and qcfg.group_size != settings.quant_group_size:
+        raise UsageError(f"quant config group size {qcfg.group_size} differs from "
+                         f"--quant-group-size {settings.quant_group_size}")
     mesh = make_mesh(devices)
     try:
         check_batch_divisible(settings.batch_size, mesh)
@@ -127,7 +140,13 @@ def build_run(settings: Settings, *, resume_from: Path | None = None,
                          f"vocab_size {cfg.vocab_size}; pass --vocab-size {tokenizer.vocab_size}")
 
     data_state = None
-    if resume_from is None:
+    if resume_from is None and settings.init_from is not None:
+        source = open_init_source(settings.init_from)
+        if cfg.replace(compute_dtype=source.model.compute_dtype) != source.model:
+            raise UsageError(f"--init-from {source.path}: its model {source.model} differs from "
+                             f"this run's {cfg}; leave out --preset and --vocab-size")
+        state = initial_state(cfg, qcfg, settings, source.load(cfg))
+    elif resume_from is None:
         state = initial_state(cfg, qcfg, settings)
     else:
         skeleton = eqx.filter_eval_shape(initial_state, cfg, qcfg, settings)

@@ -55,6 +55,8 @@ def inputs_of(settings: Settings) -> list[str]:
     paths = [settings.data]
     if settings.tokenizer != "train":
         paths.append(settings.tokenizer)
+    if settings.init_from is not None:
+        paths.append(settings.init_from)
     return paths
 
 
@@ -62,11 +64,13 @@ def check_run_folder(out: Path, settings: Settings, resume: bool) -> None:
     """Refuse an --out that is not ours to write: a file, a folder holding other things, or
     one that is, holds or lies inside an input; or a run we were not asked to resume."""
     real = out.resolve()
-    for flag, given in (("--data", settings.data), ("--tokenizer", settings.tokenizer)):
-        if flag == "--tokenizer" and given == "train":
+    for flag, given in (("--data", settings.data), ("--tokenizer", settings.tokenizer),
+                        ("--init-from", settings.init_from)):
+        if (flag == "--tokenizer" and given == "train") or given is None:
             continue
         source = Path(given).expanduser().resolve()
-        what = "the training data" if flag == "--data" else f"the {flag} file"
+        what = {"--data": "the training data", "--tokenizer": "the --tokenizer file",
+                "--init-from": "the --init-from checkpoint"}[flag]
         if real == source or source in real.parents or real in source.parents:
             raise UsageError(f"--out {out} is, holds or lies inside {what} ({flag} {given}); "
                              "choose a run folder outside it")

@@ -21,7 +21,7 @@ import numpy as np
 
 from hpllm.config import DTYPE_ALIASES, PRESETS, ModelConfig, preset
 from hpllm.errors import UserError
-from hpllm.quant import MODES
+from hpllm.quant import GROUP_SIZES, TRAINING_MODE_HELP, TRAINING_MODES
 from train.sources import DEFAULT_DATA
 
 
@@ -29,7 +29,7 @@ class UsageError(UserError):
     """A bad flag or setting; the message says what to do."""
 
 
-def setting(default: Any, help: str, *, choices: tuple[str, ...] = (), metavar: str = "",
+def setting(default: Any, help: str, *, choices: tuple[str | int, ...] = (), metavar: str = "",
             fixed: bool = False) -> Any:
     """A field of `Settings`. `fixed`: shapes the model or the batch stream, so it cannot change
     on --resume. Help without "(default" gets the default appended."""
@@ -67,7 +67,13 @@ class Settings:
     warmup: int | None = setting(None, "linear warmup steps (default: steps/10, at most 100)")
     weight_decay: float = setting(0.1, "AdamW weight decay (on weight matrices only)")
     clip: float = setting(1.0, "clip gradients to this global norm")
-    quant: str = setting("none", "quantization-aware training", choices=MODES, fixed=True)
+    quant: str = setting("none", "quantization-aware training (QAT); python -m infer convert "
+                         "turns it into the matching inference format: " + "; ".join(
+                             f"{name} = {text}" for name, text in TRAINING_MODE_HELP.items()),
+                         choices=tuple(TRAINING_MODES), fixed=True)
+    quant_group_size: int = setting(128, "int4 group size along the input dimension for "
+                                    "--quant int4w and w4a8 (0: one scale per output channel)",
+                                    choices=GROUP_SIZES, fixed=True)
     eval_every: int = setting(100, "evaluate held-out loss every N steps and at the end "
                               "(0: never)")
     eval_batches: int = setting(8, "held-out batches per evaluation")
@@ -77,6 +83,12 @@ class Settings:
                               "continue; never one holding other files or the inputs "
                               "(default: runs/PRESET)")
     seed: int = setting(0, "random seed (model initialisation, data shuffling)", fixed=True)
+    init_from: str | None = setting(None, "start from the weights of this training checkpoint "
+                                    "(or run folder: its newest checkpoint) with a fresh "
+                                    "optimizer at step 0; the model (--preset, --vocab-size) "
+                                    "and --tokenizer come from it, a different one is an error; "
+                                    "--quant may differ (default: random initialisation)",
+                                    metavar="CKPT", fixed=True)
     dtype: str = setting("f32", "compute dtype of activations and matmuls (parameters stay f32)",
                          choices=tuple(DTYPE_ALIASES))
 
@@ -125,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "flag names); flags given here override it (default: none)")
     for name, field in FIELDS.items():
         meta, kind = field.metadata, value_type(field)
-        text = meta["help"]
-        if meta["choices"]:
-            text += f": {', '.join(meta['choices'])}"
+        text, choices = meta["help"], [str(choice) for choice in meta["choices"]]
+        if choices:
+            text += f": {', '.join(choices)}"
         if "(default" not in text:
             text += f" (default: {field.default})"
         metavar = meta["metavar"] or (
-            "{" + ",".join(meta["choices"]) + "}" if meta["choices"]
+            "{" + ",".join(choices) + "}" if choices
             else {int: "N", float: "F"}.get(kind, name.upper()))
         parser.add_argument(flag(name), dest=name, type=kind, metavar=metavar, help=text)
     return parser
@@ -177,7 +189,7 @@ def validate(settings: Settings) -> ModelConfig:
         choices = field.metadata["choices"]
         if choices and getattr(s, name) not in choices:
             raise UsageError(f"unknown {flag(name)} {getattr(s, name)!r}; choose one of "
-                             f"{', '.join(choices)}")
+                             f"{', '.join(map(str, choices))}")
     positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches")
     non_negative = ("warmup", "eval_every", "save_every", "keep", "seed")
     for name in positive + non_negative:
@@ -195,7 +207,7 @@ def validate(settings: Settings) -> ModelConfig:
                              f"{FLOAT32_MAX:.3g} (float32), got {value!r}")
     if s.seed > MAX_SEED:
         raise UsageError(f"--seed must be at most {MAX_SEED} (2**63 - 1), got {s.seed}")
-    for name in ("data", "data_config", "split", "text_column", "tokenizer", "out"):
+    for name in ("data", "data_config", "split", "text_column", "tokenizer", "out", "init_from"):
         if getattr(s, name) == "":
             raise UsageError(f"{flag(name)} is empty; give a value or leave the flag out")
     cfg = preset(s.preset)

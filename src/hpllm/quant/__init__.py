@@ -11,10 +11,14 @@ the model-level API, the ops and the weight formats; the numerics underneath (`i
 
 from hpllm.quant.api import (
     DEFAULT_TARGETS,
+    GROUP_SIZES,
     MODES,
     SCHEMES,
+    TRAINING_MODE_HELP,
+    TRAINING_MODES,
     WITH_HEAD,
     QuantConfig,
+    inference_scheme,
     linear_paths,
     quantize_for_training,
     quantize_weights,
@@ -23,7 +27,7 @@ from hpllm.quant.api import (
     training_op,
 )
 from hpllm.quant.fake_quant import Fp8QATDot, Int4WeightQATDot, Int8QATDot
-from hpllm.quant.integer import W8A8Dot
+from hpllm.quant.integer import W4A8Dot, W8A8Dot
 from hpllm.quant.quantizers import DelayedScale
 from hpllm.quant.weight_only import (
     Fp8Weight,
@@ -35,9 +39,11 @@ from hpllm.quant.weight_only import (
 )
 
 __all__ = [
-    "DEFAULT_TARGETS", "MODES", "SCHEMES", "WITH_HEAD", "DelayedScale", "Fp8QATDot",
+    "DEFAULT_TARGETS", "GROUP_SIZES", "MODES", "SCHEMES", "TRAINING_MODES",
+    "TRAINING_MODE_HELP", "WITH_HEAD", "DelayedScale", "Fp8QATDot",
     "Fp8Weight", "Fp8WeightOnlyDot", "Int4Weight", "Int4WeightOnlyDot", "Int4WeightQATDot",
-    "Int8QATDot", "Int8Weight", "Int8WeightOnlyDot", "QuantConfig", "W8A8Dot", "linear_paths",
+    "Int8QATDot", "Int8Weight", "Int8WeightOnlyDot", "QuantConfig", "W4A8Dot", "W8A8Dot",
+    "inference_scheme", "linear_paths",
     "quantize_for_training", "quantize_weights", "split_quant_state", "strip_training_quant",
     "training_op",
 ]

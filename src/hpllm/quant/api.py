@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from hpllm.linear import FloatDot, Linear, MatmulOp
 from hpllm.quant.fake_quant import QAT_OPS, Fp8QATDot, Int4WeightQATDot, Int8QATDot
-from hpllm.quant.integer import W8A8Dot
+from hpllm.quant.integer import W4A8Dot, W8A8Dot
 from hpllm.quant.quantizers import DelayedScale
 from hpllm.quant.weight_only import (
     Fp8Weight,
@@ -48,10 +48,31 @@ from hpllm.quant.weight_only import (
 
 # The project's quantization vocabulary, defined once: both command lines take their choices
 # from here. Training modes are the fake-quant (QAT) ops of `training_op`; inference schemes
-# are the weight formats of `quantize_weights`.
-MODES = ("none", "int8", "fp8", "int4w")
+# are the weight formats of `quantize_weights`; `inference_scheme` maps the one to the other.
+MODES = ("none", "int8", "fp8", "int4w", "w4a8")
 SCALINGS = ("delayed", "current")
-SCHEMES = ("f32", "bf16", "int8", "int4", "fp8", "w8a8")
+SCHEMES = ("f32", "bf16", "int8", "int4", "fp8", "w8a8", "w4a8")
+# What `python -m train --quant` offers: each name is one QuantConfig (`QuantConfig.named`).
+TRAINING_MODES = {
+    "none": {"mode": "none"},
+    "int8": {"mode": "int8"},
+    "fp8": {"mode": "fp8", "scaling": "delayed"},
+    "fp8-current": {"mode": "fp8", "scaling": "current"},
+    "int4w": {"mode": "int4w"},
+    "w4a8": {"mode": "w4a8"},
+}
+TRAINING_MODE_HELP = {
+    "none": "float matmuls",
+    "int8": "int8 activations per token and weights per channel (converts to w8a8)",
+    "fp8": "e4m3 activations and weights per tensor, delayed scaling (converts to fp8 "
+           "weight-only)",
+    "fp8-current": "like fp8 with current (per-step) scaling",
+    "int4w": "int4 weights in groups of --quant-group-size, float activations (converts to "
+             "int4)",
+    "w4a8": "int4 weights in groups as int4w, int8 activations per token (converts to w4a8)",
+}
+# int4 group sizes along d_in offered on both command lines; 0 = one group per output channel.
+GROUP_SIZES = (32, 64, 128, 0)
 # The layer weights; "lm_head" is added on request (the embeddings always stay float).
 DEFAULT_TARGETS = ("blocks.*",)
 WITH_HEAD = (*DEFAULT_TARGETS, "lm_head")
@@ -62,14 +83,16 @@ class QuantConfig:
     """How a model is quantized during training (saved with every checkpoint).
 
     mode: "none" | "int8" (int8 activations per token + weights per channel) | "fp8" (e4m3
-        activations and weights) | "int4w" (int4 group-wise weights, float activations).
+        activations and weights) | "int4w" (int4 group-wise weights, float activations) |
+        "w4a8" (int4 group-wise weights, int8 activations per token).
     scaling: fp8 only - "delayed" (scale from an amax history, Transformer Engine's recipe)
         or "current" (each tensor's own amax).
     amax_history_len: steps of amax history kept for delayed scaling.
     quantize_backward: also quantize the incoming gradient of the backward matmuls (int8
         per row/column in int8 mode, e5m2 in fp8 mode).
-    mask_clipped_grads: zero the straight-through gradient where the forward clipped.
-    group_size: int4 group size along d_in.
+    mask_clipped_grads: zero the straight-through gradient where the forward clipped; fp8
+        delayed scaling only (absmax scaling never clips, so elsewhere it is an error).
+    group_size: int4 group size along d_in (0: one group per output channel).
     targets: fnmatch patterns over the dotted paths of the `Linear`s to quantize.
     """
 
@@ -86,24 +109,42 @@ class QuantConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
-        for name in ("amax_history_len", "group_size"):
+        for name, least in (("amax_history_len", 1), ("group_size", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.group_size % 2:
-            raise ValueError(f"group_size must be even (two int4 per byte), got "
-                             f"{self.group_size}")
+            raise ValueError(f"group_size must be even (two int4 per byte) or 0 (per "
+                             f"channel), got {self.group_size}")
         for name in ("quantize_backward", "mask_clipped_grads"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.quantize_backward and self.mode not in ("int8", "fp8"):
             raise ValueError("quantize_backward applies to modes 'int8' and 'fp8' only, "
                              f"not {self.mode!r}")
+        if self.mask_clipped_grads and not (self.mode == "fp8" and self.scaling == "delayed"):
+            raise ValueError("mask_clipped_grads applies to fp8 delayed scaling only: absmax "
+                             f"scaling never clips, so with mode {self.mode!r} and scaling "
+                             f"{self.scaling!r} it would do nothing")
         if isinstance(self.targets, str) or not all(
                 isinstance(t, str) and t for t in self.targets) or not self.targets:
             raise ValueError(f"targets must be a non-empty list of patterns such as "
                              f"{list(DEFAULT_TARGETS)}, got {self.targets!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
+
+    @classmethod
+    def named(cls, name: str, **fields: Any) -> "QuantConfig":
+        """The config of `python -m train --quant NAME` (a key of TRAINING_MODES), with
+        `fields` set too (group_size, targets...)."""
+        if name not in TRAINING_MODES:
+            raise ValueError(f"unknown training mode {name!r}; choose one of "
+                             f"{', '.join(TRAINING_MODES)}")
+        return cls(**TRAINING_MODES[name], **fields)
+
+    @property
+    def name(self) -> str:
+        """The TRAINING_MODES name of this config ("fp8-current" for fp8 current scaling)."""
+        return "fp8-current" if self.mode == "fp8" and self.scaling == "current" else self.mode
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -131,6 +172,11 @@ class QuantConfig:
                     field.type is int and isinstance(value, bool)):
                 raise ValueError(f"{field.name} must be of type {field.type.__name__}, got "
                                  f"{value!r}")
+        if data.get("mask_clipped_grads") and not (
+                data.get("mode") == "fp8" and data.get("scaling", "delayed") == "delayed"):
+            # Files from before this was an error: the flag did nothing there (absmax scaling
+            # never clips), so dropping it loads the model that was trained.
+            data["mask_clipped_grads"] = False
         return cls(**data)
 
 
@@ -195,10 +241,22 @@ def training_op(qcfg: QuantConfig) -> MatmulOp:
         return Fp8QATDot(scaling=qcfg.scaling, amax_history_len=qcfg.amax_history_len,
                          quantize_backward=qcfg.quantize_backward,
                          mask_clipped_grads=qcfg.mask_clipped_grads)
-    if qcfg.mode == "int4w":
+    if qcfg.mode in ("int4w", "w4a8"):
         return Int4WeightQATDot(group_size=qcfg.group_size,
-                                mask_clipped_grads=qcfg.mask_clipped_grads)
+                                quantize_activations=qcfg.mode == "w4a8")
     return FloatDot()
+
+
+def inference_scheme(qcfg: QuantConfig) -> tuple[str, int]:
+    """(scheme, group_size) of `quantize_weights` that runs what `qcfg` trained: the same
+    weight quantization and, for int8 and w4a8, the same per-token int8 activations.
+
+    fp8 has no inference op with quantized activations yet: it converts to fp8 weight-only
+    (per-channel e4m3), which differs from the per-tensor fake quantization it trained with.
+    """
+    scheme = {"none": "f32", "int8": "w8a8", "fp8": "fp8", "int4w": "int4",
+              "w4a8": "w4a8"}[qcfg.mode]
+    return scheme, qcfg.group_size
 
 
 def quantize_for_training(model: eqx.Module, qcfg: QuantConfig) -> eqx.Module:
@@ -242,6 +300,8 @@ def _convert(linear: Linear, scheme: str, group_size: int) -> Linear:
         return _with(linear, Int8Weight(w), W8A8Dot())
     if scheme == "int4":
         return _with(linear, Int4Weight(w, group_size), Int4WeightOnlyDot())
+    if scheme == "w4a8":
+        return _with(linear, Int4Weight(w, group_size), W4A8Dot())
     if scheme == "fp8":
         return _with(linear, Fp8Weight(w), Fp8WeightOnlyDot())
     if scheme == "bf16":
@@ -253,13 +313,16 @@ def quantize_weights(model: eqx.Module, scheme: str, *, group_size: int = 128,
                      targets: tuple[str, ...] = DEFAULT_TARGETS) -> eqx.Module:
     """Inference conversion: targeted `Linear`s get `scheme` weights and the weight-only op.
 
-    scheme: "int8" (per-channel) | "int4" (group-wise, `group_size` along d_in, packed) |
-    "fp8" (e4m3, per-channel) | "bf16" | "f32" | "w8a8" (int8 weights, activations
-    quantized per token, int32 matmul). QAT ops anywhere in the model become `FloatDot`.
+    scheme: "int8" (per-channel) | "int4" (group-wise, `group_size` along d_in, packed; 0:
+    per channel) | "fp8" (e4m3, per-channel) | "bf16" | "f32" | "w8a8" (int8 weights,
+    activations quantized per token, int32 matmul) | "w4a8" (int4 weights as "int4",
+    activations quantized per token, int32 matmul per group). QAT ops anywhere in the model
+    become `FloatDot`.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if group_size <= 0 or group_size % 2:
-        raise ValueError(f"group_size must be a positive even number, got {group_size}")
+    if group_size < 0 or group_size % 2:
+        raise ValueError(f"group_size must be an even number >= 0 (0: per channel), got "
+                         f"{group_size}")
     model = strip_training_quant(model)
     return _map_targeted(model, tuple(targets), lambda lin: _convert(lin, scheme, group_size))

@@ -235,14 +235,17 @@ class Fp8QATDot(MatmulOp):
 
 
 class Int4WeightQATDot(MatmulOp):
-    """int4 group-wise fake quantization of the weight only; activations stay float."""
+    """int4 group-wise fake quantization of the weight (`group_size` 0: per channel);
+    activations stay float, or with `quantize_activations` become int8 per token (W4A8)."""
 
     group_size: int = eqx.field(static=True, default=128)
     mask_clipped_grads: bool = eqx.field(static=True, default=False)
+    quantize_activations: bool = eqx.field(static=True, default=False)
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: Float[Array, "d_in d_out"]
                  ) -> Float[Array, "*batch d_out"]:
-        recipe = Recipe(x="float", w="int4", group_size=self.group_size,
+        recipe = Recipe(x="int8" if self.quantize_activations else "float", w="int4",
+                        group_size=self.group_size,
                         mask_clipped=self.mask_clipped_grads)
         return qat_matmul(recipe, x, weight, (None, None, None))
 

@@ -14,8 +14,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int8, Int32
 
 from hpllm.linear import MatmulOp
-from hpllm.quant.quantizers import INT8_MAX, fp8_scale, int8_scale, quantize_fp8, quantize_int
-from hpllm.quant.weight_only import Int8Weight
+from hpllm.quant.quantizers import (
+    INT8_MAX,
+    fp8_scale,
+    int8_scale,
+    quantize_fp8,
+    quantize_int,
+    unpack_int4,
+)
+from hpllm.quant.weight_only import Int4Weight, Int8Weight
 
 
 def int8_matmul(qx: Int8[Array, "*batch k"], qw: Int8[Array, "k n"]) -> Int32[Array, "*batch n"]:
@@ -66,4 +73,25 @@ class W8A8Dot(MatmulOp):
         x_scale = int8_scale(x, axis=-1)
         y = int8_scaled_matmul(quantize_int(x, x_scale, INT8_MAX), x_scale,
                                weight.values, weight.scales[None, :])
+        return y.astype(x.dtype)
+
+
+class W4A8Dot(MatmulOp):
+    """W4A8 inference op: int4 group-wise weights and activations quantized to int8 per token
+    on the fly. The weight scale varies along d_in, so each group is an exact int32 matmul,
+    rescaled by its group's scales, and the groups are summed in float32."""
+
+    def __call__(self, x: Float[Array, "*batch d_in"], weight: Int4Weight
+                 ) -> Float[Array, "*batch d_out"]:
+        x_scale = int8_scale(x, axis=-1)
+        qx = quantize_int(x, x_scale, INT8_MAX)
+        qw = unpack_int4(weight.packed)  # [padded_d_in, d_out]
+        groups, d_out = weight.scales.shape
+        rows = qw.shape[0]
+        pad = [(0, 0)] * (qx.ndim - 1) + [(0, rows - weight.d_in)]
+        qx = jnp.pad(qx, pad).reshape(*qx.shape[:-1], groups, rows // groups)
+        acc = jnp.einsum("...gk,gkn->...gn", qx, qw.reshape(groups, rows // groups, d_out),
+                         preferred_element_type=jnp.int32)
+        w_scales = weight.scales.reshape((1,) * (acc.ndim - 2) + (groups, d_out))
+        y = jnp.sum(acc.astype(jnp.float32) * w_scales, axis=-2) * x_scale
         return y.astype(x.dtype)

@@ -177,8 +177,10 @@ def int4_quantize_groups(w: Float[Array, "*lead d_in d_out"], group_size: int
                          ) -> tuple[Int8[Array, "*lead padded_d_in d_out"],
                                     Float[Array, "*lead groups d_out"]]:
     """Group-wise absmax int4: one scale per `group_size` consecutive inputs of each output
-    column. Returns unpacked int8 values (d_in padded to whole groups) and the scales."""
+    column (`group_size` 0: one group of all d_in, i.e. per channel). Returns unpacked int8
+    values (d_in padded to whole groups) and the scales."""
     *lead, d_in, d_out = w.shape
+    group_size = group_size or d_in + d_in % 2  # packing needs an even number of rows
     rows = padded_rows(d_in, group_size)
     pad = [(0, 0)] * len(lead) + [(0, rows - d_in), (0, 0)]
     grouped = jnp.pad(w.astype(jnp.float32), pad).reshape(*lead, rows // group_size,

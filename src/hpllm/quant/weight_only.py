@@ -64,7 +64,7 @@ class Int8Weight(eqx.Module):
 
 class Int4Weight(eqx.Module):
     """int4 values packed two per byte along d_in, one absmax scale per `group_size` inputs
-    of each output channel. d_in is zero-padded to whole groups."""
+    of each output channel (0: one per channel). d_in is zero-padded to whole groups."""
 
     packed: UInt8[Array, "*layers half_padded_d_in d_out"]
     scales: Float[Array, "*layers groups d_out"]
@@ -72,8 +72,9 @@ class Int4Weight(eqx.Module):
     group_size: int = eqx.field(static=True)
 
     def __init__(self, w: Float[Array, "*layers d_in d_out"], group_size: int = 128):
-        if group_size <= 0 or group_size % 2:
-            raise ValueError(f"group_size must be a positive even number, got {group_size}")
+        if group_size < 0 or group_size % 2:
+            raise ValueError(f"group_size must be an even number >= 0 (0: per channel), got "
+                             f"{group_size}")
         q, self.scales = int4_quantize_groups(w, group_size)
         self.packed = pack_int4(q)
         self.d_in = w.shape[-2]
