@@ -342,7 +342,7 @@ def test_random_numeric_flags_give_valid_settings_or_one_clean_error(tmp_path, v
     for name, text in values:
         argv += [f"{flag(name)}={text}"]
     try:
-        settings_, resume, resume_from = parse(argv)
+        settings_, resume, resume_from, _processes = parse(argv)
     except UserError as error:
         assert "\n" not in str(error)
         return
