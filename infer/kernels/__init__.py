@@ -14,6 +14,7 @@ build:
 
 - `native` (default): `-march=native`, the best path this CPU runs;
 - `avx512` / `avx2`: `-march=x86-64-v4` / `-march=x86-64-v3` (for tests and comparisons);
+- `avx512vnni`: `-march=x86-64-v4 -mavx512vnni` (the w8a8 kernel's `vpdpbusd` path);
 - `portable`: the plain loops (`-DHPLLM_PORTABLE`), the path of non-x86 machines.
 
 The cached library's name is a hash of the source, the flags, the JAX version and the target
@@ -41,9 +42,11 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int8, Shaped, UInt8
+from jaxtyping import Array, Float, Int8, Int32, Shaped, UInt8
 
 from hpllm.linear import Linear, MatmulOp
+from hpllm.quant.integer import W8A8Dot, int8_scaled_matmul
+from hpllm.quant.quantizers import INT8_MAX, int8_scale, quantize_int
 from hpllm.quant.weight_only import (
     Int4Weight,
     Int4WeightOnlyDot,
@@ -60,6 +63,8 @@ ISA_FLAGS = {
     "native": ("-march=native",),
     "avx512": ("-march=x86-64-v4",),
     "avx2": ("-march=x86-64-v3",),
+    # AVX-512 plus VNNI: the w8a8 kernel's vpdpbusd path (x86-64-v4 alone runs its AVX2 path).
+    "avx512vnni": ("-march=x86-64-v4", "-mavx512vnni"),
     "portable": ("-march=native", "-DHPLLM_PORTABLE"),
 }
 # /proc/cpuinfo flags a forced build needs (x86-64-v4 / -v3 as GCC defines them).
@@ -67,6 +72,7 @@ ISA_CPU_FLAGS = {
     "avx512": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma"),
     "avx2": ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"),
 }
+ISA_CPU_FLAGS["avx512vnni"] = ISA_CPU_FLAGS["avx512"] + ("avx512_vnni",)
 # Predefined macros that name a target feature: the part of the compiler's view of the target
 # that decides which instructions the library may contain.
 _FEATURE_MACRO = re.compile(r"#define (__(?:[A-Z0-9_]*(?:AVX|SSE|FMA|F16C|BMI|AMX|VNNI|POPCNT"
@@ -145,8 +151,10 @@ class Kernels:
 
     isa: str
     path: str  # "avx512" | "avx2" | "portable", as the library reports it
+    w8a8_path: str  # "avx512_vnni" | "avx2" | "portable"
     int8_target: str
     int4_target: str
+    w8a8_target: str
 
 
 _loaded: dict[str, Kernels | str] = {}  # isa -> the build, or why it is unavailable
@@ -184,10 +192,13 @@ def _load(isa: str) -> Kernels | str:
     except OSError as error:
         return str(error)
     library.HpllmKernelPath.restype = ctypes.c_char_p
-    kernels = Kernels(isa, library.HpllmKernelPath().decode(), f"hpllm_int8_matvec_{isa}",
-                      f"hpllm_int4_matvec_{isa}")
+    library.HpllmW8A8Path.restype = ctypes.c_char_p
+    kernels = Kernels(isa, library.HpllmKernelPath().decode(), library.HpllmW8A8Path().decode(),
+                      f"hpllm_int8_matvec_{isa}", f"hpllm_int4_matvec_{isa}",
+                      f"hpllm_w8a8_matmul_{isa}")
     for target, symbol in ((kernels.int8_target, library.HpllmInt8Matvec),
-                           (kernels.int4_target, library.HpllmInt4Matvec)):
+                           (kernels.int4_target, library.HpllmInt4Matvec),
+                           (kernels.w8a8_target, library.HpllmW8A8Matmul)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return kernels
 
@@ -319,6 +330,62 @@ class NativeInt4Dot(MatmulOp):
         return call(x2, weight.packed, weight.scales).reshape(x.shape[:-1] + (weight.d_out,))
 
 
+class TiledW8A8Weight(eqx.Module):
+    """An `Int8Weight` in the w8a8 kernel's layout: values [d_out / TILE, padded_d_in / 4, TILE,
+    4] (the four k of a column adjacent, as integer dot instructions take them; d_in
+    zero-padded to a multiple of 4), scales padded to whole tiles, and each column's sum of
+    values (the VNNI path offsets the activations by 128 and subtracts 128 x this sum)."""
+
+    values: Int8[Array, "*layers tiles quads tile 4"]
+    scales: Float[Array, "*layers padded_d_out"]
+    col_sums: Int32[Array, "*layers padded_d_out"]
+    d_in: int = eqx.field(static=True)
+    d_out: int = eqx.field(static=True)
+
+    def __init__(self, weight: Int8Weight):
+        self.d_in, self.d_out = weight.values.shape[-2:]
+        values = pad_columns(weight.values)
+        values = jnp.pad(values, [(0, 0)] * (values.ndim - 2) + [(0, -self.d_in % 4), (0, 0)])
+        *layers, rows, cols = values.shape
+        quads = values.reshape(*layers, rows // 4, 4, cols // TILE, TILE)
+        self.values = jnp.moveaxis(quads, (-4, -3, -2, -1), (-3, -1, -4, -2))
+        self.scales = pad_columns(weight.scales)
+        self.col_sums = jnp.sum(values.astype(jnp.int32), axis=-2)
+
+    def plain(self) -> tuple[Int8[Array, "*layers d_in d_out"], Float[Array, "*layers d_out"]]:
+        """values and scales in the plain [d_in, d_out] layout (for the XLA op)."""
+        *layers, tiles, quads, tile, four = self.values.shape
+        values = jnp.moveaxis(self.values, (-3, -1, -4, -2), (-4, -3, -2, -1))
+        values = values.reshape(*layers, quads * four, tiles * tile)
+        return values[..., :self.d_in, :self.d_out], self.scales[..., :self.d_out]
+
+
+class NativeW8A8Dot(MatmulOp):
+    """`W8A8Dot` on the native kernel of build `isa`: the activations are quantized per row
+    exactly as `W8A8Dot` does, the int8 products summed exactly in int32 (VNNI `vpdpbusd` or
+    AVX2 `vpmaddubsw`), then scaled in the op's order, so the result equals the XLA op's bit for
+    bit. Every row count runs the kernel (integer dot products outpace the f32 GEMM on a
+    dequantized copy even for prompts); bf16 activations take the XLA op."""
+
+    isa: str = eqx.field(static=True, default="native")
+
+    def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledW8A8Weight
+                 ) -> Float[Array, "*batch d_out"]:
+        rows = _rows(x)
+        kernels = load(self.isa)
+        x_scale = int8_scale(x, axis=-1)
+        qx = quantize_int(x, x_scale, INT8_MAX)
+        if x.dtype != jnp.float32 or kernels is None:  # W8A8Dot on the untiled weight
+            values, scales = weight.plain()
+            return int8_scaled_matmul(qx, x_scale, values, scales[None, :]).astype(x.dtype)
+        qx = qx.reshape(rows, x.shape[-1])
+        qx = jnp.pad(qx, ((0, 0), (0, 4 * weight.values.shape[-3] - qx.shape[1])))
+        call = jax.ffi.ffi_call(kernels.w8a8_target,
+                                jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
+        y = call(qx, x_scale.reshape(rows), weight.values, weight.scales, weight.col_sums)
+        return y.reshape(x.shape[:-1] + (weight.d_out,))
+
+
 def use_native_kernels(model: eqx.Module, isa: str | None = None,
                        prefill_rows: int = PREFILL_ROWS) -> eqx.Module:
     """`model` with every int8 / int4 weight-only op swapped for its native twin (build `isa`,
@@ -333,6 +400,9 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
         if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledInt8Weight(x.weight), NativeInt8Dot(isa, prefill_rows)))
+        if isinstance(x, Linear) and isinstance(x.op, W8A8Dot):
+            return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
+                               (TiledW8A8Weight(x.weight), NativeW8A8Dot(isa)))
         if isinstance(x, Linear) and isinstance(x.op, Int4WeightOnlyDot):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledInt4Weight(x.weight), NativeInt4Dot(isa, prefill_rows)))

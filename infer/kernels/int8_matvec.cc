@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -52,6 +53,9 @@ constexpr int64_t kTile = 128;  // must equal infer.kernels.TILE
 constexpr int64_t kRowChunk = 4;
 // Rows of one k-block of an int8 tile: 64 x 128 bytes = 8 KiB, a sixth of L1.
 constexpr int64_t kBlockK = 64;
+// Activation rows per slab of the batched paths (its output tile: 64 x 128 x 4 bytes = 32 KiB
+// on the stack); a larger M runs slab by slab.
+constexpr int64_t kSlabRows = 64;
 
 // The portable int8 tile: out[r][j] = scale[j] * sum_k x[r, k] * w[k, j]. The sums build up
 // in a local array, which the compiler keeps in registers where it can.
@@ -114,6 +118,9 @@ struct Simd {
   static constexpr int64_t kLanes = 16;
   // Accumulators per pass: half the 32 registers, the rest hold broadcasts and widened weights.
   static constexpr int64_t kAccumulators = 16;
+  // Batched micro-kernel (see gemm_block): 6 rows x 4 vectors = 24 accumulators, 4 weight
+  // vectors, one broadcast.
+  static constexpr int64_t kMicroRows = 6, kMicroVectors = 4;
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float v) { return _mm512_set1_ps(v); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
@@ -142,6 +149,9 @@ struct Simd {
   // Half the 16 registers: 8 accumulators, the rest hold broadcasts and widened weights
   // (16 accumulators, a whole 128-column tile row, would spill).
   static constexpr int64_t kAccumulators = 8;
+  // Batched micro-kernel: 6 rows x 2 vectors = 12 accumulators, 2 weight vectors, one
+  // broadcast: 15 of the 16 registers.
+  static constexpr int64_t kMicroRows = 6, kMicroVectors = 2;
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float v) { return _mm256_set1_ps(v); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
@@ -255,7 +265,105 @@ void int4_tile_simd(const float* x, int64_t ldx, const uint8_t* packed, const fl
     }
   }
 }
+
+// ---- Batched decode: each weight block dequantized once, shared by all activation rows ----
+//
+// The tile kernels above widen every weight once per chunk of up to 4 rows: at 16 rows that is
+// 4 widenings per weight (each as costly as an FMA) and 4 passes over the tile, which has left
+// L1. From kBatchRows rows up, a block of kDqK tile rows is dequantized to f32 into an L1
+// buffer once, and a register-blocked micro-kernel (kMicroRows x kMicroVectors accumulators,
+// the broadcast activation feeding kMicroVectors FMAs, each weight vector kMicroRows FMAs)
+// runs every row of the batch over it: the FMA units, not the widening, set the pace.
+
+// Rows of a dequantized block: 32 x 128 x 4 bytes = 16 KiB, a third of L1.
+constexpr int64_t kDqK = 32;
+
+// out[r][c] (+)= sum_k x[r * ldx + k] * wf[k][c] for Rows rows, kn block rows, all 128 columns.
+template <int64_t Rows>
+void gemm_block(const float* x, int64_t ldx, const float (*wf)[kTile], int64_t kn,
+                float (*out)[kTile], bool first) {
+  using F = Simd::F;
+  constexpr int64_t kVectors = Simd::kMicroVectors, kWidth = kVectors * Simd::kLanes;
+  for (int64_t c0 = 0; c0 < kTile; c0 += kWidth) {
+    F acc[Rows][kVectors];
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v)
+        acc[r][v] = first ? Simd::zero() : Simd::load(out[r] + c0 + v * Simd::kLanes);
+    for (int64_t k = 0; k < kn; ++k) {
+      F wv[kVectors];
+      for (int64_t v = 0; v < kVectors; ++v) wv[v] = Simd::load(wf[k] + c0 + v * Simd::kLanes);
+      for (int64_t r = 0; r < Rows; ++r) {
+        const F xb = Simd::set1(x[r * ldx + k]);
+        for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = Simd::fma(xb, wv[v], acc[r][v]);
+      }
+    }
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v)
+        Simd::store(out[r] + c0 + v * Simd::kLanes, acc[r][v]);
+  }
+}
+
+// Calls f(std::integral_constant<int64_t, R>{}) with R = rows (1..kMicroRows).
+template <typename Fn>
+void with_micro_rows(int64_t rows, const Fn& f) {
+  static_assert(Simd::kMicroRows == 6, "update the cases");
+  switch (rows) {
+    case 1: f(std::integral_constant<int64_t, 1>{}); break;
+    case 2: f(std::integral_constant<int64_t, 2>{}); break;
+    case 3: f(std::integral_constant<int64_t, 3>{}); break;
+    case 4: f(std::integral_constant<int64_t, 4>{}); break;
+    case 5: f(std::integral_constant<int64_t, 5>{}); break;
+    default: f(std::integral_constant<int64_t, 6>{}); break;
+  }
+}
+
+// out[M][128] = x[M, K] @ (the tile, dequantized block by block by `dequantize(k0, kn, wf)`),
+// M <= kSlabRows.
+template <typename Dequantize>
+void tile_batched(const float* x, int64_t M, int64_t K, const Dequantize& dequantize,
+                  float (*out)[kTile]) {
+  alignas(64) float wf[kDqK][kTile];
+  for (int64_t k0 = 0; k0 < K; k0 += kDqK) {
+    const int64_t kn = std::min(kDqK, K - k0);
+    dequantize(k0, kn, wf);
+    for (int64_t m = 0; m < M; m += Simd::kMicroRows) {
+      with_micro_rows(std::min(Simd::kMicroRows, M - m), [&](auto r) {
+        gemm_block<decltype(r)::value>(x + m * K + k0, K, wf, kn, out + m, k0 == 0);
+      });
+    }
+  }
+}
+
+// int8 block: the values as f32 (the per-column scale is applied to the sums, as the XLA op
+// does).
+void dequantize_int8(const int8_t* w, int64_t k0, int64_t kn, float (*wf)[kTile]) {
+  for (int64_t k = 0; k < kn; ++k)
+    for (int64_t j = 0; j < kTile; j += Simd::kLanes)
+      Simd::store(wf[k] + j, Simd::widen_int8(w + (k0 + k) * kTile + j));
+}
+
+// int4 block: (nibble - 8) * scale, the XLA op's dequantized weight exactly (k0, kn even).
+void dequantize_int4(const uint8_t* packed, const float* scale, int64_t ld_scale, int64_t group,
+                     int64_t k0, int64_t kn, float (*wf)[kTile]) {
+  const Simd::F eight = Simd::set1(8.0f);
+  for (int64_t k = 0; k < kn; k += 2) {
+    const uint8_t* row = packed + ((k0 + k) / 2) * kTile;
+    const float* s = scale + ((k0 + k) / group) * ld_scale;
+    for (int64_t j = 0; j < kTile; j += Simd::kLanes) {
+      Simd::F low, high;
+      Simd::widen_nibbles(row + j, low, high);
+      const Simd::F sj = Simd::load(s + j);
+      Simd::store(wf[k] + j, Simd::mul(Simd::sub(low, eight), sj));
+      Simd::store(wf[k + 1] + j, Simd::mul(Simd::sub(high, eight), sj));
+    }
+  }
+}
 #endif
+
+// Rows from which the SIMD paths take the batched route (tile_batched) instead of row chunks
+// of the tile kernels (which stay the batch-1 path: there the weight stream, not arithmetic,
+// sets the pace, and widening in registers reads it once without an L1 round trip).
+constexpr int64_t kBatchRows = 5;
 
 template <int64_t Rows>
 void int8_tile(const float* x, int64_t ldx, const int8_t* w, const float* scale, int64_t K,
@@ -336,6 +444,23 @@ void with_rows(int64_t rows, const F& f) {
   }
 }
 
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+// Tile t of y for all M rows on the batched path, kSlabRows rows at a time; column j of the
+// sums is multiplied by column_scale(j) (int8: its scale; int4: 1, scaled when dequantized).
+template <typename Dequantize, typename ColumnScale>
+void tile_batched_rows(int64_t t, int64_t M, int64_t K, int64_t N, const float* x, float* y,
+                       const Dequantize& dequantize, const ColumnScale& column_scale) {
+  const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+  for (int64_t m0 = 0; m0 < M; m0 += kSlabRows) {
+    const int64_t rows = std::min(kSlabRows, M - m0);
+    alignas(64) float out[kSlabRows][kTile];
+    tile_batched(x + m0 * K, rows, K, dequantize, out);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < width; ++j) y[(m0 + r) * N + n0 + j] = out[r][j] * column_scale(j);
+  }
+}
+#endif
+
 ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -350,9 +475,19 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
   parallel_tiles(pool, (N + kTile - 1) / kTile, [&](int64_t t) {
+    const int8_t* wt = wp + t * K * kTile;
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+    if (M >= kBatchRows) {
+      const float* st = sp + t * kTile;
+      tile_batched_rows(t, M, K, N, xp, yp, [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
+        dequantize_int8(wt, k0, kn, wf);
+      }, [&](int64_t j) { return st[j]; });
+      return;
+    }
+#endif
     tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, float (*out)[kTile]) {
       with_rows(rows, [&](auto r) {
-        int8_tile<decltype(r)::value>(xp + m * K, K, wp + t * K * kTile, sp + t * kTile, K, out);
+        int8_tile<decltype(r)::value>(xp + m * K, K, wt, sp + t * kTile, K, out);
       });
     });
   });
@@ -377,12 +512,192 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
   parallel_tiles(pool, (N + kTile - 1) / kTile, [&](int64_t t) {
+    const uint8_t* pt = pp + t * (K / 2) * kTile;
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+    if (M >= kBatchRows) {
+      tile_batched_rows(t, M, K, N, xp, yp, [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
+        dequantize_int4(pt, sp + t * kTile, ld_scale, group, k0, kn, wf);
+      }, [](int64_t) { return 1.0f; });
+      return;
+    }
+#endif
     tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, float (*out)[kTile]) {
       with_rows(rows, [&](auto r) {
-        int4_tile<decltype(r)::value>(xp + m * K, K, pp + t * (K / 2) * kTile, sp + t * kTile,
-                                      ld_scale, K, group, out);
+        int4_tile<decltype(r)::value>(xp + m * K, K, pt, sp + t * kTile, ld_scale, K, group,
+                                      out);
       });
     });
+  });
+  return ffi::Error::Success();
+}
+
+// ---- w8a8: int8 weights x int8 activations (per row), exact int32 sums ----
+//
+// `W8A8Dot` quantizes each activation row to int8 (one scale per row) and multiplies in
+// integers: y = float(sum_k qx[r, k] * qw[k, j]) * x_scale[r] * w_scale[j]. The int32 sum is
+// exact in any order, so these kernels give the XLA op's result bit for bit. Layout: the
+// weight tile is [K / 4][128][4], the four k of one column adjacent, which is what the integer
+// dot instructions consume (4 products per 32-bit lane):
+// - AVX-512 VNNI (`vpdpbusd`: u8 x s8, 4 products summed into an int32 lane): the activations
+//   are offset to unsigned (qx + 128) and 128 x the column's weight sum is subtracted at the end;
+// - AVX2 (and AVX-512 without VNNI): `vpmaddubsw` (u8 x s8 -> pairs summed in int16) then
+//   `vpmaddwd` by ones (-> int32), llama.cpp's Q8_0 trick: |qx| times the weight with qx's sign,
+//   so a pair is at most 2 x 127 x 127 and never saturates (weights are in [-127, 127]);
+// - portable: an int32 loop.
+#if defined(HPLLM_PATH_AVX512) && defined(__AVX512VNNI__)
+#define HPLLM_W8A8_VNNI 1
+#elif defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+#define HPLLM_W8A8_MADDUBS 1
+#endif
+
+// Quads (4 k) of one block of a w8a8 tile: 32 x 128 x 4 bytes = 16 KiB, read from memory once
+// and from L1 by every row chunk.
+constexpr int64_t kW8A8BlockQuads = 32;
+
+int32_t load_quad(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+template <typename Fn>
+void with_rows_upto6(int64_t rows, const Fn& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int64_t, 1>{}); break;
+    case 2: f(std::integral_constant<int64_t, 2>{}); break;
+    case 3: f(std::integral_constant<int64_t, 3>{}); break;
+    case 4: f(std::integral_constant<int64_t, 4>{}); break;
+    case 5: f(std::integral_constant<int64_t, 5>{}); break;
+    default: f(std::integral_constant<int64_t, 6>{}); break;
+  }
+}
+
+#if defined(HPLLM_W8A8_VNNI)
+constexpr int64_t kW8A8Rows = 6;  // 6 rows x 4 vectors = 24 accumulators
+// out[r][c] (+)= sum over the block's quads of xu[r] . w (u8 x s8 dot products of 4).
+template <int64_t Rows>
+void w8a8_block(const int8_t* xu, int64_t ldx, const int8_t* w, int64_t quads,
+                int32_t (*out)[kTile], bool first) {
+  constexpr int64_t kVectors = 4;
+  for (int64_t c0 = 0; c0 < kTile; c0 += kVectors * 16) {
+    __m512i acc[Rows][kVectors];
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v)
+        acc[r][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(out[r] + c0 + v * 16);
+    for (int64_t q = 0; q < quads; ++q) {
+      const int8_t* row = w + (q * kTile + c0) * 4;
+      __m512i wv[kVectors];
+      for (int64_t v = 0; v < kVectors; ++v) wv[v] = _mm512_loadu_si512(row + v * 64);
+      for (int64_t r = 0; r < Rows; ++r) {
+        const __m512i xb = _mm512_set1_epi32(load_quad(xu + r * ldx + 4 * q));
+        for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xb, wv[v]);
+      }
+    }
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v) _mm512_storeu_si512(out[r] + c0 + v * 16, acc[r][v]);
+  }
+}
+#elif defined(HPLLM_W8A8_MADDUBS)
+constexpr int64_t kW8A8Rows = 4;  // 4 rows x 2 vectors = 8 accumulators (16 registers)
+template <int64_t Rows>
+void w8a8_block(const int8_t* qx, int64_t ldx, const int8_t* w, int64_t quads,
+                int32_t (*out)[kTile], bool first) {
+  constexpr int64_t kVectors = 2;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t c0 = 0; c0 < kTile; c0 += kVectors * 8) {
+    __m256i acc[Rows][kVectors];
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v)
+        acc[r][v] = first ? _mm256_setzero_si256()
+                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out[r] + c0 + v * 8));
+    for (int64_t q = 0; q < quads; ++q) {
+      const int8_t* row = w + (q * kTile + c0) * 4;
+      __m256i wv[kVectors];
+      for (int64_t v = 0; v < kVectors; ++v)
+        wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + v * 32));
+      for (int64_t r = 0; r < Rows; ++r) {
+        const __m256i xb = _mm256_set1_epi32(load_quad(qx + r * ldx + 4 * q));
+        const __m256i magnitude = _mm256_abs_epi8(xb);
+        for (int64_t v = 0; v < kVectors; ++v) {
+          const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(wv[v], xb));
+          acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + c0 + v * 8), acc[r][v]);
+  }
+}
+#else
+constexpr int64_t kW8A8Rows = 6;
+template <int64_t Rows>
+void w8a8_block(const int8_t* qx, int64_t ldx, const int8_t* w, int64_t quads,
+                int32_t (*out)[kTile], bool first) {
+  for (int64_t r = 0; r < Rows; ++r) {
+    int32_t acc[kTile];
+    for (int64_t j = 0; j < kTile; ++j) acc[j] = first ? 0 : out[r][j];
+    for (int64_t q = 0; q < quads; ++q)
+      for (int64_t b = 0; b < 4; ++b) {
+        const int32_t xv = qx[r * ldx + 4 * q + b];
+        const int8_t* row = w + q * kTile * 4 + b;
+        for (int64_t j = 0; j < kTile; ++j) acc[j] += xv * static_cast<int32_t>(row[4 * j]);
+      }
+    for (int64_t j = 0; j < kTile; ++j) out[r][j] = acc[j];
+  }
+}
+#endif
+
+ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
+                          ffi::Buffer<ffi::F32> x_scale, ffi::Buffer<ffi::S8> w,
+                          ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> col_sums,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = qx.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || yd.size() != 2 || wd[2] != kTile || wd[3] != 4 ||
+      xd[1] != 4 * wd[1] || yd[0] != xd[0] || (yd[1] + kTile - 1) / kTile != wd[0] ||
+      static_cast<int64_t>(x_scale.element_count()) != xd[0] ||
+      static_cast<int64_t>(w_scale.element_count()) != wd[0] * kTile ||
+      static_cast<int64_t>(col_sums.element_count()) != wd[0] * kTile)
+    return ffi::Error::InvalidArgument(
+        "w8a8_matmul: expects qx[M, K], x_scale[M], w[tiles, K/4, 128, 4], w_scale and "
+        "col_sums[tiles * 128] -> y[M, N]");
+  const int64_t M = xd[0], K = xd[1], N = yd[1], quads = K / 4;
+  const int8_t* xp = qx.typed_data();
+#if defined(HPLLM_W8A8_VNNI)
+  // vpdpbusd wants unsigned activations: qx + 128 (the sign bit flipped), corrected below.
+  std::unique_ptr<int8_t[]> offset(new int8_t[M * K]);
+  for (int64_t i = 0; i < M * K; ++i) offset[i] = static_cast<int8_t>(xp[i] ^ 0x80);
+  xp = offset.get();
+  constexpr int32_t kOffset = 128;
+#else
+  constexpr int32_t kOffset = 0;
+#endif
+  const float* xs = x_scale.typed_data();
+  const int8_t* wp = w.typed_data();
+  const float* ws = w_scale.typed_data();
+  const int32_t* cs = col_sums.typed_data();
+  float* yp = y->typed_data();
+  parallel_tiles(pool, wd[0], [&](int64_t t) {
+    const int8_t* wt = wp + t * quads * kTile * 4;
+    const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += kSlabRows) {
+      const int64_t rows = std::min(kSlabRows, M - m0);
+      alignas(64) int32_t out[kSlabRows][kTile];
+      for (int64_t q0 = 0; q0 < quads; q0 += kW8A8BlockQuads) {
+        const int64_t qn = std::min(kW8A8BlockQuads, quads - q0);
+        for (int64_t m = 0; m < rows; m += kW8A8Rows)
+          with_rows_upto6(std::min(kW8A8Rows, rows - m), [&](auto r) {
+            w8a8_block<decltype(r)::value>(xp + (m0 + m) * K + 4 * q0, K,
+                                           wt + q0 * kTile * 4, qn, out + m, q0 == 0);
+          });
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < width; ++j) {
+          const int32_t sum = out[r][j] - kOffset * cs[n0 + j];
+          // The XLA op's order: (float(sum) * x_scale) * w_scale.
+          yp[(m0 + r) * N + n0 + j] = static_cast<float>(sum) * xs[m0 + r] * ws[n0 + j];
+        }
+    }
   });
   return ffi::Error::Success();
 }
@@ -395,6 +710,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt4Matvec, Int4MatvecImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmW8A8Matmul, W8A8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt8Matvec, Int8MatvecImpl,
@@ -411,6 +736,19 @@ extern "C" const char* HpllmKernelPath() {
 #if defined(HPLLM_PATH_AVX512)
   return "avx512";
 #elif defined(HPLLM_PATH_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
+
+// Which w8a8 path this library was compiled with ("avx512_vnni", "avx2" or "portable"; the
+// AVX-512 build without VNNI runs the AVX2 integer path).
+extern "C" const char* HpllmW8A8Path() {
+#if defined(HPLLM_W8A8_VNNI)
+  return "avx512_vnni";
+#elif defined(HPLLM_W8A8_MADDUBS)
   return "avx2";
 #else
   return "portable";
