@@ -3,8 +3,9 @@ XLA ops, the CPU-keyed build cache, and the prefill threshold.
 
 Each path is a separate build of int8_matvec.cc (HPLLM_KERNEL_ISA): AVX-512 (with VNNI for
 w8a8), AVX2 + FMA, and the portable loops. Row counts from 5 up take the batched route
-(weights dequantized block by block and shared by all rows); 1-4 the row-chunk route. A path this CPU cannot execute is skipped with the reason; the portable
-path runs everywhere a C++ compiler does.
+(weights dequantized block by block and shared by all rows); 1-4 the row-chunk route. A path
+this CPU cannot execute is skipped with the reason; the portable path runs everywhere a C++
+compiler does.
 """
 
 import platform
@@ -18,8 +19,7 @@ import pytest
 
 from hpllm.config import preset
 from hpllm.model import Transformer
-from hpllm.quant import WITH_HEAD
-from hpllm.quant import QuantConfig, W8A8Dot, quantize_for_training
+from hpllm.quant import WITH_HEAD, QuantConfig, W8A8Dot, quantize_for_training
 from hpllm.quant.weight_only import Int4Weight, Int4WeightOnlyDot, Int8Weight, Int8WeightOnlyDot
 from infer import kernels
 from infer.kernels import (
