@@ -1,6 +1,7 @@
 """The matmuls of one `base` decode step, alone: which weight format and which op reads fastest.
 
-    flock /tmp/hpllm-bench.lock .venv/bin/python bench/decode_matmuls.py [--rows 1] [--repeats 7]
+    flock /tmp/hpllm-bench.lock .venv/bin/python bench/decode_matmuls.py [--rows 1,16]
+        [--formats "int8 native,w8a8 native"] [--repeats 7]
 
 One decode step of `base` at batch 1 runs 85 matrix-vector products: per layer q, k, v, o
 (768 x 768), gate and up (768 x 2048), down (2048 x 768), and the 768 x 32000 LM head. This
@@ -13,7 +14,7 @@ converted as `python -m infer convert --quantize-head` does:
 - int8 / int4 (group 128) weights, the XLA weight-only ops (`Int8WeightOnlyDot`: convert,
   then f32 dot; `Int4WeightOnlyDot`: unpack, then f32 dot);
 - int8 and int4 weights on the native kernels of `infer.kernels` (`use_native_kernels`:
-  tiled layout).
+  tiled layout), and int8 weights with int8 activations (w8a8) on its integer kernel.
 
 It prints ms per step, the weight bytes a step reads and the GB/s that makes, against the
 machine's copy bandwidth measured as `python -m infer bench` does. Formats are timed
@@ -23,6 +24,7 @@ row alike. The rest of a real decode step (attention over the cache, norms, samp
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -67,6 +69,7 @@ FORMATS = {
     "int4 XLA": lambda model: quantize(model, "int4", 128, WITH_HEAD),
     "int8 native": lambda model: use_native_kernels(quantize(model, "int8", targets=WITH_HEAD)),
     "int4 native": lambda model: use_native_kernels(quantize(model, "int4", 128, WITH_HEAD)),
+    "w8a8 native": lambda model: use_native_kernels(quantize(model, "w8a8", targets=WITH_HEAD)),
 }
 
 
@@ -79,32 +82,40 @@ def steps(model: Transformer, x: jax.Array) -> jax.Array:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1, help="activation rows (batch size)")
+    parser.add_argument("--rows", default="1",
+                        help="activation rows (batch sizes), comma-separated, e.g. 1,16")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help=f"comma-separated, from: {', '.join(FORMATS)}")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    kinds = [kind for kind in FORMATS if "native" not in kind or available()]
+    row_counts = [int(rows) for rows in args.rows.split(",")]
+    kinds = [kind for kind in args.formats.split(",") if "native" not in kind or available()]
     model = random_model("base")
     runs = {}
     for kind in kinds:
         # Quantized from the stacked model (as `infer convert` does), then split into layers.
         formatted = FORMATS[kind](model.stacked()).unstacked()
-        x = jnp.ones((args.rows, model.cfg.d_model), jnp.float32)
-        steps(formatted, x).block_until_ready()  # compile
-        runs[kind] = (formatted, x, matmul_weight_bytes(formatted))
-    times = {kind: [] for kind in kinds}
+        for rows in row_counts:
+            x = jnp.ones((rows, model.cfg.d_model), jnp.float32)
+            steps(formatted, x).block_until_ready()  # compile
+            runs[kind, rows] = (formatted, x, matmul_weight_bytes(formatted))
+    times = {run: [] for run in runs}
     for _ in range(args.repeats):
-        for kind, (formatted, x, _) in runs.items():
+        for run, (formatted, x, _) in runs.items():
             start = time.perf_counter()
             steps(formatted, x).block_until_ready()
-            times[kind].append((time.perf_counter() - start) / STEPS)
+            times[run].append((time.perf_counter() - start) / STEPS)
     bandwidth = measure_bandwidth()
-    print(f"rows {args.rows}, {args.repeats} rounds, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print("| weights, op | ms/step | MB/step | GB/s | % of copy bandwidth |")
-    print("|---|---|---|---|---|")
-    for kind in kinds:
-        seconds = statistics.median(times[kind])
-        n_bytes = runs[kind][2]
-        print(f"| {kind} | {seconds * 1e3:.2f} | {n_bytes / 1e6:.0f} | "
+    print(f"{args.repeats} rounds, copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print("| weights, op | rows | ms/step | rows/s vs 1 row | MB/step | GB/s | % of copy BW |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, rows in runs:
+        seconds = statistics.median(times[kind, rows])
+        one_row = statistics.median(times[kind, 1]) if (kind, 1) in runs else None
+        speedup = f"{rows * one_row / seconds:.2f}x" if one_row else ""
+        n_bytes = runs[kind, rows][2]
+        print(f"| {kind} | {rows} | {seconds * 1e3:.2f} | {speedup} | {n_bytes / 1e6:.0f} | "
               f"{n_bytes / seconds / 1e9:.1f} | {100 * n_bytes / seconds / bandwidth:.0f}% |")
 
 

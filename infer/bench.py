@@ -217,12 +217,12 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "kv_cache_dtype": cache_dtype,
             "layout": args.layout,
             "lm_head_quantized": bool(args.quantize_head and name != "f32"),
-            "native_kernel": bool(name in ("int8", "int4") and not args.no_native_kernels
-                                  and native_kernels_available()),
+            "native_kernel": bool(name in ("int8", "int4", "w8a8")
+                                  and not args.no_native_kernels and native_kernels_available()),
             # Which instruction path the native kernels were built with (avx512 / avx2 /
-            # portable), and the CPU's vector flags: figures differ a lot between them.
-            "native_kernel_path": (load_native_kernels().path
-                                   if native_kernels_available() else None),
+            # portable; w8a8: avx512_vnni / avx2 / portable), and the CPU's vector flags:
+            # figures differ a lot between them.
+            "native_kernel_path": (native_path(name) if native_kernels_available() else None),
             "cpu_vector_flags": _cpu_vector_flags(),
             "n_params": m.cfg.n_params,
             "new_tokens": args.new_tokens,
@@ -238,6 +238,12 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         print(json.dumps(report, indent=2))
     return report
+
+
+def native_path(scheme: str) -> str:
+    """The instruction path the native kernel of `scheme` runs (kernels loaded)."""
+    kernels = load_native_kernels()
+    return kernels.w8a8_path if scheme == "w8a8" else kernels.path
 
 
 def _cpu_vector_flags() -> list[str]:

@@ -1,0 +1,145 @@
+"""Where one decode step's time goes: matmuls, attention over the KV cache, and the rest.
+
+    flock /tmp/hpllm-bench.lock .venv/bin/python bench/decode_step_split.py \
+        [--preset base] [--to int8] [--batch-sizes 1,16] [--cache-len 256] [--position 128]
+
+Runs `--steps` greedy decode steps of a random `--preset` model (weights in `--to`, the LM head
+quantized too, as `bench --quantize-head`; native kernels where available; the decoding layer
+layout) in one jitted `fori_loop`, as `python -m infer bench` does, with JAX's profiler on.
+XLA:CPU records one trace event per executed operation (thunk); each is put in a class from
+the compiled HLO:
+
+- matmuls: the native kernels' custom calls, and XLA dots / fusions whose operands are
+  weights (no cache-length axis);
+- attention: operations with an axis of the cache's length (scores, mask, softmax, the
+  weighted sum of values), and the in-place cache writes;
+- rest: norms, RoPE, residual adds, embedding lookup, argmax, loop bookkeeping;
+- untraced: the loop's time not covered by any operation's event (dispatch between them).
+
+Times are ms per decode step, medians over `--repeats` profiled runs (shares of one run's
+step time).
+"""
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import re
+import statistics
+import tempfile
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from hpllm.quant import WITH_HEAD
+from infer.kernels import use_native_kernels
+from infer.loading import quantize, random_model
+
+ATTENTION_OPS = re.compile(r"bskgd,btkd|bkgst,btkd|softmax|reduce_max|exp|select_n|"
+                           r"dynamic_update_slice|scatter")
+
+
+def classify(hlo: str, cache_len: int) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (class, the JAX op it came from), for every instruction of the
+    compiled module. Fusions are judged by their fused computation's body too: a cache-length
+    axis or an attention op (the score / value einsums, softmax, the mask's select, the cache
+    write) makes it attention; a custom call (the native kernels) or another dot, a matmul."""
+    computations: dict[str, str] = {}
+    for block in re.split(r"\n(?=\S)", hlo):
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", block)
+        if header:
+            computations[header.group(1)] = block
+    cache_axis = re.compile(rf"[\[,]{cache_len}[\],]")
+    classes = {}
+    for line in hlo.splitlines():
+        found = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
+        if not found:
+            continue
+        name, rest = found.groups()
+        op = re.search(r'op_name="([^"]*)"', rest)
+        op_name = op.group(1) if op else ""
+        body = rest
+        for called in re.findall(r"calls=%?([\w.\-]+)", rest):
+            body += computations.get(called, "")
+        if "custom-call" in rest:
+            kind = "matmuls"
+        elif cache_axis.search(body) or ATTENTION_OPS.search(op_name):
+            kind = "attention"
+        elif re.search(r"\bdot\(", body) or "dot_general" in op_name:
+            kind = "matmuls"
+        else:
+            kind = "rest"
+        classes[name] = (kind, "/".join(op_name.split("/")[-2:]))
+    return classes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="base")
+    parser.add_argument("--to", default="int8", help="weight format (f32, int8, int4, w8a8)")
+    parser.add_argument("--batch-sizes", default="1")
+    parser.add_argument("--cache-len", type=int, default=256)
+    parser.add_argument("--position", type=int, default=128, help="first decode position")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    model = random_model(args.preset)
+    if args.to != "f32":
+        model = quantize(model.stacked(), args.to, 128, WITH_HEAD)
+    model = use_native_kernels(model.unstacked())
+
+    @eqx.filter_jit
+    def chunk(model, token, cache, position):
+        def step(i, carry):
+            token, cache = carry
+            logits, cache = model.decode(token, (position + i)[:, None], cache)
+            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None], cache
+        return jax.lax.fori_loop(0, args.steps, step, (token, cache))
+
+    print(f"{args.preset}, {args.to} (head too), cache {args.cache_len} slots, positions "
+          f"{args.position}..{args.position + args.steps - 1}, load "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print("| batch | step ms | matmuls ms | attention ms | rest ms | untraced ms |")
+    print("|---|---|---|---|---|---|")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        token = jnp.zeros((batch, 1), jnp.int32)
+        position = jnp.full((batch,), args.position, jnp.int32)
+        cache = model.allocate_cache(batch, args.cache_len)
+        classes = classify(chunk.lower(model, token, cache, position).lowered.compile().as_text(),
+                           args.cache_len)
+        jax.block_until_ready(chunk(model, token, cache, position))
+        splits = collections.defaultdict(list)
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory() as folder:
+                with jax.profiler.trace(folder):
+                    jax.block_until_ready(chunk(model, token, cache, position))
+                trace_file = next(Path(folder).rglob("*.trace.json.gz"))
+                events = json.load(gzip.open(trace_file))["traceEvents"]
+            total, by_op = collections.Counter(), collections.Counter()
+            loop = 0.0
+            for event in events:
+                if event.get("ph") != "X":
+                    continue
+                name = event["name"]
+                if name.startswith("while"):
+                    loop = max(loop, event["dur"])
+                elif name in classes:
+                    total[classes[name][0]] += event["dur"]
+                    by_op[classes[name]] += event["dur"]
+            for part in ("matmuls", "attention", "rest"):
+                splits[part].append(total[part] / 1e3 / args.steps)
+            splits["untraced"].append((loop - sum(total.values())) / 1e3 / args.steps)
+            splits["step"].append(loop / 1e3 / args.steps)
+        m = {part: statistics.median(values) for part, values in splits.items()}
+        print(f"| {batch} | {m['step']:.2f} | {m['matmuls']:.2f} | {m['attention']:.2f} | "
+              f"{m['rest']:.2f} | {m['untraced']:.2f} |")
+        heaviest = ", ".join(f"{kind}: {op} {us / 1e3 / args.steps:.2f}"
+                             for (kind, op), us in by_op.most_common(6))
+        print(f"  heaviest ops at batch {batch} (ms/step, last run): {heaviest}")
+
+
+if __name__ == "__main__":
+    main()
