@@ -12,12 +12,14 @@ the compiled HLO:
 - matmuls: the native kernels' custom calls, and XLA dots / fusions whose operands are
   weights (no cache-length axis);
 - attention: operations with an axis of the cache's length (scores, mask, softmax, the
-  weighted sum of values), and the in-place cache writes;
+  weighted sum of values), the cache writes, and the native attention kernel;
 - rest: norms, RoPE, residual adds, embedding lookup, argmax, loop bookkeeping;
-- untraced: the loop's time not covered by any operation's event (dispatch between them).
+- untraced: the loop's time not covered by any operation's event (dispatch between them;
+  negative where XLA ran independent operations at the same time on its two threads).
 
-Times are ms per decode step, medians over `--repeats` profiled runs (shares of one run's
-step time).
+Times are ms per decode step, medians over `--repeats` profiled runs; `--attention native,xla`
+(the default) runs the model with the native attention kernel and with XLA's einsums,
+interleaved round by round.
 """
 
 import argparse
@@ -64,7 +66,9 @@ def classify(hlo: str, cache_len: int) -> dict[str, tuple[str, str]]:
         body = rest
         for called in re.findall(r"calls=%?([\w.\-]+)", rest):
             body += computations.get(called, "")
-        if "custom-call" in rest:
+        if "decode_attention" in rest:  # the native attention kernel's custom call
+            kind = "attention"
+        elif "custom-call" in rest:
             kind = "matmuls"
         elif cache_axis.search(body) or ATTENTION_OPS.search(op_name):
             kind = "attention"
@@ -85,11 +89,14 @@ def main() -> None:
     parser.add_argument("--position", type=int, default=128, help="first decode position")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attention", default="native,xla",
+                        help="attention over the cache: native (the kernel), xla, or both")
     args = parser.parse_args()
     model = random_model(args.preset)
     if args.to != "f32":
         model = quantize(model.stacked(), args.to, 128, WITH_HEAD)
-    model = use_native_kernels(model.unstacked())
+    models = {kind: use_native_kernels(model.unstacked(), attention=kind == "native")
+              for kind in args.attention.split(",")}
 
     @eqx.filter_jit
     def chunk(model, token, cache, position):
@@ -102,43 +109,57 @@ def main() -> None:
     print(f"{args.preset}, {args.to} (head too), cache {args.cache_len} slots, positions "
           f"{args.position}..{args.position + args.steps - 1}, load "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-    print("| batch | step ms | matmuls ms | attention ms | rest ms | untraced ms |")
-    print("|---|---|---|---|---|---|")
+    print("| attention | batch | step ms | matmuls ms | attention ms | rest ms | untraced ms |")
+    print("|---|---|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         token = jnp.zeros((batch, 1), jnp.int32)
         position = jnp.full((batch,), args.position, jnp.int32)
-        cache = model.allocate_cache(batch, args.cache_len)
-        classes = classify(chunk.lower(model, token, cache, position).lowered.compile().as_text(),
-                           args.cache_len)
-        jax.block_until_ready(chunk(model, token, cache, position))
-        splits = collections.defaultdict(list)
-        for _ in range(args.repeats):
-            with tempfile.TemporaryDirectory() as folder:
-                with jax.profiler.trace(folder):
-                    jax.block_until_ready(chunk(model, token, cache, position))
-                trace_file = next(Path(folder).rglob("*.trace.json.gz"))
-                events = json.load(gzip.open(trace_file))["traceEvents"]
-            total, by_op = collections.Counter(), collections.Counter()
-            loop = 0.0
-            for event in events:
-                if event.get("ph") != "X":
-                    continue
-                name = event["name"]
-                if name.startswith("while"):
-                    loop = max(loop, event["dur"])
-                elif name in classes:
-                    total[classes[name][0]] += event["dur"]
-                    by_op[classes[name]] += event["dur"]
-            for part in ("matmuls", "attention", "rest"):
-                splits[part].append(total[part] / 1e3 / args.steps)
-            splits["untraced"].append((loop - sum(total.values())) / 1e3 / args.steps)
-            splits["step"].append(loop / 1e3 / args.steps)
-        m = {part: statistics.median(values) for part, values in splits.items()}
-        print(f"| {batch} | {m['step']:.2f} | {m['matmuls']:.2f} | {m['attention']:.2f} | "
-              f"{m['rest']:.2f} | {m['untraced']:.2f} |")
-        heaviest = ", ".join(f"{kind}: {op} {us / 1e3 / args.steps:.2f}"
-                             for (kind, op), us in by_op.most_common(6))
-        print(f"  heaviest ops at batch {batch} (ms/step, last run): {heaviest}")
+        cache = models[next(iter(models))].allocate_cache(batch, args.cache_len)
+        classes = {}
+        for kind, m in models.items():
+            compiled = chunk.lower(m, token, cache, position).lowered.compile()
+            classes[kind] = classify(compiled.as_text(), args.cache_len)
+            jax.block_until_ready(chunk(m, token, cache, position))
+        splits = {kind: collections.defaultdict(list) for kind in models}
+        by_op = {}
+        for _ in range(args.repeats):  # the variants interleaved, round by round
+            for kind, m in models.items():
+                by_op[kind] = profile(chunk, m, token, cache, position, classes[kind],
+                                      args.steps, splits[kind])
+        for kind in models:
+            med = {part: statistics.median(values) for part, values in splits[kind].items()}
+            print(f"| {kind} | {batch} | {med['step']:.2f} | {med['matmuls']:.2f} | "
+                  f"{med['attention']:.2f} | {med['rest']:.2f} | {med['untraced']:.2f} |")
+        for kind in models:
+            heaviest = ", ".join(f"{op} ({part}) {us / 1e3 / args.steps:.2f}"
+                                 for (part, op), us in by_op[kind].most_common(5))
+            print(f"  heaviest ops, {kind} attention, batch {batch} (ms/step): {heaviest}")
+
+
+def profile(chunk, model, token, cache, position, classes, steps, splits):
+    """One profiled run of `chunk`: appends its split (ms/step) to `splits`; returns the time
+    per (class, JAX op)."""
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            jax.block_until_ready(chunk(model, token, cache, position))
+        trace_file = next(Path(folder).rglob("*.trace.json.gz"))
+        events = json.load(gzip.open(trace_file))["traceEvents"]
+    total, by_op = collections.Counter(), collections.Counter()
+    loop = 0.0
+    for event in events:
+        if event.get("ph") != "X":
+            continue
+        name = event["name"]
+        if name.startswith("while"):
+            loop = max(loop, event["dur"])
+        elif name in classes:
+            total[classes[name][0]] += event["dur"]
+            by_op[classes[name]] += event["dur"]
+    for part in ("matmuls", "attention", "rest"):
+        splits[part].append(total[part] / 1e3 / steps)
+    splits["untraced"].append((loop - sum(total.values())) / 1e3 / steps)
+    splits["step"].append(loop / 1e3 / steps)
+    return by_op
 
 
 if __name__ == "__main__":

@@ -42,9 +42,10 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int8, Int32, Shaped, UInt8
+from jaxtyping import Array, Bool, Float, Int8, Int32, Shaped, UInt8
 
 from hpllm.linear import Linear, MatmulOp
+from hpllm.model import Attention, DecodeAttention
 from hpllm.quant.integer import W8A8Dot, int8_scaled_matmul
 from hpllm.quant.quantizers import INT8_MAX, int8_scale, quantize_int
 from hpllm.quant.weight_only import (
@@ -155,6 +156,7 @@ class Kernels:
     int8_target: str
     int4_target: str
     w8a8_target: str
+    attention_target: str
 
 
 _loaded: dict[str, Kernels | str] = {}  # isa -> the build, or why it is unavailable
@@ -195,10 +197,11 @@ def _load(isa: str) -> Kernels | str:
     library.HpllmW8A8Path.restype = ctypes.c_char_p
     kernels = Kernels(isa, library.HpllmKernelPath().decode(), library.HpllmW8A8Path().decode(),
                       f"hpllm_int8_matvec_{isa}", f"hpllm_int4_matvec_{isa}",
-                      f"hpllm_w8a8_matmul_{isa}")
+                      f"hpllm_w8a8_matmul_{isa}", f"hpllm_decode_attention_{isa}")
     for target, symbol in ((kernels.int8_target, library.HpllmInt8Matvec),
                            (kernels.int4_target, library.HpllmInt4Matvec),
-                           (kernels.w8a8_target, library.HpllmW8A8Matmul)):
+                           (kernels.w8a8_target, library.HpllmW8A8Matmul),
+                           (kernels.attention_target, library.HpllmDecodeAttention)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return kernels
 
@@ -386,10 +389,29 @@ class NativeW8A8Dot(MatmulOp):
         return y.reshape(x.shape[:-1] + (weight.d_out,))
 
 
+class NativeDecodeAttention(DecodeAttention):
+    """The attention of a one-token decode step on the native kernel of build `isa`: reads the
+    cache in place (XLA copies it into another layout first) and only the slots the mask
+    shows. Same arithmetic as `Attention._attend`, summed in another order."""
+
+    isa: str = eqx.field(static=True, default="native")
+
+    def __call__(self, q: Float[Array, "batch heads head_dim"],
+                 k: Float[Array, "batch max_len kv_heads head_dim"],
+                 v: Float[Array, "batch max_len kv_heads head_dim"],
+                 mask: Bool[Array, "batch max_len"]) -> Float[Array, "batch heads head_dim"]:
+        kernels = load(self.isa)
+        assert kernels is not None, "use_native_kernels sets this only where the kernels load"
+        call = jax.ffi.ffi_call(kernels.attention_target, jax.ShapeDtypeStruct(q.shape, q.dtype))
+        return call(q, k, v, mask)
+
+
 def use_native_kernels(model: eqx.Module, isa: str | None = None,
-                       prefill_rows: int = PREFILL_ROWS) -> eqx.Module:
-    """`model` with every int8 / int4 weight-only op swapped for its native twin (build `isa`,
-    default `HPLLM_KERNEL_ISA`) and its weight retiled for it, if that build is available.
+                       prefill_rows: int = PREFILL_ROWS, attention: bool = True) -> eqx.Module:
+    """`model` with every int8 / int4 weight-only op and w8a8 op swapped for its native twin
+    (build `isa`, default `HPLLM_KERNEL_ISA`) and its weight retiled for it, and (`attention`)
+    the decode steps' attention over the cache on the native kernel, if that build is
+    available.
     Works in either layer layout: `lax.scan` hands the ops of stacked blocks one layer's tiles,
     as the unstacked blocks hold them."""
     isa = isa or default_isa()
@@ -408,4 +430,14 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
                                (TiledInt4Weight(x.weight), NativeInt4Dot(isa, prefill_rows)))
         return x
 
-    return jax.tree.map(swap, model, is_leaf=lambda x: isinstance(x, Linear))
+    model = jax.tree.map(swap, model, is_leaf=lambda x: isinstance(x, Linear))
+    if not attention:
+        return model
+
+    def native_attention(x):
+        if isinstance(x, Attention):
+            return eqx.tree_at(lambda attn: attn.decode_attention, x, NativeDecodeAttention(isa),
+                               is_leaf=lambda node: node is None)
+        return x
+
+    return jax.tree.map(native_attention, model, is_leaf=lambda x: isinstance(x, Attention))

@@ -35,7 +35,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -702,6 +704,71 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
   return ffi::Error::Success();
 }
 
+// ---- Decode attention: one query token per row over the KV cache, masked slots skipped ----
+//
+// XLA:CPU runs the attention einsums of a decode step as small batched dots that want the
+// cache transposed: every step copies each layer's whole K and V cache into a new layout before
+// reading it again, and reads every slot, filled or not. This kernel reads the cache in place and
+// only the slots the mask lets a query see (the filled part), with the reference's arithmetic:
+// scores q.k / sqrt(head_dim), softmax (max subtracted, exp, divided by the sum), then the
+// weighted sum of values. A row whose mask hides every slot gets the reference's result for
+// that case: equal weights over all slots.
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || md.size() != 2 || kd[0] != qd[0] ||
+      kd[3] != qd[2] || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || vd[3] != kd[3] ||
+      md[0] != qd[0] || md[1] != kd[1] || kd[2] < 1 || qd[1] % kd[2])
+    return ffi::Error::InvalidArgument(
+        "decode_attention: expects q[B, H, D], k and v[B, T, KV, D] (H a multiple of KV), "
+        "mask[B, T] -> out[B, H, D]");
+  const int64_t B = qd[0], H = qd[1], D = qd[2], T = kd[1], KV = kd[2], groups = H / KV;
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+  const float root = std::sqrt(static_cast<float>(D));
+  parallel_tiles(pool, B * KV, [&](int64_t task) {
+    const int64_t b = task / KV, head = task % KV;
+    const bool* row_mask = mp + b * T;
+    int64_t seen = 0;
+    for (int64_t t = 0; t < T; ++t) seen += row_mask[t];
+    std::unique_ptr<float[]> scores(new float[T]);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t h = head * groups + g;
+      const float* qh = qp + (b * H + h) * D;
+      float* oh = op + (b * H + h) * D;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < T; ++t) {
+        if (seen && !row_mask[t]) continue;
+        const float* kt = kp + ((b * T + t) * KV + head) * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < D; ++i) dot += qh[i] * kt[i];
+        scores[t] = seen ? dot / root : 0.0f;
+        top = std::max(top, scores[t]);
+      }
+      float total = 0.0f;
+      for (int64_t t = 0; t < T; ++t) {
+        if (seen && !row_mask[t]) continue;
+        scores[t] = std::exp(scores[t] - top);
+        total += scores[t];
+      }
+      for (int64_t i = 0; i < D; ++i) oh[i] = 0.0f;
+      for (int64_t t = 0; t < T; ++t) {
+        if (seen && !row_mask[t]) continue;
+        const float weight = scores[t] / total;
+        const float* vt = vp + ((b * T + t) * KV + head) * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) oh[i] += weight * vt[i];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt4Matvec, Int4MatvecImpl,
@@ -720,6 +787,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmW8A8Matmul, W8A8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt8Matvec, Int8MatvecImpl,

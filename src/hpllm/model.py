@@ -96,6 +96,18 @@ def cache_mask(positions: Int[Array, "batch seq"], max_len: int
     return jnp.arange(max_len)[None, None, :] <= positions[:, :, None]
 
 
+class DecodeAttention(eqx.Module):
+    """A replacement for the XLA attention of one-token decode steps over a float32 cache
+    (`infer.kernels` has a native one, which reads only the slots the mask shows). It must
+    compute what `Attention._attend` does before the output projection."""
+
+    def __call__(self, q: Float[Array, "batch heads head_dim"],
+                 k: Float[Array, "batch max_len kv_heads head_dim"],
+                 v: Float[Array, "batch max_len kv_heads head_dim"],
+                 mask: Bool[Array, "batch max_len"]) -> Float[Array, "batch heads head_dim"]:
+        raise NotImplementedError
+
+
 class Attention(eqx.Module):
     """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
 
@@ -103,6 +115,7 @@ class Attention(eqx.Module):
     wk: Linear
     wv: Linear
     wo: Linear
+    decode_attention: DecodeAttention | None  # None: the XLA einsums (`_attend`)
     n_heads: int = eqx.field(static=True)
     n_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
@@ -116,6 +129,7 @@ class Attention(eqx.Module):
         # Scaled down so the residual stream does not grow with depth at init.
         self.wo = Linear(cfg.n_heads * hd, cfg.d_model, key=ko, scale=1 / (2 * cfg.n_layers) ** 0.5,
                          bias=cfg.out_bias)
+        self.decode_attention = None
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
 
     def _project(self, x: Float[Array, "batch seq d_model"], rotary: Rotary):
@@ -161,6 +175,11 @@ class Attention(eqx.Module):
         q, k, v = self._project(x, rotary)
         cache = cache.write(k, v, slots)
         k_all, v_all = cache.read(x.dtype)
+        b, s, _, _ = q.shape
+        if (self.decode_attention is not None and s == 1
+                and q.dtype == k_all.dtype == v_all.dtype == jnp.float32):
+            out = self.decode_attention(q[:, 0], k_all, v_all, mask[:, 0])
+            return self.wo(out.reshape(b, 1, self.n_heads * self.head_dim)), cache
         return self._attend(q, k_all, v_all, mask), cache
 
 
