@@ -730,41 +730,55 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
   const float root = std::sqrt(static_cast<float>(D));
-  parallel_tiles(pool, B * KV, [&](int64_t task) {
-    const int64_t b = task / KV, head = task % KV;
+  // A task is one row and a block of key/value heads; it walks the slots in order, so each
+  // slot's keys (then values) of those heads are one contiguous read. Two head blocks per row
+  // keep both cores busy at batch 1.
+  const int64_t blocks = KV % 2 == 0 ? 2 : 1, block_heads = KV / blocks;
+  parallel_tiles(pool, B * blocks, [&](int64_t task) {
+    const int64_t b = task / blocks, head0 = (task % blocks) * block_heads;
+    const int64_t q_heads = block_heads * groups, h0 = head0 * groups;
     const bool* row_mask = mp + b * T;
     int64_t seen = 0;
     for (int64_t t = 0; t < T; ++t) seen += row_mask[t];
-    std::unique_ptr<float[]> scores(new float[T]);
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t h = head * groups + g;
-      const float* qh = qp + (b * H + h) * D;
-      float* oh = op + (b * H + h) * D;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < T; ++t) {
-        if (seen && !row_mask[t]) continue;
-        const float* kt = kp + ((b * T + t) * KV + head) * D;
+    // scores[h][t] for the block's query heads, then their weights.
+    std::unique_ptr<float[]> scores(new float[q_heads * T]);
+    std::unique_ptr<float[]> acc(new float[q_heads * D]());
+    const float* qb = qp + (b * H + h0) * D;
+    for (int64_t t = 0; t < T; ++t) {
+      if (seen && !row_mask[t]) continue;
+      const float* kt = kp + ((b * T + t) * KV + head0) * D;
+      for (int64_t h = 0; h < q_heads; ++h) {
+        const float* __restrict__ qh = qb + h * D;
+        const float* __restrict__ kh = kt + (h / groups) * D;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < D; ++i) dot += qh[i] * kt[i];
-        scores[t] = seen ? dot / root : 0.0f;
-        top = std::max(top, scores[t]);
-      }
-      float total = 0.0f;
-      for (int64_t t = 0; t < T; ++t) {
-        if (seen && !row_mask[t]) continue;
-        scores[t] = std::exp(scores[t] - top);
-        total += scores[t];
-      }
-      for (int64_t i = 0; i < D; ++i) oh[i] = 0.0f;
-      for (int64_t t = 0; t < T; ++t) {
-        if (seen && !row_mask[t]) continue;
-        const float weight = scores[t] / total;
-        const float* vt = vp + ((b * T + t) * KV + head) * D;
-#pragma omp simd
-        for (int64_t i = 0; i < D; ++i) oh[i] += weight * vt[i];
+        for (int64_t i = 0; i < D; ++i) dot += qh[i] * kh[i];
+        scores[h * T + t] = seen ? dot / root : 0.0f;
       }
     }
+    for (int64_t h = 0; h < q_heads; ++h) {
+      float* sh = scores.get() + h * T;
+      float top = -std::numeric_limits<float>::infinity(), total = 0.0f;
+      for (int64_t t = 0; t < T; ++t)
+        if (!seen || row_mask[t]) top = std::max(top, sh[t]);
+      for (int64_t t = 0; t < T; ++t)
+        if (!seen || row_mask[t]) total += (sh[t] = std::exp(sh[t] - top));
+      for (int64_t t = 0; t < T; ++t)
+        if (!seen || row_mask[t]) sh[t] /= total;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      if (seen && !row_mask[t]) continue;
+      const float* vt = vp + ((b * T + t) * KV + head0) * D;
+      for (int64_t h = 0; h < q_heads; ++h) {
+        const float weight = scores[h * T + t];
+        const float* __restrict__ vh = vt + (h / groups) * D;
+        float* __restrict__ ah = acc.get() + h * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) ah[i] += weight * vh[i];
+      }
+    }
+    for (int64_t h = 0; h < q_heads; ++h)
+      for (int64_t i = 0; i < D; ++i) op[(b * H + h0 + h) * D + i] = acc[h * D + i];
   });
   return ffi::Error::Success();
 }
