@@ -223,10 +223,10 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
             # portable; w8a8: avx512_vnni / avx2 / portable), and the CPU's vector flags:
             # figures differ a lot between them.
             "native_kernel_path": (native_path(name) if native_kernels_available() else None),
-            # Decode steps attend over the float32 cache with the native kernel (every format),
+            # Decode steps attend over the cache (read as float32) with the native kernel,
             # which reads only the filled slots; bytes_per_step still counts the whole cache.
             "native_attention": bool(not args.no_native_kernels and native_kernels_available()
-                                     and cache_dtype == "float32"),
+                                     and m.cfg.compute_dtype == "float32"),
             "cpu_vector_flags": _cpu_vector_flags(),
             "n_params": m.cfg.n_params,
             "new_tokens": args.new_tokens,
