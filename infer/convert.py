@@ -36,11 +36,11 @@ from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD, QuantConfig, inference_schem
 from infer.loading import (
     GROUP_SIZES,
     check_scheme,
+    input_paths,
     is_converted_checkpoint,
     load,
     load_hf_folder,
     quantize,
-    resolve_checkpoint,
 )
 
 
@@ -92,13 +92,8 @@ def choose_format(trained: QuantConfig, scheme: str | None, group_size: int | No
 def _check_out(out: str | Path, source: str | Path, force: bool) -> bool:
     """`check_output` for a conversion of `source`: also the run folder and checkpoint that
     `source` resolves to count as inputs."""
-    inputs = [Path(source)]
-    if Path(source).exists():
-        checkpoint = resolve_checkpoint(source)
-        inputs.append(checkpoint)
-        if checkpoint.parent.name == "checkpoints":  # the run folder: it holds the tokenizer
-            inputs.append(checkpoint.parent.parent)
-    return check_output(out, inputs=inputs, force=force, replaceable=is_converted_checkpoint,
+    return check_output(out, inputs=input_paths(source), force=force,
+                        replaceable=is_converted_checkpoint,
                         kind="converted checkpoint")
 
 
