@@ -88,7 +88,8 @@ def with_init_source(from_file: dict[str, Any], given: dict[str, Any]
     source = open_init_source(layered["init_from"])
     for name, value in source.settings.items():
         if name in layered and same_path(name, layered[name]) != same_path(name, value):
-            theirs = (f"the --init-from checkpoint's {value}" if value is not None else
+            kind = "checkpoint" if source.hf_architecture is None else "Hugging Face folder"
+            theirs = (f"the --init-from {kind}'s {value}" if value is not None else
                       f"--init-from {source.path}, whose config.json gives the model")
             raise UsageError(f"{flag(name)} {layered[name]} differs from {theirs}; the model "
                              "and tokenizer come from it, leave the flag out")

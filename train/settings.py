@@ -86,7 +86,8 @@ class Settings:
     keep: int = setting(3, "keep the newest N checkpoints (0: keep all)")
     out: str | None = setting(None, "run folder: a new or empty folder, or a training run to "
                               "continue; never one holding other files or the inputs "
-                              "(default: runs/PRESET)")
+                              "(default: runs/PRESET; runs/NAME after --init-from a "
+                              "Hugging Face folder NAME)")
     seed: int = setting(0, "random seed (model initialisation, data shuffling)", fixed=True)
     init_from: str | None = setting(None, "start from the weights of this training checkpoint "
                                     "(or run folder: its newest checkpoint) or Hugging Face "
