@@ -203,6 +203,9 @@ def _hf_source(path: Path) -> InitSource:
     None), its weights read layer by layer, and its own tokenizer files."""
     hf = read_hf_config(path)
     source_model = hf_model_config(path)
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"--init-from {path}: no tokenizer.json there (only fast "
+                              "tokenizers are supported)")
     fixed = {"preset": None, "vocab_size": source_model.vocab_size, "tokenizer": str(path)}
 
     def load(cfg: ModelConfig) -> Transformer:
