@@ -1,4 +1,4 @@
-"""bench/qat_study.py at its smallest setting: every row of the table is produced."""
+"""bench/qat_from_scratch.py (QAT from scratch) at its smallest setting: every row is produced."""
 
 import importlib.util
 import json
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-STUDY = Path(__file__).resolve().parents[1] / "bench" / "qat_study.py"
+STUDY = Path(__file__).resolve().parents[1] / "bench" / "qat_from_scratch.py"
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("qat_study", STUDY)
+    spec = importlib.util.spec_from_file_location("qat_from_scratch", STUDY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
