@@ -219,6 +219,8 @@ def verdict(row: dict[str, Any]) -> str:
     if row["ptq_gap_relative"] < 0.01:
         return "PTQ costs < 1%"
     d = row["qat_minus_control"]
+    if math.isnan(d["high"]):
+        return "no interval (one seed)"
     excludes_zero = d["high"] < 0
     if row["recovered"] >= 0.5 and excludes_zero:
         return "met"
