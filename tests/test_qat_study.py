@@ -70,14 +70,42 @@ def check_study(study, out: Path, seeds: list[str], formats: list[str]) -> dict:
     return results
 
 
+def test_formats_convert_with_the_inference_op_where_there_is_one(study):
+    import equinox as eqx
+    import jax
+
+    from hpllm.config import preset
+    from hpllm.model import Transformer
+    from hpllm.quant import (
+        Fp8QATDot,
+        Int4WeightOnlyDot,
+        Int4WeightQATDot,
+        Int8QATDot,
+        W4A8Dot,
+    )
+
+    model = eqx.filter_eval_shape(lambda: Transformer(preset("tiny"), key=jax.random.key(0)))
+    want = {"int8-tensor": Int8QATDot, "fp8-tensor": Fp8QATDot, "int4-channel": Int4WeightOnlyDot,
+            "int4-group": Int4WeightOnlyDot, "w4a8": W4A8Dot, "int3-group": Int4WeightQATDot,
+            "int2-group": Int4WeightQATDot}
+    assert set(want) == set(study.FORMAT_NAMES)
+    for name, fmt in study.formats(32).items():
+        assert isinstance(fmt.apply(model).blocks.mlp.w_down.op, want[name]), name
+        assert fmt.qcfg().name == fmt.quant
+    assert study.formats(32)["fp8-tensor"].apply(model).blocks.mlp.w_up.op.scaling == "current"
+    assert study.formats(32)["int2-group"].apply(model).blocks.mlp.w_up.op.bits == 2
+    assert study.formats(32)["int8-tensor"].apply(model).blocks.mlp.w_up.op.activations == \
+        "tensor"
+
+
 def test_smallest_study_runs_end_to_end(study, tmp_path, capsys):
-    # One scheme converted by quantize_weights (int4), one only simulated (int3).
-    formats = ["int4-channel", "int3-group"]
+    # One format (simulated int3: its QAT config and its evaluation); the slow test runs all.
+    formats = ["int3-group"]
     out = tiny_study(study, tmp_path, ["1"], formats)
     results = check_study(study, out, ["1"], formats)
     report = (out / "results.md").read_text()
     assert report == capsys.readouterr().out == results["report"]
-    assert "| int3 weights, g32 |" in report and "(one seed)" in report
+    assert "| int3 weights, g32 |" in report and "no interval (one seed)" in report
     # The doc's generated block comes from results.json; the text around it is kept.
     doc = tmp_path / "doc.md"
     doc.write_text("# intro\n<!-- qat-finetune:start -->\nold\n<!-- qat-finetune:end -->\nend\n")
