@@ -172,11 +172,9 @@ def train_run(run: Run, run_dir: Path, log: Callable[[str], None],
     return state, step_seconds
 
 
-def step_time(step_seconds: list[float]) -> dict[str, float]:
-    """Median and fastest seconds per step, the first (compiling) step left out. On a shared
-    machine the fastest step is the one least slowed by other jobs."""
-    timed = step_seconds[1:] if len(step_seconds) > 1 else step_seconds
-    return {"median": statistics.median(timed), "fastest": min(timed)}
+def median_step_seconds(step_seconds: list[float]) -> float:
+    """Median seconds per step, the first (compiling) step left out."""
+    return statistics.median(step_seconds[1:] if len(step_seconds) > 1 else step_seconds)
 
 
 # ------------------------------------------------------------------------------- results
@@ -249,20 +247,14 @@ def table(rows: list[dict[str, Any]], n_seeds: int) -> str:
 
 
 def cost_table(results: dict[str, Any]) -> str:
-    """Step times of the fine-tunes, mean over seeds, against the float fine-tune."""
     seconds = results["step_seconds"]
-
-    def mean(run: str, kind: str) -> float:
-        return statistics.fmean(v[kind] for v in seconds[run].values())
-
-    lines = ["| fine-tune | median step (ms) | vs float | fastest step (ms) | vs float |",
-             "|---|---|---|---|---|"]
-    for run, label in [("control", "float (control)"),
-                       *[(f"qat-{n}", f"QAT {results['labels'][n]}")
-                         for n in results["settings"]["formats"]]]:
-        cells = [f"{1000 * mean(run, k):.1f} | {mean(run, k) / mean('control', k):.2f}x"
-                 for k in ("median", "fastest")]
-        lines.append(f"| {label} | {' | '.join(cells)} |")
+    float_step = statistics.fmean(seconds["control"].values())
+    lines = ["| fine-tune | median step (ms), mean over seeds | vs float fine-tune |",
+             "|---|---|---|", f"| float (control) | {1000 * float_step:.1f} | 1.00x |"]
+    for name in results["settings"]["formats"]:
+        step = statistics.fmean(seconds[f"qat-{name}"].values())
+        lines.append(f"| QAT {results['labels'][name]} | {1000 * step:.1f} | "
+                     f"{step / float_step:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -285,8 +277,7 @@ def report(results: dict[str, Any]) -> str:
         if eval_set in results["losses"]:
             parts += [f"### Losses on {title} ({results['eval_tokens'][eval_set]} tokens)\n",
                       table(summarize(results, eval_set), n)]
-    parts += ["### Cost: step time of the fine-tunes (same run, same machine; mean over "
-              "seeds, first step left out)\n",
+    parts += ["### Cost: step time of the fine-tunes (same run, same machine)\n",
               cost_table(results)]
     return "\n".join(parts)
 
@@ -490,8 +481,7 @@ def _study(args: argparse.Namespace, log: Callable[[str], None], out: Path) -> d
     warmup = min(100, args.steps // 10) if args.warmup is None else args.warmup
     tune = dataclasses.replace(base, steps=args.steps, lr=args.lr, warmup=warmup,
                                eval_every=0, init_from=str(checkpoint))
-    step_seconds: dict[str, dict[str, dict[str, float]]] = {
-        "control": {}, **{f"qat-{n}": {} for n in fmts}}
+    step_seconds: dict[str, dict[str, float]] = {"control": {}} | {f"qat-{n}": {} for n in fmts}
     first_seed_runs: dict[str, Path] = {}
     for seed in args.seeds:
         for name in ["control", *fmts]:
@@ -505,7 +495,7 @@ def _study(args: argparse.Namespace, log: Callable[[str], None], out: Path) -> d
             run = build_run(settings, quant=qcfg, tokenizer=tokenizer, devices=devices)
             run_dir = out / "runs" / f"{run_name}-seed{seed}"
             state, seconds = train_run(run, run_dir, log)
-            step_seconds[run_name][str(seed)] = step_time(seconds)
+            step_seconds[run_name][str(seed)] = median_step_seconds(seconds)
             if seed == args.seeds[0]:
                 first_seed_runs[name] = run_dir
             found = losses_of(state.model(), list(fmts) if name == "control" else [name])
