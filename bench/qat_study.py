@@ -3,8 +3,10 @@ checkpoint, in the formats where post-training quantization (PTQ) hurts.
 
     grep tinyshakespeare data/validation.jsonl > runs/shakespeare-held-out.jsonl
     flock /tmp/hpllm-bench.lock .venv/bin/python bench/qat_study.py \
-        [--preset tiny] [--base-steps 3000] [--steps 200] [--seeds 1 2 3] \
-        [--eval-data runs/shakespeare-held-out.jsonl] [--out runs/qat-study]
+        [--preset tiny] [--base-steps 4000] [--steps 200] [--seeds 1 2 3 4] \
+        [--group-size 32] [--eval-data runs/shakespeare-held-out.jsonl] [--out runs/qat-study]
+
+(docs/qat-study.md gives the command of its figures and why that setting.)
 
 1. One float model is trained (`--base-steps`, peak `--base-lr`) and checkpointed. At each of
    its evaluations the int4 PTQ gap is recorded too, to show where it stops shrinking.
@@ -338,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint, per quantized format and fine-tuning seed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    parser.add_argument("--base-steps", type=int, default=3000,
+    parser.add_argument("--base-steps", type=int, default=4000,
                         help="training steps of the float base model")
     parser.add_argument("--base-lr", type=float, default=2e-3,
                         help="peak learning rate of the base model")
