@@ -27,8 +27,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Test files spread over every core (pytest-xdist); the tests share one persistent XLA
+# compilation cache for the session (tests/conftest.py).
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 # Training over several local processes on JAX's distributed runtime (tests/test_multiprocess.py).
 test-multiprocess: $(STAMP)

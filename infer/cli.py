@@ -232,7 +232,9 @@ def build_parser() -> Parser:
     export.add_argument("--format", required=True, choices=("hf",),
                         help="hf: config.json, model.safetensors and tokenizer files that "
                         "transformers loads")
-    export.add_argument("--out", required=True, metavar="DIR", help="a folder not there yet")
+    export.add_argument("--out", required=True, metavar="DIR",
+                        help="a new path or an empty folder (never the input, a training run "
+                        "or a folder holding other files)")
     export.add_argument("--dtype", choices=tuple(DTYPE_ALIASES), default="bf16",
                         help="weight dtype in the file (quantized weights are dequantized)")
     return parser

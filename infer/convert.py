@@ -32,15 +32,21 @@ from hpllm.hf import is_hf_folder
 from hpllm.hf_tokenizer import PretrainedTokenizer
 from hpllm.locking import output_lock
 from hpllm.outputs import check_output
-from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD, QuantConfig, inference_scheme
+from hpllm.quant import (
+    DEFAULT_TARGETS,
+    WITH_HEAD,
+    QuantConfig,
+    inference_mismatch,
+    inference_scheme,
+)
 from infer.loading import (
     GROUP_SIZES,
     check_scheme,
+    input_paths,
     is_converted_checkpoint,
     load,
     load_hf_folder,
     quantize,
-    resolve_checkpoint,
 )
 
 
@@ -78,7 +84,11 @@ def choose_format(trained: QuantConfig, scheme: str | None, group_size: int | No
         group_size = trained_group if trained_scheme in uses_groups else 128
     if (chosen, group_size if chosen in uses_groups else 0) == (
             trained_scheme, trained_group if trained_scheme in uses_groups else 0):
-        return chosen, group_size, None
+        mismatch = inference_mismatch(trained)
+        if mismatch is None:
+            return chosen, group_size, None
+        return chosen, group_size, (f"converting to {_describe(chosen, group_size)}, the "
+                                    f"nearest format to what was trained, but {mismatch}")
     note = (f"converting to {_describe(chosen, group_size)}, but the checkpoint was trained "
             f"with --quant {trained.name}"
             + (f" --quant-group-size {trained.group_size}" if trained_scheme in uses_groups
@@ -92,13 +102,8 @@ def choose_format(trained: QuantConfig, scheme: str | None, group_size: int | No
 def _check_out(out: str | Path, source: str | Path, force: bool) -> bool:
     """`check_output` for a conversion of `source`: also the run folder and checkpoint that
     `source` resolves to count as inputs."""
-    inputs = [Path(source)]
-    if Path(source).exists():
-        checkpoint = resolve_checkpoint(source)
-        inputs.append(checkpoint)
-        if checkpoint.parent.name == "checkpoints":  # the run folder: it holds the tokenizer
-            inputs.append(checkpoint.parent.parent)
-    return check_output(out, inputs=inputs, force=force, replaceable=is_converted_checkpoint,
+    return check_output(out, inputs=input_paths(source), force=force,
+                        replaceable=is_converted_checkpoint,
                         kind="converted checkpoint")
 
 

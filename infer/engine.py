@@ -8,17 +8,22 @@ cache (`DecodeState`: the row's position, budget, sampling settings and random k
    never writes into the cache again);
 2. queued requests are prefilled, one at a time, into free slots (`prefill_slot`: the row's
    cache is cut out, `prefill_rows` writes the new tokens, the row goes back) and join the batch;
-3. one decode chunk (`infer.generate.decode_chunk`) runs over every slot; finished rows stay in
-   the batch, emit nothing and write nothing, and their slots are free for the next round.
+3. one decode chunk (`infer.generate.decode_chunk`) runs over the first slots, up to the last
+   busy one, rounded up to a power of two (`row_buckets`): a lone request decodes as a batch of
+   one, not of `max_batch` (each row costs a pass over the weights in the matmul kernels and
+   its own attention over the cache). Requests go to the lowest free slots, so the busy rows
+   stay packed at the front. Finished rows in that range emit nothing and write nothing, and
+   their slots are free for the next round.
 
 Nobody waits for the longest request: a request joins between two chunks and leaves as soon as
 it is done. Shapes never change (the cache is allocated once; prompts are padded to a few
-bucket lengths), so `warm_up()` compiles every program the engine will run, once.
+bucket lengths, decode chunks to a few row counts), so `warm_up()` compiles every program the
+engine will run, once.
 
 A free slot keeps the tokens whose keys/values its row holds. A new request goes to the free
 slot whose tokens share the longest prefix with its prompt, and only the rest of the prompt is
 prefilled: a chat's next turn prefills its new tokens only (llama.cpp's server picks slots the
-same way).
+same way); without a shared prefix, the lowest free slot.
 
 The engine is not thread-safe except for `submit` and `Request.cancel`: one thread (a server's
 engine thread, or the chat loop itself) calls `step()`.
@@ -43,7 +48,7 @@ from infer.generate import (
     DecodeState,
     PromptTooLongError,
     bucket_length,
-    decode_chunk,
+    decode_steps,
     prefill_rows,
 )
 from infer.kernels import use_native_kernels
@@ -94,7 +99,6 @@ class Slot:
 
     request: Request | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
-    last_used: int = 0
 
 
 def _batch_axis(cache: ModelCache) -> int:
@@ -119,23 +123,57 @@ def prefill_slot(
     The row's cache is cut out, `prefill_rows` writes the new tokens at `start`, ... (the slots
     before `start` keep what they hold), and the row goes back in place.
     """
-    axis = _batch_axis(state.cache)
-    row_cache = jax.tree.map(lambda c: lax.dynamic_slice_in_dim(c, slot, 1, axis=axis),
-                             state.cache)
+    row_cache = _take_rows(state, slot, 1).cache
     row, first = prefill_rows(model, tokens, start, length, budget, row_cache, keys, sampling,
                               stop_ids)
-    cache = jax.tree.map(lambda c, r: lax.dynamic_update_slice_in_dim(c, r, slot, axis=axis),
-                         state.cache, row.cache)
+    return _put_rows(state, row, slot), first
 
-    def put(whole, one):
-        return jax.tree.map(lambda w, o: lax.dynamic_update_slice_in_dim(w, o, slot, axis=0),
-                            whole, one)
 
-    state = DecodeState(cache=cache, last=put(state.last, row.last),
-                        positions=put(state.positions, row.positions),
-                        done=put(state.done, row.done), budget=put(state.budget, row.budget),
-                        keys=put(state.keys, row.keys), sampling=put(state.sampling, row.sampling))
-    return state, first
+@eqx.filter_jit(donate="all-except-first")
+def decode_first_rows(
+    model: Transformer,
+    state: DecodeState,
+    rows: int,
+    n_steps: int,
+    stop_ids: tuple[int, ...],
+) -> tuple[DecodeState, Int[Array, "rows n_steps"]]:
+    """`decode_chunk` over rows 0..rows-1 of the state only; the other rows are untouched."""
+    part, emitted = decode_steps(model, _take_rows(state, 0, rows), n_steps, stop_ids)
+    return _put_rows(state, part, 0), emitted
+
+
+def _take_rows(state: DecodeState, start: Int[Array, ""] | int, size: int) -> DecodeState:
+    """Rows start..start+size-1 of every per-row leaf (the cache's batch axis follows its
+    layout; every other leaf leads with the batch)."""
+    axis = _batch_axis(state.cache)
+    return DecodeState(
+        cache=jax.tree.map(lambda c: lax.dynamic_slice_in_dim(c, start, size, axis=axis),
+                           state.cache),
+        **{name: jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, size, axis=0),
+                              getattr(state, name)) for name in _ROW_FIELDS})
+
+
+def _put_rows(state: DecodeState, part: DecodeState, start: Int[Array, ""] | int
+              ) -> DecodeState:
+    """`state` with `part`'s rows written back from row `start` on."""
+    axis = _batch_axis(state.cache)
+    return DecodeState(
+        cache=jax.tree.map(lambda w, p: lax.dynamic_update_slice_in_dim(w, p, start, axis=axis),
+                           state.cache, part.cache),
+        **{name: jax.tree.map(lambda w, p: lax.dynamic_update_slice_in_dim(w, p, start, axis=0),
+                              getattr(state, name), getattr(part, name))
+           for name in _ROW_FIELDS})
+
+
+_ROW_FIELDS = ("last", "positions", "done", "budget", "keys", "sampling")
+
+
+def row_buckets(max_batch: int) -> list[int]:
+    """The row counts a decode chunk runs over: powers of two below `max_batch`, and it."""
+    buckets = [1]
+    while buckets[-1] < max_batch:
+        buckets.append(min(buckets[-1] * 2, max_batch))
+    return buckets
 
 
 def prefill_buckets(context: int) -> list[int]:
@@ -179,6 +217,7 @@ class Engine:
         self.kv_cache_dtype = kv_cache_dtype
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.buckets = prefill_buckets(self.context)
+        self.row_buckets = row_buckets(max_batch)
         self._lock = threading.Lock()
         self._pending: collections.deque[Request] = collections.deque()
         self.wakeup = threading.Event()  # set by submit / cancel, for a waiting engine thread
@@ -196,7 +235,6 @@ class Engine:
             keys=jax.random.split(jax.random.key(0), self.max_batch),
             sampling=RowSampling.of([GREEDY] * self.max_batch))
         self.slots = [Slot() for _ in range(self.max_batch)]
-        self._clock = 0
 
     # --- called from any thread -------------------------------------------------------------
 
@@ -235,15 +273,16 @@ class Engine:
     # --- called from the engine's thread only ----------------------------------------------
 
     def warm_up(self) -> None:
-        """Compile every prefill bucket and the decode chunk now, so no request pays for it."""
+        """Compile every prefill bucket and decode chunk now, so no request pays for it."""
         for bucket in self.buckets:
             self.state, _ = prefill_slot(
                 self.model, self.state, jnp.int32(0), jnp.zeros((1, bucket), jnp.int32),
                 jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32),
                 jnp.zeros((1,), jnp.int32), jax.random.split(jax.random.key(0), 1),
                 RowSampling.of([GREEDY]), self.stop_ids)
-        self.state, emitted = decode_chunk(self.model, self.state, self.chunk_size,
-                                           self.stop_ids)
+        for rows in self.row_buckets:
+            self.state, emitted = decode_first_rows(self.model, self.state, rows,
+                                                    self.chunk_size, self.stop_ids)
         jax.block_until_ready(emitted)
         self.reset()
 
@@ -277,8 +316,6 @@ class Engine:
         # not yet written).
         slot.tokens = (request.prompt + request.generated)[:positions]
         slot.request = None
-        self._clock += 1
-        slot.last_used = self._clock
         self.finished[reason] += 1
         request.on_tokens([], reason)
 
@@ -301,17 +338,17 @@ class Engine:
 
     def _choose_slot(self, prompt: list[int]) -> tuple[int, int]:
         """The free slot to prefill `prompt` into, and how many of its tokens the slot's cache
-        already holds: the longest shared prefix wins, then the least recently used slot."""
-        best, best_key = -1, (-1, 0)
+        already holds: the longest shared prefix wins, then the lowest slot (busy rows packed
+        at the front keep the decode chunks small)."""
+        best, best_shared = -1, -1
         for i, slot in enumerate(self.slots):
             if slot.request is not None:
                 continue
             # At least one token is prefilled: its logits give the first new token.
             shared = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
-            key = (shared, -slot.last_used)
-            if key > best_key:
-                best, best_key = i, key
-        return best, best_key[0]
+            if shared > best_shared:
+                best, best_shared = i, shared
+        return best, best_shared
 
     def _admit(self) -> None:
         while True:
@@ -345,11 +382,13 @@ class Engine:
         return FINISH_STOP
 
     def _decode(self) -> None:
-        self.state, emitted = decode_chunk(self.model, self.state, self.chunk_size,
-                                           self.stop_ids)
+        last_busy = max(i for i, s in enumerate(self.slots) if s.request is not None)
+        rows = next(b for b in self.row_buckets if b > last_busy)
+        self.state, emitted = decode_first_rows(self.model, self.state, rows, self.chunk_size,
+                                                self.stop_ids)
         emitted, done, positions = jax.device_get(
             (emitted, self.state.done, self.state.positions))
-        for i, slot in enumerate(self.slots):
+        for i, slot in enumerate(self.slots[:rows]):
             request = slot.request
             if request is None:
                 continue

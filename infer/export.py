@@ -11,15 +11,23 @@ the Hugging Face format has no place for this project's int8/int4/fp8 layouts, s
 as large as a float model's and holds exactly the values the quantized model computes with.
 A tied head of a model trained here is scaled by 1/sqrt(d_model), which transformers does not
 do, so it is written as a separate (untied) lm_head.
+
+`--out` follows `hpllm.outputs.check_output` like every command that writes: a new path or an
+empty folder, never the input, inside it or around it, never a training run or a folder
+holding anything else. It is locked while written (`hpllm.locking.output_lock`) and appears by
+one rename, complete or not at all.
 """
 
 import json
 from pathlib import Path
 
+from hpllm.errors import PathError
 from hpllm.hf import export_hf
 from hpllm.hf_tokenizer import PretrainedTokenizer
+from hpllm.locking import output_lock
+from hpllm.outputs import check_output
 from hpllm.tokenizer import ASSISTANT, EOS, USER, Tokenizer
-from infer.loading import load, require_tokenizer
+from infer.loading import input_paths, load, require_tokenizer
 
 # The built-in chat format (see infer/chat.py) as a Jinja template: the same tokens, in text.
 BUILTIN_TEMPLATE = (
@@ -47,15 +55,29 @@ def _builtin_files(tokenizer: Tokenizer) -> tuple[dict[str, str], int, list[int]
     return files, tokenizer.eos_id, stop_ids
 
 
+def _check_out(out: str | Path, source: str | Path) -> bool:
+    return check_output(out, inputs=input_paths(source), kind="Hugging Face export",
+                        force_flag=None)
+
+
 def export(source: str | Path, out: str | Path, *, dtype: str = "bf16") -> Path:
     """Write the model at `source` (any CKPT) as a Hugging Face folder at `out`."""
-    loaded = load(source)
-    tokenizer = require_tokenizer(loaded)
-    if isinstance(tokenizer, PretrainedTokenizer):
-        files, bos_id, eos = dict(tokenizer.files), tokenizer.bos_id, list(tokenizer.stop_ids)
-    else:
-        files, _, eos = _builtin_files(tokenizer)
-        bos_id = None
-    return export_hf(loaded.model, out, files,
-                     architecture=loaded.architecture or "LlamaForCausalLM", dtype=dtype,
-                     bos_id=bos_id, eos_id=eos)
+    _check_out(out, source)  # before any work: a refusal should come at once
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PathError.from_os_error(error, out, "write") from error
+    with output_lock(out):
+        replaces = _check_out(out, source)  # again: nobody else can write it now
+        loaded = load(source)
+        tokenizer = require_tokenizer(loaded)
+        if isinstance(tokenizer, PretrainedTokenizer):
+            files, bos_id = dict(tokenizer.files), tokenizer.bos_id
+            eos = list(tokenizer.stop_ids)
+        else:
+            files, _, eos = _builtin_files(tokenizer)
+            bos_id = None
+        return export_hf(loaded.model, out, files,
+                         architecture=loaded.architecture or "LlamaForCausalLM", dtype=dtype,
+                         bos_id=bos_id, eos_id=eos, replace=replaces)

@@ -125,16 +125,16 @@ def prefill_rows(
 prefill = eqx.filter_jit(donate="all-except-first")(prefill_rows)
 
 
-@eqx.filter_jit(donate="all-except-first")
-def decode_chunk(
+def decode_steps(
     model: Transformer,
     state: DecodeState,
     n_steps: int,
     stop_ids: tuple[int, ...],
 ) -> tuple[DecodeState, Int[Array, "batch n_steps"]]:
-    """Up to `n_steps` decode steps in one call (fewer if every row finishes first).
+    """Up to `n_steps` decode steps (fewer if every row finishes first).
 
-    Returns the new state and the emitted tokens, `NO_TOKEN` where a row emitted nothing.
+    Returns the new state and the emitted tokens, `NO_TOKEN` where a row emitted nothing. Not
+    jitted: `decode_chunk` and `infer.engine.decode_first_rows` jit it.
     """
     batch = state.last.shape[0]
     max_len = cache_max_len(state.cache)
@@ -164,6 +164,9 @@ def decode_chunk(
     emitted = jnp.full((batch, n_steps), NO_TOKEN, jnp.int32)
     _, state, emitted = lax.while_loop(not_finished, one_step, (jnp.int32(0), state, emitted))
     return state, emitted
+
+
+decode_chunk = eqx.filter_jit(donate="all-except-first")(decode_steps)
 
 
 @dataclasses.dataclass

@@ -122,6 +122,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
                           "run folder (no checkpoints/)")
 
 
+def input_paths(source: str | Path) -> list[Path]:
+    """What a command reading `source` reads: the path itself, the checkpoint it resolves to
+    and that checkpoint's run folder (it holds the tokenizer); for `check_output`'s inputs."""
+    inputs = [Path(source)]
+    if Path(source).exists():
+        checkpoint = resolve_checkpoint(source)
+        inputs.append(checkpoint)
+        if checkpoint.parent.name == "checkpoints":
+            inputs.append(checkpoint.parent.parent)
+    return inputs
+
+
 def _skeleton(cfg: ModelConfig, config: dict[str, Any], *, source: Path) -> Transformer:
     """Shapes of the model that config.json `source` describes (float, QAT or converted)."""
     def float_model() -> Transformer:

@@ -36,11 +36,24 @@ def test_slots_join_and_leave_without_recompiling_and_match_each_request_alone(
     monkeypatch.setattr(engine_module, "prefill_slot", eqx.filter_jit(
         eqx.debug.assert_max_traces(engine_module.prefill_slot.__wrapped__,
                                     max_traces=buckets), donate="all-except-first"))
-    monkeypatch.setattr(engine_module, "decode_chunk", eqx.filter_jit(
-        eqx.debug.assert_max_traces(engine_module.decode_chunk.__wrapped__, max_traces=1),
-        donate="all-except-first"))
+    decode = eqx.filter_jit(eqx.debug.assert_max_traces(
+        engine_module.decode_first_rows.__wrapped__, max_traces=len(
+            engine_module.row_buckets(3))), donate="all-except-first")
+    decoded_rows = []
+
+    def counted_decode(model, state, rows, *args):
+        decoded_rows.append(rows)
+        return decode(model, state, rows, *args)
+
+    monkeypatch.setattr(engine_module, "decode_first_rows", counted_decode)
     engine = Engine(model, max_batch=3, context=CONTEXT, chunk_size=3)
     engine.warm_up()  # every shape the engine runs; anything traced later would raise
+    # A lone request decodes over one row, not over every slot.
+    decoded_rows.clear()
+    engine.submit(Request(_prompt(9, 4), 5, lambda ids, finish: None))
+    engine.run_until_idle()
+    assert set(decoded_rows) == {1}
+    engine.finished.clear()
     # 7 requests on 3 slots: they queue, join between chunks and leave at their own lengths.
     prompts = [_prompt(i, 3 + 6 * i) for i in range(7)]
     budgets = [20 - 2 * i for i in range(7)]

@@ -215,3 +215,16 @@ def test_sampling_help_shows_the_defaults_that_apply(command, capsys):
     assert f"with a note; default {args.max_new_tokens})" in help_text
     if command == "chat":
         assert (args.max_new_tokens, args.temperature, args.top_k) == (256, 0.8, 50)
+
+
+def test_convert_notes_a_trained_setting_no_inference_op_computes():
+    from hpllm.quant import QuantConfig
+    from infer.convert import choose_format
+
+    assert choose_format(QuantConfig.named("w4a8", group_size=0), None, None) == (
+        "w4a8", 0, None)
+    scheme, group, note = choose_format(QuantConfig(mode="int4w", group_size=32,
+                                                    weight_bits=3), None, None)
+    assert (scheme, group) == ("int4", 32) and "3-bit weights" in note
+    scheme, _, note = choose_format(QuantConfig(mode="int8", activations="tensor"), None, None)
+    assert scheme == "w8a8" and "per token, not per tensor" in note

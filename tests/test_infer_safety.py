@@ -122,6 +122,26 @@ def test_convert_never_writes_over_what_it_did_not_create(run_dir, tokenizer, tm
     assert (snapshot(run_dir), snapshot(tmp_path)) == before
 
 
+def test_export_never_writes_over_what_it_did_not_create(run_dir, tokenizer, tmp_path, capsys):
+    other_run = _make_run(tmp_path / "other", tokenizer)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("precious")
+    before = snapshot(run_dir), snapshot(tmp_path)
+    for out, message in [(run_dir / "hf", "is inside the input"), (run_dir, "is the input"),
+                         (other_run, "is a training run"), (mine, "holds files this command"),
+                         (a_file, "exists and is not a folder"), ("", "--out is empty")]:
+        one_line_error(["export", run_dir, "--format", "hf", "--out", out], capsys, message)
+    assert (snapshot(run_dir), snapshot(tmp_path)) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", str(run_dir), "--format", "hf", "--out", str(empty)]) == 0
+    assert (empty / "model.safetensors").is_file() and (empty / "tokenizer.json").is_file()
+    assert snapshot(run_dir) == before[0]
+
+
 def test_force_replaces_an_earlier_conversion_and_nothing_else(run_dir, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["convert", str(run_dir), "--to", "int8", "--out", str(out)]) == 0

@@ -25,12 +25,14 @@ from hpllm.quant import (
     QuantConfig,
     W4A8Dot,
     W8A8Dot,
+    inference_mismatch,
     inference_scheme,
     linear_paths,
     quantize_for_training,
     quantize_weights,
     split_quant_state,
     strip_training_quant,
+    training_op,
 )
 
 TINY = preset("tiny")
@@ -72,6 +74,17 @@ def test_mask_clipped_grads_is_an_error_where_nothing_clips(qcfg):
         QuantConfig(**qcfg, mask_clipped_grads=True)
 
 
+def test_study_settings_build_their_ops_and_convert_with_a_note():
+    int8 = QuantConfig.from_dict(QuantConfig(mode="int8", activations="tensor").to_dict())
+    assert training_op(int8).activations == "tensor"
+    int3 = QuantConfig(mode="int4w", group_size=32, weight_bits=3)
+    assert training_op(int3).bits == 3
+    # No inference op computes these: conversion picks the nearest format and says so.
+    assert inference_scheme(int3) == ("int4", 32) and "int4 grid" in inference_mismatch(int3)
+    assert "per token" in inference_mismatch(int8)
+    assert inference_mismatch(QuantConfig.named("w4a8")) is None
+
+
 def test_old_files_with_a_mask_that_did_nothing_still_load():
     old = {"mode": "int8", "scaling": "delayed", "amax_history_len": 16,
            "quantize_backward": False, "mask_clipped_grads": True, "group_size": 128,
@@ -91,6 +104,11 @@ def test_old_files_with_a_mask_that_did_nothing_still_load():
     ({"targets": ()}, "targets"),
     ({"targets": "blocks.*"}, "targets"),
     ({"colour": "blue"}, "colour"),
+    ({"mode": "int8", "activations": "channel"}, "activations"),
+    ({"mode": "w4a8", "activations": "tensor"}, "activations"),
+    ({"mode": "int4w", "weight_bits": 5}, "weight_bits"),
+    ({"mode": "int4w", "weight_bits": True}, "weight_bits"),
+    ({"mode": "int8", "weight_bits": 3}, "weight_bits"),
 ])
 def test_quant_config_rejects_bad_values_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=field):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 
 from hpllm.quant import (
     DelayedScale,
@@ -17,7 +18,13 @@ from hpllm.quant import (
 )
 from hpllm.quant.fake_quant import fake_quant_ste
 from hpllm.quant.integer import fp8_dot, int8_dot
-from hpllm.quant.quantizers import fake_quant_fp8, fake_quant_int4, fake_quant_int8
+from hpllm.quant.quantizers import (
+    fake_quant_fp8,
+    fake_quant_int4,
+    fake_quant_int8,
+    int4_quantize_groups,
+    int_qmax,
+)
 
 
 def _int_grid(key, shape, low, high):
@@ -205,3 +212,48 @@ def test_delayed_scale_keeps_previous_scale_for_zero_or_nonfinite_history():
     assert float(delayed_scale(state, "e4m3")) == 0.5
     state = eqx.tree_at(lambda s: s.history, state, jnp.array([448.0, 1.0, 0.0, 0.0]))
     assert float(delayed_scale(state, "e4m3")) == 1.0
+
+
+def _reference_fake_quant(v, axis, qmax):
+    """Absmax quantize -> dequantize in float64 numpy (ties to even, as jnp.round)."""
+    v = np.asarray(v, np.float64)
+    scale = np.max(np.abs(v), axis=axis, keepdims=True) / qmax
+    return np.clip(np.round(v / scale), -qmax, qmax) * scale
+
+
+def test_int8_per_tensor_activations_use_one_scale_for_the_whole_tensor():
+    kx, kw = jax.random.split(jax.random.key(7))
+    spread_columns = jnp.arange(1, 49, dtype=jnp.float32)[None, None]
+    x = jax.random.normal(kx, (2, 5, 48), jnp.float32) * spread_columns
+    w = jax.random.normal(kw, (48, 16), jnp.float32)
+    got = Int8QATDot(activations="tensor")(x, w)
+    want = _reference_fake_quant(x, None, 127) @ _reference_fake_quant(w, 0, 127)
+    # float32 matmul of the same dequantized operands, outputs up to ~540: measured max
+    # error 8.5e-5; tolerance a few times that.
+    np.testing.assert_allclose(got, want, rtol=0, atol=4e-4)
+    per_token = Int8QATDot()(x, w)
+    assert float(jnp.max(jnp.abs(per_token - got))) > 1e-3  # the two really differ
+
+
+@pytest.mark.parametrize(("bits", "qmax"), [(4, 7), (3, 3), (2, 1)])
+def test_narrow_weight_grids_round_each_group_to_plus_minus_qmax(bits, qmax):
+    w = jax.random.normal(jax.random.key(bits), (2, 64, 24), jnp.float32)
+    assert int_qmax(bits) == qmax
+    got = fake_quant_int4(w, 32, int_qmax(bits))
+    groups = np.asarray(w, np.float64).reshape(2, 2, 32, 24)
+    want = _reference_fake_quant(groups, 2, qmax).reshape(2, 64, 24)
+    # float32 scales and products, |w| < 4: measured max error 2.7e-7; tolerance 1e-6.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    q, _ = int4_quantize_groups(w, 32, int_qmax(bits))
+    assert set(np.unique(np.asarray(q))) <= set(range(-qmax, qmax + 1))
+    # The QAT op multiplies by exactly these weights: float32 sums of 64 products, outputs
+    # up to ~27, measured max error 4.5e-6; tolerance 2e-5.
+    x = jax.random.normal(jax.random.key(9), (3, 64), jnp.float32)
+    op = Int4WeightQATDot(group_size=32, bits=bits)
+    np.testing.assert_allclose(op(x, w[0]), np.asarray(x, np.float64) @ want[0], rtol=0,
+                               atol=2e-5)
+
+
+def test_weight_bits_outside_two_to_four_are_refused():
+    with pytest.raises(ValueError, match="must be 2, 3 or 4"):
+        int_qmax(5)

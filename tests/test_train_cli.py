@@ -314,6 +314,13 @@ def test_quant_choices_come_from_the_library():
         assert f"{name} =" in text  # each mode is documented in --help
 
 
+# |fake-quant loss - converted loss| of the w4a8 per-channel model below, measured 0.0 (int4 x
+# int8 products sum exactly in float32 and in int32 at these sizes; the quantization itself
+# moves the loss by 1.2e-3). Tolerance: 2 float32 ulps of a loss near 6.2, in case another
+# backend orders the sums differently.
+CONVERTED_LOSS_TOLERANCE = 1e-6
+
+
 def test_init_from_restores_the_weights_and_starts_a_fresh_optimizer(tmp_path, tokenizer_file,
                                                                      capsys):
     import equinox as eqx
@@ -366,6 +373,24 @@ def test_init_from_restores_the_weights_and_starts_a_fresh_optimizer(tmp_path, t
     assert "note:" not in err
     weights = json.loads((converted / "config.json").read_text())["weights"]
     assert weights == {"scheme": "w4a8", "group_size": 0}
+    # ... and computes what was trained: its loss is the QAT model's fake-quant loss.
+    import jax.numpy as jnp
+    import optax
+
+    from hpllm.quant import strip_training_quant
+    from infer.loading import load
+
+    qat, real = load(out).model, load(converted).model
+    tokens = jax.random.randint(jax.random.key(3), (4, 65), 0, qat.cfg.vocab_size, jnp.int32)
+
+    def loss(model) -> float:
+        logits = model(tokens[:, :-1])
+        return float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+            logits, tokens[:, 1:])))
+
+    fake, converted_loss = loss(qat), loss(real)
+    assert abs(fake - converted_loss) <= CONVERTED_LOSS_TOLERANCE, (fake, converted_loss)
+    assert abs(fake - loss(strip_training_quant(qat))) > 10 * CONVERTED_LOSS_TOLERANCE
     # Another format is allowed, with one note.
     assert infer_main(["convert", str(out), "--to", "int4", "--out",
                        str(tmp_path / "other")]) == 0

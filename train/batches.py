@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float32, Int32
 
-from hpllm.tokenizer import Tokenizer
+from hpllm.hf_tokenizer import AnyTokenizer
 from train.sources import DataError, Texts, close_stream, iterate
 
 STATE_VERSION = 1
@@ -89,7 +89,7 @@ class _Pipeline:
     """The synchronous state machine behind TrainBatches: documents -> doc shuffle buffer ->
     tokens -> windows -> window shuffle buffer -> batches. All fields are its position."""
 
-    def __init__(self, texts: Texts, tokenizer: Tokenizer,
+    def __init__(self, texts: Texts, tokenizer: AnyTokenizer,
                  settings: dict[str, int], state: dict[str, Any] | None):
         self.texts, self.tokenizer, self.settings = texts, tokenizer, settings
         self.seq_len, self.batch_size = settings["seq_len"], settings["batch_size"]
@@ -233,7 +233,7 @@ class TrainBatches:
     exactly the batches an uninterrupted run would have seen.
     """
 
-    def __init__(self, texts: Texts, tokenizer: Tokenizer,
+    def __init__(self, texts: Texts, tokenizer: AnyTokenizer,
                  seq_len: int, batch_size: int, seed: int = 0, shuffle_buffer: int = 256,
                  state: dict[str, Any] | None = None, *, doc_buffer: int = 1024,
                  prefetch: int = 4):
@@ -308,7 +308,7 @@ class TrainBatches:
         self.close()
 
 
-def eval_batches(texts: Texts, tokenizer: Tokenizer,
+def eval_batches(texts: Texts, tokenizer: AnyTokenizer,
                  seq_len: int, batch_size: int, max_batches: int | None = None) -> list[Batch]:
     """The held-out text in stored order, packed like training (no shuffling), as at most
     `max_batches` batches. The last window and batch are padded with EOS and loss_mask 0, so

@@ -6,7 +6,8 @@ A checkpoint folder `OUT/checkpoints/step_000100/` holds
     model.safetensors       the whole model, quant-op state leaves (fp8 amax history) included
     opt_state.safetensors   AdamW moments and counters
     data_state.json         the batch iterator's position
-    tokenizer.json
+    tokenizer.json          (+ tokenizer_config.json, generation_config.json... for a model
+                            imported from Hugging Face: its tokenizer files, as they came)
     manifest.json           size and SHA-256 of each file above, checked before loading
 
 It is written by `hpllm.checkpoint.write_checkpoint` (hidden temporary folder, then rename), so
@@ -40,6 +41,7 @@ from hpllm.checkpoint import (
 )
 from hpllm.config import ModelConfig
 from hpllm.errors import PathError
+from hpllm.hf import ARCHITECTURES, hf_model_config, is_hf_folder, load_weights, read_hf_config
 from hpllm.model import Transformer
 from hpllm.quant import (
     QuantConfig,
@@ -66,11 +68,12 @@ def _host_copy(tree: Any) -> Any:
 class Checkpointer:
     """Writes `step_NNNNNN` folders under `run_dir/checkpoints` and prunes old ones."""
 
-    def __init__(self, run_dir: Path, *, keep: int, config: dict[str, Any], tokenizer_json: str):
+    def __init__(self, run_dir: Path, *, keep: int, config: dict[str, Any],
+                 tokenizer_files: dict[str, str]):
         self.folder = checkpoint_dir(run_dir)
         self.keep = keep
         self.config = config
-        self.tokenizer_json = tokenizer_json
+        self.tokenizer_files = tokenizer_files
 
     def remove_leftovers(self) -> None:
         """Delete hidden `.step_*` folders: saves or deletions cut short by a kill."""
@@ -88,7 +91,7 @@ class Checkpointer:
                 path,
                 {**self.config, "step": step},
                 {"model": model, "opt_state": opt_state},
-                {DATA_STATE_FILE: json.dumps(data_state), "tokenizer.json": self.tokenizer_json},
+                {DATA_STATE_FILE: json.dumps(data_state), **self.tokenizer_files},
                 replace=True,  # a step saved again after resuming from an earlier one
             )
             self.prune()
@@ -138,20 +141,23 @@ def load_training_checkpoint(path: Path, skeleton: TrainState
 @dataclasses.dataclass(frozen=True)
 class InitSource:
     """Weights a new run starts from (`--init-from`): where they are, the model they fit, the
-    settings they fix (preset, vocab_size, tokenizer), and how to load them as a float
-    `Transformer` of a given config (its compute dtype may differ from the source's)."""
+    settings they fix (preset, vocab_size, tokenizer), how to load them as a float
+    `Transformer` of a given config (its compute dtype may differ from the source's), and the
+    Hugging Face architecture they came from (recorded in the run, for `infer export`)."""
 
     path: Path
     model: ModelConfig
     settings: dict[str, Any]
     load: Callable[[ModelConfig], Transformer]
+    hf_architecture: str | None = None
 
 
 def open_init_source(path: str | Path) -> InitSource:
-    """What `--init-from PATH` names: a training checkpoint folder, or a run folder (its
-    newest checkpoint). Other kinds of source (a Hugging Face folder) are one more branch
-    here."""
+    """What `--init-from PATH` names: a training checkpoint folder, a run folder (its newest
+    checkpoint), or a Hugging Face model folder."""
     path = Path(path)
+    if is_hf_folder(path):
+        return _hf_source(path)
     if path.is_dir() and checkpoint_dir(path).is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
@@ -160,7 +166,8 @@ def open_init_source(path: str | Path) -> InitSource:
         path = latest
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"--init-from {path}: not a training checkpoint folder (no "
-                              f"{CONFIG_FILE}) nor a training run folder (no checkpoints/)")
+                              f"{CONFIG_FILE}), a training run folder (no checkpoints/) nor a "
+                              "Hugging Face model folder")
     return _training_checkpoint_source(path)
 
 
@@ -189,3 +196,19 @@ def _training_checkpoint_source(path: Path) -> InitSource:
         return strip_training_quant(load_tree(skeleton, path / "model.safetensors"))
 
     return InitSource(path, source_model, fixed, load)
+
+
+def _hf_source(path: Path) -> InitSource:
+    """A Hugging Face folder: the model of its config.json (no preset: `preset` is fixed to
+    None), its weights read layer by layer, and its own tokenizer files."""
+    hf = read_hf_config(path)
+    source_model = hf_model_config(path)
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"--init-from {path}: no tokenizer.json there (only fast "
+                              "tokenizers are supported)")
+    fixed = {"preset": None, "vocab_size": source_model.vocab_size, "tokenizer": str(path)}
+
+    def load(cfg: ModelConfig) -> Transformer:
+        return load_weights(path, cfg)
+
+    return InitSource(path, source_model, fixed, load, ARCHITECTURES[hf["model_type"]])

@@ -29,6 +29,7 @@ from train.run_folder import (
     resume_point,
     trim_metrics,
     write_json_atomically,
+    write_text_atomically,
 )
 from train.settings import (
     Settings,
@@ -87,9 +88,11 @@ def with_init_source(from_file: dict[str, Any], given: dict[str, Any]
     source = open_init_source(layered["init_from"])
     for name, value in source.settings.items():
         if name in layered and same_path(name, layered[name]) != same_path(name, value):
-            raise UsageError(f"{flag(name)} {layered[name]} differs from the --init-from "
-                             f"checkpoint's {value}; the model and tokenizer come from it, "
-                             "leave the flag out")
+            kind = "checkpoint" if source.hf_architecture is None else "Hugging Face folder"
+            theirs = (f"the --init-from {kind}'s {value}" if value is not None else
+                      f"--init-from {source.path}, whose config.json gives the model")
+            raise UsageError(f"{flag(name)} {layered[name]} differs from {theirs}; the model "
+                             "and tokenizer come from it, leave the flag out")
     return {**from_file, **source.settings}, {**given, "init_from": str(source.path)}
 
 
@@ -169,10 +172,10 @@ def train(run: Run, out: Path, primary: bool) -> int:
     metrics_path = out / "metrics.jsonl"
     if primary:
         write_json_atomically(out / "config.json", config)
-        with os_errors(out / "tokenizer.json", "write"):
-            run.tokenizer.save(out / "tokenizer.json")
+        for name, text in run.tokenizer.files.items():
+            write_text_atomically(out / name, text)
         trim_metrics(metrics_path, start)  # steps after the checkpoint will be run again
-    checkpointer = Checkpointer(out, keep=settings.keep, tokenizer_json=run.tokenizer.to_json(),
+    checkpointer = Checkpointer(out, keep=settings.keep, tokenizer_files=run.tokenizer.files,
                                 config={k: v for k, v in config.items() if k != "devices"})
     checkpointer.remove_leftovers()
 

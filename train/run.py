@@ -18,10 +18,10 @@ from jax.sharding import Mesh
 from hpllm.checkpoint import FORMAT_VERSION, CheckpointError
 from hpllm.config import ModelConfig
 from hpllm.errors import UserError
+from hpllm.hf_tokenizer import AnyTokenizer, read_tokenizer
 from hpllm.model import Transformer
 from hpllm.quant import QuantConfig, quantize_for_training, split_quant_state
 from hpllm.sharding import check_batch_divisible, make_mesh, shard_batch, shard_tree
-from hpllm.tokenizer import Tokenizer
 from train.batches import Batch, TrainBatches, eval_batches
 from train.checkpointing import load_training_checkpoint, open_init_source
 from train.loop import (
@@ -47,17 +47,21 @@ class Run:
     quant: QuantConfig
     mesh: Mesh
     splits: Splits
-    tokenizer: Tokenizer
+    tokenizer: AnyTokenizer
     state: TrainState
     data_state: dict[str, Any] | None  # the batch position of a resumed checkpoint
     held_out: list[Batch]  # the same batches at every evaluation: packed once
     step_fn: Any
+    hf_architecture: str | None = None  # of a model imported from Hugging Face (for export)
 
     def config(self) -> dict[str, Any]:
         """OUT/config.json: every resolved setting."""
-        return {"format_version": FORMAT_VERSION, "model": self.model_config.to_dict(),
-                "quant": self.quant.to_dict(), "train": self.settings.to_dict(),
-                "devices": len(self.mesh.devices.flat)}
+        config = {"format_version": FORMAT_VERSION, "model": self.model_config.to_dict(),
+                  "quant": self.quant.to_dict(), "train": self.settings.to_dict(),
+                  "devices": len(self.mesh.devices.flat)}
+        if self.hf_architecture is not None:
+            config["hf_architecture"] = self.hf_architecture
+        return config
 
     def batches(self) -> TrainBatches:
         s = self.settings
@@ -100,16 +104,15 @@ def optimizer_for(params: Transformer, settings: Settings):
                           weight_decay=settings.weight_decay, clip=settings.clip)
 
 
-def read_checkpoint_tokenizer(checkpoint: Path) -> Tokenizer:
-    file = checkpoint / "tokenizer.json"
+def read_checkpoint_tokenizer(checkpoint: Path) -> AnyTokenizer:
     try:
-        return Tokenizer.load(file)
+        return read_tokenizer(checkpoint)
     except (OSError, ValueError, UserError) as error:
-        raise CheckpointError(f"{file}: {error}") from None
+        raise CheckpointError(f"{checkpoint}: {error}") from None
 
 
 def build_run(settings: Settings, *, resume_from: Path | None = None,
-              quant: QuantConfig | None = None, tokenizer: Tokenizer | None = None,
+              quant: QuantConfig | None = None, tokenizer: AnyTokenizer | None = None,
               devices: list | None = None) -> Run:
     """Check `settings` and build the run: from checkpoint `resume_from` if given, else from
     the weights of `settings.init_from` (fresh optimizer, step 0), else from scratch. `quant`
@@ -139,18 +142,20 @@ def build_run(settings: Settings, *, resume_from: Path | None = None,
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
                          f"vocab_size {cfg.vocab_size}; pass --vocab-size {tokenizer.vocab_size}")
 
-    data_state = None
+    data_state, hf_architecture = None, None
     if resume_from is None and settings.init_from is not None:
         source = open_init_source(settings.init_from)
         if cfg.replace(compute_dtype=source.model.compute_dtype) != source.model:
             raise UsageError(f"--init-from {source.path}: its model {source.model} differs from "
                              f"this run's {cfg}; leave out --preset and --vocab-size")
         state = initial_state(cfg, qcfg, settings, source.load(cfg))
+        hf_architecture = source.hf_architecture
     elif resume_from is None:
         state = initial_state(cfg, qcfg, settings)
     else:
         skeleton = eqx.filter_eval_shape(initial_state, cfg, qcfg, settings)
-        state, data_state, _ = load_training_checkpoint(resume_from, skeleton)
+        state, data_state, saved = load_training_checkpoint(resume_from, skeleton)
+        hf_architecture = saved.get("hf_architecture")
     state = shard_tree(state, mesh)
     held_out = eval_batches(splits.validation, tokenizer, settings.seq_len, settings.batch_size,
                             max_batches=settings.eval_batches)
@@ -158,5 +163,5 @@ def build_run(settings: Settings, *, resume_from: Path | None = None,
                               warmup=settings.warmup, total_steps=settings.steps,
                               state_shardings=jax.tree.map(lambda x: x.sharding, state))
     return Run(settings, cfg, qcfg, mesh, splits, tokenizer, state, data_state, held_out,
-               step_fn)
+               step_fn, hf_architecture)
 

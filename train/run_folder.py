@@ -2,7 +2,7 @@
 settings saved in it, and its metrics log.
 
     OUT/config.json     every resolved setting of the run (written before the first step)
-    OUT/tokenizer.json
+    OUT/tokenizer.json  (+ the tokenizer files of a model imported from Hugging Face)
     OUT/metrics.jsonl   one JSON line per step
     OUT/checkpoints/    see train/checkpointing.py
     OUT/.hpllm.lock     held (fcntl.flock) by the process training into OUT
@@ -143,11 +143,15 @@ def resume_point(out: Path, resume_from: str | None
     return checkpoint, check_types(known, str(file)), str(file)
 
 
-def write_json_atomically(path: Path, value: Any) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with os_errors(path, "write"):
-        tmp.write_text(json.dumps(value, indent=2) + "\n")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    write_text_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def trim_metrics(path: Path, last_step: int) -> None:

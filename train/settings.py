@@ -21,6 +21,7 @@ import numpy as np
 
 from hpllm.config import DTYPE_ALIASES, PRESETS, ModelConfig, preset
 from hpllm.errors import UserError
+from hpllm.hf import hf_model_config
 from hpllm.quant import GROUP_SIZES, TRAINING_MODE_HELP, TRAINING_MODES
 from train.sources import DEFAULT_DATA
 
@@ -41,7 +42,9 @@ def setting(default: Any, help: str, *, choices: tuple[str | int, ...] = (), met
 class Settings:
     """Every training setting; the field names are the flags' names with '_' for '-'."""
 
-    preset: str = setting("small", "model size", choices=tuple(PRESETS), fixed=True)
+    preset: str | None = setting("small", "model size (with --init-from a Hugging Face folder "
+                                 "there is none: its config.json gives the model)",
+                                 choices=tuple(PRESETS), fixed=True)
     data: str = setting(str(DEFAULT_DATA), "training text: a .txt/.jsonl/.parquet file, a folder "
                         "of them, or a Hugging Face hub dataset name (needs the network) "
                         "(default: the bundled corpus in data/)", fixed=True)
@@ -52,7 +55,9 @@ class Settings:
     encoding: str = setting("utf-8", "text encoding of local .txt/.jsonl/.json files (for "
                             "example latin-1)", fixed=True)
     tokenizer: str = setting("train", "'train' learns a byte-level BPE on the start of the "
-                             "data; or a tokenizer.json", fixed=True)
+                             "data; or a tokenizer.json, or a folder holding one (a Hugging "
+                             "Face tokenizer folder with its tokenizer_config.json too)",
+                             fixed=True)
     vocab_size: int | None = setting(None, "vocabulary size (default: the preset's)",
                                      fixed=True)
     seq_len: int = setting(128, "tokens per training window (at most the preset's "
@@ -81,14 +86,16 @@ class Settings:
     keep: int = setting(3, "keep the newest N checkpoints (0: keep all)")
     out: str | None = setting(None, "run folder: a new or empty folder, or a training run to "
                               "continue; never one holding other files or the inputs "
-                              "(default: runs/PRESET)")
+                              "(default: runs/PRESET; runs/NAME after --init-from a "
+                              "Hugging Face folder NAME)")
     seed: int = setting(0, "random seed (model initialisation, data shuffling)", fixed=True)
     init_from: str | None = setting(None, "start from the weights of this training checkpoint "
-                                    "(or run folder: its newest checkpoint) with a fresh "
+                                    "(or run folder: its newest checkpoint) or Hugging Face "
+                                    "model folder (Llama, Mistral, Qwen2) with a fresh "
                                     "optimizer at step 0; the model (--preset, --vocab-size) "
                                     "and --tokenizer come from it, a different one is an error; "
                                     "--quant may differ (default: random initialisation)",
-                                    metavar="CKPT", fixed=True)
+                                    metavar="CKPT_OR_HF_DIR", fixed=True)
     dtype: str = setting("f32", "compute dtype of activations and matmuls (parameters stay f32)",
                          choices=tuple(DTYPE_ALIASES))
 
@@ -186,8 +193,8 @@ def validate(settings: Settings) -> ModelConfig:
     """Check every setting; returns the model config they imply."""
     s = settings
     for name, field in FIELDS.items():
-        choices = field.metadata["choices"]
-        if choices and getattr(s, name) not in choices:
+        choices, value = field.metadata["choices"], getattr(s, name)
+        if choices and value not in choices and not (value is None and optional(field)):
             raise UsageError(f"unknown {flag(name)} {getattr(s, name)!r}; choose one of "
                              f"{', '.join(map(str, choices))}")
     positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches")
@@ -210,9 +217,17 @@ def validate(settings: Settings) -> ModelConfig:
     for name in ("data", "data_config", "split", "text_column", "tokenizer", "out", "init_from"):
         if getattr(s, name) == "":
             raise UsageError(f"{flag(name)} is empty; give a value or leave the flag out")
-    cfg = preset(s.preset)
+    if s.preset is not None:
+        cfg, model_name = preset(s.preset), f"the {s.preset} preset's"
+    elif s.init_from is not None:
+        # No preset: the model is the --init-from Hugging Face folder's (read again on
+        # --resume, so the folder must stay where it is).
+        cfg, model_name = hf_model_config(s.init_from), "the --init-from model's"
+    else:
+        raise UsageError("--preset is null; give a preset, or --init-from a Hugging Face folder "
+                         "whose config.json gives the model")
     if s.seq_len > cfg.max_seq_len:
-        raise UsageError(f"--seq-len {s.seq_len} is above the {s.preset} preset's max_seq_len "
+        raise UsageError(f"--seq-len {s.seq_len} is above {model_name} max_seq_len "
                          f"({cfg.max_seq_len}); use --seq-len {cfg.max_seq_len} or less")
     changes: dict[str, Any] = {"compute_dtype": DTYPE_ALIASES[s.dtype]}
     if s.vocab_size is not None:
@@ -231,11 +246,17 @@ def same_path(name: str, value: Any) -> Any:
 
 
 def out_folder(layered: dict[str, Any]) -> Path:
-    """--out, or runs/PRESET when it is not given."""
+    """--out, or runs/PRESET when it is not given (runs/NAME for a model without a preset:
+    the name of its --init-from folder)."""
     out = layered.get("out")
     if out == "":
         raise UsageError("--out is empty; give a folder or leave the flag out (runs/PRESET)")
-    return Path(out if out is not None else f"runs/{layered.get('preset', Settings.preset)}")
+    if out is not None:
+        return Path(out)
+    name = layered.get("preset", Settings.preset)
+    if name is None:
+        name = Path(layered.get("init_from") or "run").resolve().name
+    return Path(f"runs/{name}")
 
 
 def layer(saved: dict[str, Any], from_file: dict[str, Any], given: dict[str, Any],

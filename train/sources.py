@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from hpllm.errors import UserError
+from hpllm.hf_tokenizer import AnyTokenizer, PretrainedTokenizer
 from hpllm.tokenizer import Tokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data"
@@ -332,14 +333,20 @@ def open_splits(source: str | Path | None = None, *, data_config: str | None = N
 
 
 def get_tokenizer(spec: str | Path, texts: Texts,
-                  vocab_size: int) -> Tokenizer:
+                  vocab_size: int) -> AnyTokenizer:
     """`spec` "train": learn a byte-level BPE of `vocab_size` ids on the first
-    TOKENIZER_TRAIN_CHARS characters of `texts`; otherwise load the tokenizer.json at `spec`."""
+    TOKENIZER_TRAIN_CHARS characters of `texts`; otherwise load the tokenizer.json at `spec`,
+    or the tokenizer of folder `spec` (a Hugging Face one when it has tokenizer_config.json)."""
     if str(spec) != "train":
         if Path(spec).is_dir():
             if not (Path(spec) / "tokenizer.json").is_file():
                 raise DataError(f"--tokenizer {spec} is a folder without a tokenizer.json; pass "
                                 "the path of a tokenizer.json file, or --tokenizer train")
+            if (Path(spec) / "tokenizer_config.json").is_file():  # a Hugging Face tokenizer
+                try:
+                    return PretrainedTokenizer.from_folder(spec)
+                except UserError as err:
+                    raise DataError(f"--tokenizer {spec}: {err}") from None
             spec = Path(spec) / "tokenizer.json"
         try:
             return Tokenizer.load(spec)

@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from hpllm.config import DTYPE_ALIASES, ModelConfig, RopeScaling
-from hpllm.errors import UserError
+from hpllm.errors import PathError, UserError
 from hpllm.hf_tokenizer import GenerationDefaults, PretrainedTokenizer
 from hpllm.linear import Linear
 from hpllm.model import Transformer
@@ -104,6 +104,22 @@ def read_json(file: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise HFError(f"{file}: expected a JSON object")
     return data
+
+
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    """The folder's config.json (checked by `config_from_hf`)."""
+    return read_json(Path(folder) / CONFIG_FILE)
+
+
+def hf_model_config(folder: str | Path, context: int | None = None) -> ModelConfig:
+    """The ModelConfig of the Hugging Face folder `folder` (see `config_from_hf`); an
+    unsupported config is one line naming the file and the field."""
+    hf = read_hf_config(folder)
+    try:
+        return config_from_hf(hf, context)
+    except HFError as error:
+        message = str(error).removeprefix(f"{CONFIG_FILE}: ")
+        raise HFError(f"{Path(folder) / CONFIG_FILE}: {message}") from None
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -419,8 +435,8 @@ def load_hf(folder: str | Path, *, scheme: str | None = None, group_size: int = 
             quantize_head: bool = False, context: int | None = None) -> HFModel:
     """Load a Hugging Face model folder (converted to `scheme` in memory when given)."""
     folder = Path(folder)
-    hf = read_json(folder / CONFIG_FILE)
-    cfg = config_from_hf(hf, context)
+    hf = read_hf_config(folder)
+    cfg = hf_model_config(folder, context)
     architecture = ARCHITECTURES[hf["model_type"]]
     tokenizer = PretrainedTokenizer.from_folder(folder)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -489,29 +505,35 @@ def write_safetensors(file: Path, tensors: Iterator[tuple[str, np.ndarray]], dty
 
 def export_hf(model: Transformer, out: str | Path, files: dict[str, str], *,
               architecture: str = "LlamaForCausalLM", dtype: str = "bf16",
-              bos_id: int | None = None, eos_id: int | list[int] | None = None) -> Path:
-    """Write `model` as a Hugging Face folder at `out` (which must not exist yet): config.json,
-    model.safetensors in `dtype` ("bf16" or "f32"), and `files` (tokenizer and generation
-    settings, name -> text). Written into a temporary folder and renamed into place."""
+              bos_id: int | None = None, eos_id: int | list[int] | None = None,
+              replace: bool = False) -> Path:
+    """Write `model` as a Hugging Face folder at `out`: config.json, model.safetensors in
+    `dtype` ("bf16" or "f32"), and `files` (tokenizer and generation settings, name -> text).
+    Written into a temporary folder and renamed into place. `out` must not exist, unless
+    `replace` (the caller checked it with `hpllm.outputs.check_output`: an empty folder).
+    An OS error is a `PathError` naming `out`, with nothing left behind."""
     out = Path(out)
     if dtype not in EXPORT_DTYPES:
         raise HFError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    if out.exists():
+    if out.exists() and not replace:
         raise HFError(f"{out} already exists; choose a new --out folder")
     config = config_to_hf(model.cfg, architecture, DTYPE_ALIASES[dtype],
                           bos_id, eos_id)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         write_safetensors(tmp / WEIGHTS_FILE, hf_tensors(model), EXPORT_DTYPES[dtype])
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         for name, text in files.items():
-            (tmp / name).write_text(text)
+            (tmp / name).write_text(text, encoding="utf-8")
         for file in tmp.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, out)
+        os.replace(tmp, out)  # over an empty folder too
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PathError.from_os_error(error, out, "write") from error
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -5,6 +5,10 @@ template and the default sampling settings.
 
 User text is never parsed as special tokens: `encode` turns a literal "<|im_start|>" into the
 ids of its characters. Only the template's own text (`chat_ids`) yields special-token ids.
+
+Training (`python -m train --init-from HF_DIR`) uses it as it uses this project's own
+`Tokenizer`: `encode_batch` for documents, `eos_id` between them, and `files` to save it beside
+every checkpoint; `read_tokenizer` loads either kind from a folder.
 """
 
 import dataclasses
@@ -18,6 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from hpllm.chat_template import ChatTemplate, Message
 from hpllm.errors import UserError
+from hpllm.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "chat_template.jinja")
@@ -154,8 +159,17 @@ class PretrainedTokenizer:
         """A completion prompt: BOS first when the tokenizer adds one, then the plain text."""
         return ([self.bos_id] if self.add_bos else []) + self.encode(text)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Training documents: each encoded as `encode_prompt` does (BOS first when the
+        tokenizer adds one, as the model saw its documents in pretraining), specials as text."""
+        bos = [self.bos_id] if self.add_bos else []
+        return [bos + e.ids for e in self._text_tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
 
     def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
@@ -192,3 +206,16 @@ class PretrainedTokenizer:
     def __repr__(self) -> str:
         return (f"PretrainedTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
                 f"stop_ids={self.stop_ids})")
+
+
+AnyTokenizer = Tokenizer | PretrainedTokenizer
+
+
+def read_tokenizer(folder: str | Path) -> AnyTokenizer:
+    """The tokenizer saved in `folder`: a Hugging Face one when tokenizer_config.json is there
+    (an imported model, or a run or conversion made from one), else this project's
+    tokenizer.json. Problems are one-line `UserError`s naming the file."""
+    folder = Path(folder)
+    if (folder / "tokenizer_config.json").is_file():
+        return PretrainedTokenizer.from_folder(folder)
+    return Tokenizer.load(folder / "tokenizer.json")

@@ -91,6 +91,11 @@ class Tokenizer:
     def to_json(self) -> str:
         return self._tok.to_str()
 
+    @property
+    def files(self) -> dict[str, str]:
+        """What to save beside a checkpoint: name -> text (as `PretrainedTokenizer.files`)."""
+        return {"tokenizer.json": self.to_json()}
+
     @classmethod
     def from_json(cls, text: str) -> "Tokenizer":
         return cls(HFTokenizer.from_str(text))

@@ -18,6 +18,7 @@ from hpllm.quant.api import (
     TRAINING_MODES,
     WITH_HEAD,
     QuantConfig,
+    inference_mismatch,
     inference_scheme,
     linear_paths,
     quantize_for_training,
@@ -43,7 +44,7 @@ __all__ = [
     "TRAINING_MODE_HELP", "WITH_HEAD", "DelayedScale", "Fp8QATDot",
     "Fp8Weight", "Fp8WeightOnlyDot", "Int4Weight", "Int4WeightOnlyDot", "Int4WeightQATDot",
     "Int8QATDot", "Int8Weight", "Int8WeightOnlyDot", "QuantConfig", "W4A8Dot", "W8A8Dot",
-    "inference_scheme", "linear_paths",
+    "inference_mismatch", "inference_scheme", "linear_paths",
     "quantize_for_training", "quantize_weights", "split_quant_state", "strip_training_quant",
     "training_op",
 ]

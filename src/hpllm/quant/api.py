@@ -34,7 +34,13 @@ import jax
 import jax.numpy as jnp
 
 from hpllm.linear import FloatDot, Linear, MatmulOp
-from hpllm.quant.fake_quant import QAT_OPS, Fp8QATDot, Int4WeightQATDot, Int8QATDot
+from hpllm.quant.fake_quant import (
+    ACTIVATION_AXES,
+    QAT_OPS,
+    Fp8QATDot,
+    Int4WeightQATDot,
+    Int8QATDot,
+)
 from hpllm.quant.integer import W4A8Dot, W8A8Dot
 from hpllm.quant.quantizers import DelayedScale
 from hpllm.quant.weight_only import (
@@ -94,6 +100,11 @@ class QuantConfig:
         delayed scaling only (absmax scaling never clips, so elsewhere it is an error).
     group_size: int4 group size along d_in (0: one group per output channel).
     targets: fnmatch patterns over the dotted paths of the `Linear`s to quantize.
+    activations: int8 mode only: activation scales "token" (one per row)
+        or "tensor" (one for the whole activation tensor of each call; a study setting,
+        no inference op computes it).
+    weight_bits: modes "int4w" and "w4a8" only: 4, or 3 / 2 for the narrower grids [-3, 3] /
+        [-1, 1] (a study setting: inference stores int4, see `inference_mismatch`).
     """
 
     mode: str = "none"
@@ -103,6 +114,8 @@ class QuantConfig:
     mask_clipped_grads: bool = False
     group_size: int = 128
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    activations: str = "token"
+    weight_bits: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -126,6 +139,16 @@ class QuantConfig:
             raise ValueError("mask_clipped_grads applies to fp8 delayed scaling only: absmax "
                              f"scaling never clips, so with mode {self.mode!r} and scaling "
                              f"{self.scaling!r} it would do nothing")
+        if self.activations not in ACTIVATION_AXES:
+            raise ValueError(f"activations must be one of {tuple(ACTIVATION_AXES)}, got "
+                             f"{self.activations!r}")
+        if self.activations != "token" and self.mode != "int8":
+            raise ValueError(f"activations applies to mode 'int8' only, not {self.mode!r}")
+        if self.weight_bits not in (2, 3, 4) or isinstance(self.weight_bits, bool):
+            raise ValueError(f"weight_bits must be 2, 3 or 4, got {self.weight_bits!r}")
+        if self.weight_bits != 4 and self.mode not in ("int4w", "w4a8"):
+            raise ValueError("weight_bits applies to modes 'int4w' and 'w4a8' only, not "
+                             f"{self.mode!r}")
         if isinstance(self.targets, str) or not all(
                 isinstance(t, str) and t for t in self.targets) or not self.targets:
             raise ValueError(f"targets must be a non-empty list of patterns such as "
@@ -236,14 +259,16 @@ def training_op(qcfg: QuantConfig) -> MatmulOp:
     """The QAT op for one (unstacked) `Linear` under `qcfg`."""
     if qcfg.mode == "int8":
         return Int8QATDot(quantize_backward=qcfg.quantize_backward,
-                          mask_clipped_grads=qcfg.mask_clipped_grads)
+                          mask_clipped_grads=qcfg.mask_clipped_grads,
+                          activations=qcfg.activations)
     if qcfg.mode == "fp8":
         return Fp8QATDot(scaling=qcfg.scaling, amax_history_len=qcfg.amax_history_len,
                          quantize_backward=qcfg.quantize_backward,
                          mask_clipped_grads=qcfg.mask_clipped_grads)
     if qcfg.mode in ("int4w", "w4a8"):
         return Int4WeightQATDot(group_size=qcfg.group_size,
-                                quantize_activations=qcfg.mode == "w4a8")
+                                quantize_activations=qcfg.mode == "w4a8",
+                                bits=qcfg.weight_bits)
     return FloatDot()
 
 
@@ -257,6 +282,17 @@ def inference_scheme(qcfg: QuantConfig) -> tuple[str, int]:
     scheme = {"none": "f32", "int8": "w8a8", "fp8": "fp8", "int4w": "int4",
               "w4a8": "w4a8"}[qcfg.mode]
     return scheme, qcfg.group_size
+
+
+def inference_mismatch(qcfg: QuantConfig) -> str | None:
+    """What the format of `inference_scheme(qcfg)` does not reproduce of the QAT forward
+    (None: it computes what was trained, up to rounding of the sums)."""
+    if qcfg.weight_bits != 4:
+        return (f"{qcfg.weight_bits}-bit weights are stored on the int4 grid, re-rounded from "
+                "the trained float weights")
+    if qcfg.activations != "token":
+        return "the int8 inference ops scale activations per token, not per tensor"
+    return None
 
 
 def quantize_for_training(model: eqx.Module, qcfg: QuantConfig) -> eqx.Module:

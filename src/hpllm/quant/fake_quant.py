@@ -43,12 +43,15 @@ from hpllm.quant.quantizers import (
     int4_dequantize_groups,
     int4_quantize_groups,
     int8_scale,
+    int_qmax,
     quantize_fp8,
     quantize_int,
     record_amax,
 )
 
 Meta = DelayedScale | None
+# The reduction axis of the activations' int8 scale: one per token (row), or one per tensor.
+ACTIVATION_AXES = {"token": -1, "tensor": None}
 Metas = tuple[Meta, Meta, Meta]  # for x, weight, incoming gradient
 
 
@@ -56,8 +59,9 @@ Metas = tuple[Meta, Meta, Meta]  # for x, weight, incoming gradient
 class Recipe:
     """How each of the three matmul operands is quantized (static, hashable).
 
-    x: "float" | "int8" (per token) | "e4m3" (per tensor)
-    w: "float" | "int8" (per output channel) | "e4m3" (per tensor) | "int4" (group-wise)
+    x: "float" | "int8" (per token, or per tensor with `x_axis` None) | "e4m3" (per tensor)
+    w: "float" | "int8" (per output channel) | "e4m3" (per tensor) | "int4" (group-wise, on
+        the grid [-w_qmax, w_qmax]: 7 is int4, 3 int3, 1 int2)
     grad: "float" | "int8" (per row for dx, per column for dw) | "e5m2" (per tensor)
     """
 
@@ -66,15 +70,17 @@ class Recipe:
     grad: str = "float"
     group_size: int = 128
     mask_clipped: bool = False
+    x_axis: int | None = -1
+    w_qmax: float = INT4_MAX
 
 
 def _fake_quant(kind: str, v: Float[Array, "..."], meta: Meta, axis: int | None,
-                group_size: int = 128
+                group_size: int = 128, qmax: float = INT4_MAX
                 ) -> tuple[Float[Array, "..."], Bool[Array, "..."], Meta]:
     """Quantize -> dequantize `v` (float32); also where it was in range, and the new state.
 
     `axis` is the reduction axis of int8 scales (None: per tensor); fp8 is always per
-    tensor, int4 always group-wise along axis -2.
+    tensor, int4 always group-wise along axis -2 on the grid [-qmax, qmax].
     """
     ok = jnp.ones(v.shape, jnp.bool_)
     if kind == "float":
@@ -83,7 +89,7 @@ def _fake_quant(kind: str, v: Float[Array, "..."], meta: Meta, axis: int | None,
         scale = int8_scale(v, axis)
         return dequantize(quantize_int(v, scale, INT8_MAX), scale), ok, meta
     if kind == "int4":
-        q, scale = int4_quantize_groups(v, group_size)
+        q, scale = int4_quantize_groups(v, group_size, qmax)
         return int4_dequantize_groups(q, scale, v.shape[-2]), ok, meta
     fmt = kind  # "e4m3" or "e5m2"
     if meta is None:  # current scaling: nothing can clip
@@ -98,8 +104,9 @@ def _fake_quant(kind: str, v: Float[Array, "..."], meta: Meta, axis: int | None,
 def _forward(recipe: Recipe, x, w, metas: Metas):
     x_meta, w_meta, g_meta = metas
     # Per token: one scale per row of x; per channel: one scale per column of w.
-    xq, x_ok, x_meta = _fake_quant(recipe.x, x, x_meta, axis=-1)
-    wq, w_ok, w_meta = _fake_quant(recipe.w, w, w_meta, axis=-2, group_size=recipe.group_size)
+    xq, x_ok, x_meta = _fake_quant(recipe.x, x, x_meta, axis=recipe.x_axis)
+    wq, w_ok, w_meta = _fake_quant(recipe.w, w, w_meta, axis=-2, group_size=recipe.group_size,
+                                   qmax=recipe.w_qmax)
     xq, wq = xq.astype(x.dtype), wq.astype(x.dtype)
     y = jnp.matmul(xq, wq, preferred_element_type=jnp.float32).astype(x.dtype)
     masks = (x_ok, w_ok) if recipe.mask_clipped else None
@@ -190,15 +197,18 @@ _fake_quant_ste.defvjp(_fake_quant_ste_fwd, _fake_quant_ste_bwd)
 # --- ops that plug into Linear -------------------------------------------------------------
 
 class Int8QATDot(MatmulOp):
-    """int8 fake quantization: activations per token, weights per output channel (absmax)."""
+    """int8 fake quantization: activations per token (or with `activations` "tensor" one
+    absmax scale for the whole activation tensor of the call), weights per output channel."""
 
     quantize_backward: bool = eqx.field(static=True, default=False)
     mask_clipped_grads: bool = eqx.field(static=True, default=False)
+    activations: str = eqx.field(static=True, default="token")
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: Float[Array, "d_in d_out"]
                  ) -> Float[Array, "*batch d_out"]:
         recipe = Recipe(x="int8", w="int8", grad="int8" if self.quantize_backward else "float",
-                        mask_clipped=self.mask_clipped_grads)
+                        mask_clipped=self.mask_clipped_grads,
+                        x_axis=ACTIVATION_AXES[self.activations])
         return qat_matmul(recipe, x, weight, (None, None, None))
 
 
@@ -236,17 +246,19 @@ class Fp8QATDot(MatmulOp):
 
 class Int4WeightQATDot(MatmulOp):
     """int4 group-wise fake quantization of the weight (`group_size` 0: per channel);
-    activations stay float, or with `quantize_activations` become int8 per token (W4A8)."""
+    activations stay float, or with `quantize_activations` become int8 per token (W4A8).
+    `bits` 3 or 2 narrow the weight grid to [-3, 3] or [-1, 1] (still stored in int4)."""
 
     group_size: int = eqx.field(static=True, default=128)
     mask_clipped_grads: bool = eqx.field(static=True, default=False)
     quantize_activations: bool = eqx.field(static=True, default=False)
+    bits: int = eqx.field(static=True, default=4)
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: Float[Array, "d_in d_out"]
                  ) -> Float[Array, "*batch d_out"]:
         recipe = Recipe(x="int8" if self.quantize_activations else "float", w="int4",
                         group_size=self.group_size,
-                        mask_clipped=self.mask_clipped_grads)
+                        mask_clipped=self.mask_clipped_grads, w_qmax=int_qmax(self.bits))
         return qat_matmul(recipe, x, weight, (None, None, None))
 
 

@@ -173,20 +173,30 @@ def padded_rows(rows: int, group_size: int) -> int:
     return -(-rows // group_size) * group_size
 
 
-def int4_quantize_groups(w: Float[Array, "*lead d_in d_out"], group_size: int
+def int_qmax(bits: int) -> float:
+    """The largest value of a symmetric signed grid of `bits` bits: 7 (int4), 3, 1 (int2).
+    Narrower grids than int4 are stored in int4 nibbles."""
+    if bits not in (2, 3, 4):
+        raise ValueError(f"weight bits must be 2, 3 or 4, got {bits!r}")
+    return float(2 ** (bits - 1) - 1)
+
+
+def int4_quantize_groups(w: Float[Array, "*lead d_in d_out"], group_size: int,
+                         qmax: float = INT4_MAX
                          ) -> tuple[Int8[Array, "*lead padded_d_in d_out"],
                                     Float[Array, "*lead groups d_out"]]:
     """Group-wise absmax int4: one scale per `group_size` consecutive inputs of each output
     column (`group_size` 0: one group of all d_in, i.e. per channel). Returns unpacked int8
-    values (d_in padded to whole groups) and the scales."""
+    values (d_in padded to whole groups) and the scales. `qmax` below 7 (`int_qmax`) gives
+    the narrower int3/int2 grids."""
     *lead, d_in, d_out = w.shape
     group_size = group_size or d_in + d_in % 2  # packing needs an even number of rows
     rows = padded_rows(d_in, group_size)
     pad = [(0, 0)] * len(lead) + [(0, rows - d_in), (0, 0)]
     grouped = jnp.pad(w.astype(jnp.float32), pad).reshape(*lead, rows // group_size,
                                                           group_size, d_out)
-    scale = absmax(grouped, axis=-2) / INT4_MAX  # [*lead, groups, 1, d_out]
-    q = quantize_int(grouped, scale, INT4_MAX).reshape(*lead, rows, d_out)
+    scale = absmax(grouped, axis=-2) / qmax  # [*lead, groups, 1, d_out]
+    q = quantize_int(grouped, scale, qmax).reshape(*lead, rows, d_out)
     return q, scale.reshape(*lead, rows // group_size, d_out)
 
 
@@ -201,8 +211,8 @@ def int4_dequantize_groups(q: Int8[Array, "*lead padded_d_in d_out"],
     return w[..., :d_in, :]
 
 
-def fake_quant_int4(w: Float[Array, "*lead d_in d_out"], group_size: int
-                    ) -> Float[Array, "*lead d_in d_out"]:
-    """Group-wise int4 quantize -> dequantize (float32)."""
-    q, scale = int4_quantize_groups(w, group_size)
+def fake_quant_int4(w: Float[Array, "*lead d_in d_out"], group_size: int,
+                    qmax: float = INT4_MAX) -> Float[Array, "*lead d_in d_out"]:
+    """Group-wise int4 (or narrower, `qmax`) quantize -> dequantize (float32)."""
+    q, scale = int4_quantize_groups(w, group_size, qmax)
     return int4_dequantize_groups(q, scale, w.shape[-2])
