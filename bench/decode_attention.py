@@ -1,0 +1,78 @@
+"""Attention of one decode step over a `base`-shaped KV cache, alone: XLA's einsums against the
+native kernel (`infer.kernels.NativeDecodeAttention`).
+
+    flock /tmp/hpllm-bench.lock .venv/bin/python bench/decode_attention.py [--position 160]
+
+12 layers x 12 heads of 64, a 256-slot float32 cache per layer, every row at `--position` (the
+mask shows slots 0..position); 8 steps per jitted `fori_loop`, each layer's output fed into
+the next query. The two variants alternate, medians of 5 rounds. The GB/s column counts the
+filled part of K and V only (what the native kernel reads; XLA reads and copies all of it).
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from infer.kernels import NativeDecodeAttention
+
+HEADS, KV_HEADS, HEAD_DIM, SLOTS, LAYERS, STEPS = 12, 12, 64, 256, 12, 8
+
+
+def xla_attention(q, k, v, mask):
+    """`Attention._attend` before the output projection, for one query token."""
+    b = q.shape[0]
+    q = q.reshape(b, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
+    scores = jnp.einsum("bkgd,btkd->bkgt", q, k) / jnp.sqrt(jnp.float32(HEAD_DIM))
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bkgt,btkd->bkgd", weights, v).reshape(b, HEADS, HEAD_DIM)
+
+
+def chain(attend, mask):
+    @jax.jit
+    def run(q, ks, vs):
+        def step(_, q):
+            for k, v in zip(ks, vs, strict=True):
+                q = q + attend(q, k, v, mask) * 1e-3
+            return q
+        return jax.lax.fori_loop(0, STEPS, step, q)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--position", type=int, default=160)
+    args = parser.parse_args()
+    print(f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print("| batch | attention | ms per step (12 layers) | filled K+V MB | GB/s |")
+    print("|---|---|---|---|---|")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        key = jax.random.key(batch)
+        shape = (batch, SLOTS, KV_HEADS, HEAD_DIM)
+        ks = [jax.random.normal(jax.random.fold_in(key, i), shape) for i in range(LAYERS)]
+        vs = [jax.random.normal(jax.random.fold_in(key, 100 + i), shape) for i in range(LAYERS)]
+        mask = jnp.broadcast_to(jnp.arange(SLOTS)[None, :] <= args.position, (batch, SLOTS))
+        q = jax.random.normal(key, (batch, HEADS, HEAD_DIM))
+        runs = {"XLA": chain(xla_attention, mask), "native": chain(NativeDecodeAttention(), mask)}
+        for run in runs.values():
+            run(q, ks, vs).block_until_ready()  # compile
+        times = {name: [] for name in runs}
+        for _ in range(5):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run(q, ks, vs).block_until_ready()
+                times[name].append((time.perf_counter() - start) / STEPS)
+        filled = 2 * batch * (args.position + 1) * KV_HEADS * HEAD_DIM * 4 * LAYERS
+        for name in runs:
+            seconds = statistics.median(times[name])
+            print(f"| {batch} | {name} | {seconds * 1e3:.2f} | {filled / 1e6:.1f} | "
+                  f"{filled / seconds / 1e9:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
