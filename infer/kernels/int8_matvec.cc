@@ -14,6 +14,9 @@
 // figures in docs/performance.md). Tiles are shared out over XLA's CPU threads, and every row
 // chunk of the activations reuses a tile while it is in cache, so prefill reads each weight
 // from memory once.
+// From kBatchRows rows up (batched decode) the SIMD paths dequantize each block of a tile once
+// into L1 and run every row over it (tile_batched). The file also holds the w8a8 integer
+// kernel (W8A8MatmulImpl) and the one-token decode attention (DecodeAttentionImpl).
 //
 // Instruction paths, chosen at compile time from the target's feature macros:
 // - AVX-512 (__AVX512F__): 16 f32 lanes, 32 vector registers;
