@@ -19,33 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from random_checkpoint import build_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 TURNS = ["Tell me about the weather today.", "And what about tomorrow?",
          "Why do you think so?", "Say that again in other words.",
          "What did I ask you first?", "Thank you, that is all for now."]
 STATS = re.compile(r"\[last reply: (\d+) tokens in ([\d.]+) s, ([\d.]+) tokens/s")
-
-
-def random_checkpoint(folder: Path, preset_name: str) -> Path:
-    import jax
-
-    from hpllm.checkpoint import write_checkpoint
-    from hpllm.config import preset
-    from hpllm.model import Transformer
-    from hpllm.tokenizer import Tokenizer
-
-    corpus = (REPO / "data").glob("*.txt")
-    text = "\n".join(path.read_text()[:200_000] for path in sorted(corpus))
-    cfg = preset(preset_name)
-    tokenizer = Tokenizer.train([text], vocab_size=cfg.vocab_size)
-    source = folder / "float"
-    write_checkpoint(source, {"model": cfg.to_dict(), "quant": {"mode": "none"}, "step": 0},
-                     {"model": Transformer(cfg, key=jax.random.key(0))},
-                     {"tokenizer.json": tokenizer.to_json()})
-    out = folder / f"{preset_name}-int8"
-    subprocess.run([sys.executable, "-m", "infer", "convert", str(source), "--to", "int8",
-                    "--out", str(out)], check=True, cwd=REPO)
-    return out
 
 
 def chat_rates(checkpoint: Path, turns: int, max_new_tokens: int) -> list[tuple[int, float]]:
@@ -76,7 +56,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint or random_checkpoint(Path(tmp), args.preset)
+        checkpoint = args.checkpoint or build_checkpoint(Path(tmp), args.preset, "int8")
         later_turns, bench_rates = [], []
         for round_ in range(args.rounds):
             rates = chat_rates(checkpoint, args.turns, args.max_new_tokens)

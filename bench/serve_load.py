@@ -23,33 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from random_checkpoint import build_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def build_checkpoint(folder: Path, preset_name: str, scheme: str) -> Path:
-    import jax
-
-    from hpllm.checkpoint import write_checkpoint
-    from hpllm.config import preset
-    from hpllm.model import Transformer
-    from hpllm.tokenizer import Tokenizer
-
-    cfg = preset(preset_name)
-    tokenizer = Tokenizer.train(["the cat sat on the mat", "a dog ran in the park"] * 20,
-                                vocab_size=300)
-    source = folder / "float"
-    write_checkpoint(source, {"model": cfg.to_dict(), "quant": {"mode": "none"}, "step": 0},
-                     {"model": Transformer(cfg, key=jax.random.key(0))},
-                     {"tokenizer.json": tokenizer.to_json()})
-    out = folder / f"{preset_name}-{scheme}"
-    subprocess.run([sys.executable, "-m", "infer", "convert", str(source), "--to", scheme,
-                    "--out", str(out)], check=True, cwd=REPO)
-    return out
 
 
 def run_level(client, prompt: str, concurrency: int, n_requests: int, output_len: int
@@ -65,6 +46,8 @@ def run_level(client, prompt: str, concurrency: int, n_requests: int, output_len
                 stamps.append(time.perf_counter())
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
+        if not stamps:
+            raise RuntimeError("a request streamed no text; its tokens decoded to nothing")
         first = stamps[0] - started
         tpot = (stamps[-1] - stamps[0]) / max(1, tokens - 1)
         return first, tpot, time.perf_counter() - started, tokens

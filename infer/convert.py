@@ -89,6 +89,8 @@ def choose_format(trained: QuantConfig, scheme: str | None, group_size: int | No
             return chosen, group_size, None
         return chosen, group_size, (f"converting to {_describe(chosen, group_size)}, the "
                                     f"nearest format to what was trained, but {mismatch}")
+    if trained.mode == "none":
+        return chosen, group_size, None  # post-training quantization of a float model
     note = (f"converting to {_describe(chosen, group_size)}, but the checkpoint was trained "
             f"with --quant {trained.name}"
             + (f" --quant-group-size {trained.group_size}" if trained_scheme in uses_groups

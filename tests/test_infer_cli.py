@@ -226,5 +226,7 @@ def test_convert_notes_a_trained_setting_no_inference_op_computes():
     scheme, group, note = choose_format(QuantConfig(mode="int4w", group_size=32,
                                                     weight_bits=3), None, None)
     assert (scheme, group) == ("int4", 32) and "3-bit weights" in note
+    # A float model quantized after training is the usual case, not worth a note.
+    assert choose_format(QuantConfig(), "int4", 64) == ("int4", 64, None)
     scheme, _, note = choose_format(QuantConfig(mode="int8", activations="tensor"), None, None)
     assert scheme == "w8a8" and "per token, not per tensor" in note
