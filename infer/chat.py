@@ -15,7 +15,8 @@ turn submits the whole rendered conversation; the engine reuses the cached token
 a prefix and prefills only the rest, so the time to the first token does not grow with the
 conversation. (A template that renders earlier turns differently once a new one follows, for
 example by trimming a reply, costs a prefill from the first differing token.) When the context
-is full, the oldest turns are dropped and the cache is rebuilt once from what is left.
+is full, the oldest turns are dropped (down to half of the context) and the cache is rebuilt once
+from what is left; the turns after that append to it again.
 
 Input is one user turn per line, from a terminal or a pipe. Commands: /reset /help /stats /exit.
 Ctrl-C stops the current reply (the loop goes on); end of input (Ctrl-D) exits cleanly.
@@ -121,20 +122,29 @@ class Chat:
 
     def prompt_ids(self, user: list[int], text: str = "") -> tuple[list[int], int]:
         """The conversation + the new user turn, and how many old turns were dropped to leave
-        room for a reply."""
+        room for a reply.
+
+        When the conversation no longer fits, the oldest turns are dropped until it fills at
+        most half of the room: the cache is rebuilt once, and the next turns append to it
+        again. (Dropping just enough would rebuild it at every turn from then on; llama.cpp's
+        context shift also discards half.)"""
         budget = self.context - self.max_new_tokens
         if isinstance(self.tokenizer, PretrainedTokenizer):
             dropped = 0
-            while (len(ids := self._template_ids(self.history[dropped:], text)) > budget
+            limit = budget
+            while (len(ids := self._template_ids(self.history[dropped:], text)) > limit
                    and dropped < len(self.history)):
                 dropped += 1
+                limit = budget // 2
             return ids, dropped
         new = self._turn_ids(Turn(user, []), closed=False)
         turns = [self._turn_ids(t, closed=True) for t in self.history]
         dropped = 0
-        while turns and sum(map(len, turns)) + len(new) > budget:
+        limit = budget
+        while turns and sum(map(len, turns)) + len(new) > limit:
             turns.pop(0)
             dropped += 1
+            limit = budget // 2
         return [i for t in turns for i in t] + new, dropped
 
     def reply(self, text: str, out: TextIO, err: TextIO) -> None:

@@ -160,6 +160,10 @@ def test_chat_reset_clears_history_and_old_turns_are_dropped_to_fit(run_dir, cap
     prompt, dropped = chat.prompt_ids(loaded.tokenizer.encode("hi"))
     assert len(prompt) + chat.max_new_tokens <= chat.context
     assert "dropped the" in capsys.readouterr().err
+    # The drop left room: the next short turn appends to the rebuilt cache instead of
+    # dropping (and re-prefilling) again.
+    chat.reply("hi", sys.stdout, sys.stderr)
+    assert "dropped the" not in capsys.readouterr().err and chat.last_cached > 0
     chat.reply("the cat " * 200, sys.stdout, sys.stderr)  # alone longer than the context
     assert "Shorten it" in capsys.readouterr().err
 
