@@ -447,7 +447,7 @@ def _study(args: argparse.Namespace, log: Callable[[str], None], out: Path) -> d
     base_dir = out / "base"
     state, _ = train_run(base_run, base_dir, log, on_eval=ptq_int4)
     checkpoint = Checkpointer(base_dir, keep=1, config=base_run.config(),
-                              tokenizer_json=tokenizer.to_json()).save(
+                              tokenizer_files=tokenizer.files).save(
         state, {"note": "the study's base model; not meant to be resumed"})
     base_curve = [r for r in map(json.loads, (base_dir / "metrics.jsonl").read_text()
                                  .splitlines()) if "ptq_int4_channel" in r]
