@@ -101,6 +101,10 @@ class Slot:
     tokens: list[int] = dataclasses.field(default_factory=list)
 
 
+# The DecodeState leaves other than the cache; each leads with the batch axis.
+_ROW_FIELDS = ("last", "positions", "done", "budget", "keys", "sampling")
+
+
 def _batch_axis(cache: ModelCache) -> int:
     return 0 if isinstance(cache, tuple) else 1  # stacked layers lead with the layer axis
 
@@ -163,9 +167,6 @@ def _put_rows(state: DecodeState, part: DecodeState, start: Int[Array, ""] | int
         **{name: jax.tree.map(lambda w, p: lax.dynamic_update_slice_in_dim(w, p, start, axis=0),
                               getattr(state, name), getattr(part, name))
            for name in _ROW_FIELDS})
-
-
-_ROW_FIELDS = ("last", "positions", "done", "budget", "keys", "sampling")
 
 
 def row_buckets(max_batch: int) -> list[int]:

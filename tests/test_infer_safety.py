@@ -96,6 +96,17 @@ def _copy(folder: Path, to: Path) -> Path:
 # --------------------------------------------------------------------------- convert --out
 
 
+def _things_not_ours(tmp_path: Path, tokenizer) -> tuple[Path, Path, Path]:
+    """Another training run, a user's folder and a user's file: outputs nothing may replace."""
+    other_run = _make_run(tmp_path / "other", tokenizer)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("precious")
+    return other_run, mine, a_file
+
+
 @pytest.mark.parametrize(("out", "force", "message"), [
     ("{run}", True, "is the input"),
     ("{run}/checkpoints/step_000020", True, "is the input"),
@@ -108,12 +119,7 @@ def _copy(folder: Path, to: Path) -> Path:
 ])
 def test_convert_never_writes_over_what_it_did_not_create(run_dir, tokenizer, tmp_path, capsys,
                                                           out, force, message):
-    other_run = _make_run(tmp_path / "other", tokenizer)
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "thesis.tex").write_text("precious")
-    a_file = tmp_path / "notes.txt"
-    a_file.write_text("precious")
+    other_run, mine, a_file = _things_not_ours(tmp_path, tokenizer)
     before = snapshot(run_dir), snapshot(tmp_path)
     source = (run_dir / "checkpoints" / "step_000020") if "step_000020" in out else run_dir
     out = out.format(run=run_dir, other_run=other_run, mine=mine, a_file=a_file)
@@ -123,12 +129,7 @@ def test_convert_never_writes_over_what_it_did_not_create(run_dir, tokenizer, tm
 
 
 def test_export_never_writes_over_what_it_did_not_create(run_dir, tokenizer, tmp_path, capsys):
-    other_run = _make_run(tmp_path / "other", tokenizer)
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "thesis.tex").write_text("precious")
-    a_file = tmp_path / "notes.txt"
-    a_file.write_text("precious")
+    other_run, mine, a_file = _things_not_ours(tmp_path, tokenizer)
     before = snapshot(run_dir), snapshot(tmp_path)
     for out, message in [(run_dir / "hf", "is inside the input"), (run_dir, "is the input"),
                          (other_run, "is a training run"), (mine, "holds files this command"),
