@@ -220,10 +220,11 @@ def test_w8a8_batched_decode_matches_the_fake_quant_model():
 
 # (batch, heads, kv_heads, head_dim, slots): head_dim 16 (tiny's) with two query heads per key
 # head; one row over 300 slots (split into runs of slots whose partial softmaxes are merged);
-# head_dim 20, which no SIMD width divides (the portable loops inside a SIMD build); head_dim 64
-# over three key heads. Row masks: a prefix, nothing (equal weights over every slot), one slot,
-# then random holes.
-ATTENTION_SHAPES = ((4, 4, 2, 16, 40), (1, 4, 4, 64, 300), (3, 6, 3, 20, 33), (5, 6, 3, 64, 70))
+# head_dim 20, which no SIMD width divides (the portable loops inside a SIMD build), three rows
+# (on 2+ threads also split into runs, the one-slot row's first run empty); head_dim 64 over
+# three key heads. Row masks: a prefix, nothing (equal weights over every slot), one slot, then
+# random holes.
+ATTENTION_SHAPES = ((4, 4, 2, 16, 40), (1, 4, 4, 64, 300), (3, 6, 3, 20, 70), (5, 6, 3, 64, 70))
 
 
 def _attention_reference(q, k, v, mask):

@@ -768,7 +768,8 @@ inline __m512 sum_lanes_each(const __m512 (&a)[16]) {
                                    _mm512_shuffle_f32x4(quads[0], quads[1], 0xdd));
   const __m512 h23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
                                    _mm512_shuffle_f32x4(quads[2], quads[3], 0xdd));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, 0x88), _mm512_shuffle_f32x4(h01, h23, 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, 0x88),
+                       _mm512_shuffle_f32x4(h01, h23, 0xdd));
 }
 
 inline __m512 round_nearest(__m512 x) {
@@ -814,13 +815,14 @@ inline __m256 divide(__m256 a, __m256 b) { return _mm256_div_ps(a, b); }
 
 // Slots whose values one pass over the accumulators adds: one load and store of each
 // accumulator vector per kValueSlots FMAs (with one slot per pass, the loads and stores of the
-// accumulators, not the FMAs, set the pace). 8 measured best of 1, 4 and 8 on this Xeon.
+// accumulators, not the FMAs, set the pace). 8 was the fastest of 1, 4 and 8 in a scratch
+// harness on this Xeon.
 constexpr int64_t kValueSlots = 8;
 
 // exp(x) for x <= 0, as Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln 2 in two parts, so
-// r is exact), exp(r) by a degree-6 polynomial, times 2^n from the exponent bits. Measured
-// within 1 ulp of std::exp on every float in [-87.5, 0]; below -87.5 (where 2^n would leave
-// the normal range) it returns 0 where std::exp returns a value under 1.1e-38.
+// r is exact), exp(r) by a degree-6 polynomial, times 2^n from the exponent bits. Within 1 ulp
+// of std::exp on every float in [-87.5, 0] (bench/attention_exp.cc); below -87.5 (where 2^n
+// would leave the normal range) it returns 0 where std::exp returns a value under 1.1e-38.
 inline Simd::F attention_exp(Simd::F x) {
   const Simd::F n = round_nearest(Simd::mul(x, Simd::set1(1.44269504088896341f)));
   Simd::F r = fnma(n, Simd::set1(0.693359375f), x);
@@ -865,7 +867,8 @@ void attention_scores(const AttentionShape& s, const float* q, const float* k,
       for (int64_t i = L; i < Vectors * L; i += L)
         acc = Simd::fma(Simd::load(qh + i), Simd::load(kh + i), acc);
     } else {
-      for (int64_t i = L; i < D; i += L) acc = Simd::fma(Simd::load(qh + i), Simd::load(kh + i), acc);
+      for (int64_t i = L; i < D; i += L)
+        acc = Simd::fma(Simd::load(qh + i), Simd::load(kh + i), acc);
     }
     if (++h == H) {  // next slot
       h = in_group = 0;
@@ -902,7 +905,8 @@ inline void add_values(int64_t H, int64_t D, int64_t groups, const float* weight
     float* ah = acc + h * D;
     for (int64_t i = 0; i < D; i += Simd::kLanes) {
       Simd::F a = Simd::load(ah + i);
-      for (int64_t j = 0; j < Slots; ++j) a = Simd::fma(w[j], Simd::load(vt[j] + kv_offset + i), a);
+      for (int64_t j = 0; j < Slots; ++j)
+        a = Simd::fma(w[j], Simd::load(vt[j] + kv_offset + i), a);
       Simd::store(ah + i, a);
     }
     if (++in_group == groups) {
