@@ -7,8 +7,9 @@ native kernel (`infer.kernels.NativeDecodeAttention`).
     flock /tmp/hpllm-bench.lock .venv/bin/python bench/decode_attention.py \
         --baseline-source /tmp/old_kernels.cc
 
-`--baseline-source` adds another kernel source's decode attention (built with the native
-build's flags) as a third variant, alternated with the others: before/after in one process.
+`--baseline-source` adds another kernel source's decode attention (built with the same flags
+as the kernel under test) as a third variant, alternated with the others: before/after in one
+process. `HPLLM_KERNEL_ISA` picks the build of both (e.g. `avx2` for the AVX2 path).
 
 12 layers x 12 heads of 64, a 256-slot float32 cache per layer, every row at `--position` (the
 mask shows slots 0..position); 8 steps per jitted `fori_loop`, each layer's output fed into
@@ -44,11 +45,11 @@ def xla_attention(q, k, v, mask):
     return jnp.einsum("bkgt,btkd->bkgd", weights, v).reshape(b, HEADS, HEAD_DIM)
 
 
-def baseline_attention(source: str):
-    """The decode attention of another copy of the kernel source, built as the native build
+def baseline_attention(source: str, isa: str):
+    """The decode attention of another copy of the kernel source, built as the `isa` build
     is and registered under its own target name."""
     library = os.path.join(tempfile.mkdtemp(prefix="hpllm-baseline-"), "baseline.so")
-    subprocess.run(["g++", *kernels.COMMON_FLAGS, *kernels.ISA_FLAGS["native"],
+    subprocess.run(["g++", *kernels.COMMON_FLAGS, *kernels.ISA_FLAGS[isa],
                     f"-I{jax.ffi.include_dir()}", source, "-o", library], check=True)
     target = "hpllm_decode_attention_baseline"
     jax.ffi.register_ffi_target(
@@ -79,8 +80,9 @@ def main() -> None:
                         help="another int8_matvec.cc whose decode attention runs as a third "
                              "variant")
     args = parser.parse_args()
-    baseline = baseline_attention(args.baseline_source) if args.baseline_source else None
-    print(f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    isa = kernels.default_isa()
+    baseline = baseline_attention(args.baseline_source, isa) if args.baseline_source else None
+    print(f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}, kernel build {isa}")
     print("| batch | attention | ms per step (12 layers) | filled K+V MB | GB/s "
           "| max diff vs XLA |")
     print("|---|---|---|---|---|---|")
@@ -91,7 +93,7 @@ def main() -> None:
         vs = [jax.random.normal(jax.random.fold_in(key, 100 + i), shape) for i in range(LAYERS)]
         mask = jnp.broadcast_to(jnp.arange(SLOTS)[None, :] <= args.position, (batch, SLOTS))
         q = jax.random.normal(key, (batch, HEADS, HEAD_DIM))
-        attends = {"XLA": xla_attention, "native": NativeDecodeAttention()}
+        attends = {"XLA": xla_attention, "native": NativeDecodeAttention(isa)}
         if baseline is not None:
             attends["baseline"] = baseline
         # One layer's output of each against XLA's: the largest absolute difference.
