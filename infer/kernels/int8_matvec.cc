@@ -548,6 +548,12 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // Rows of one k-block of a bf16 tile: 32 x 128 x 2 bytes = 8 KiB, the int8 block's footprint.
 constexpr int64_t kBf16BlockK = 32;
+// How far ahead (in tile rows) the SIMD tile kernel prefetches the weight stream: one block.
+// One core alone keeps too few cache-line reads in flight to stream a tile at the memory's pace:
+// in a scratch run (one thread, 768 x 2048, 300 MB of copies, rounds interleaved) this read
+// 11.2 GB/s against 8.5 without (AVX-512) and 10.0 against 7.6 (AVX2); 16 and 64 rows did the
+// same within noise, 8 a little less.
+constexpr int64_t kBf16PrefetchRows = 32;
 
 inline float bf16_to_f32(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -593,7 +599,8 @@ inline Simd::F widen_bf16(const uint16_t* p) {
 #endif
 
 // bf16 tile in intrinsics: int8_tile_simd's loop (k-blocks kept in L1 across the column passes,
-// each weight vector widened once and feeding one FMA per row) without the column scale.
+// each weight vector widened once and feeding one FMA per row) without the column scale, and
+// with a software prefetch of the stream one block ahead.
 template <int64_t Rows>
 void bf16_tile_simd(const float* x, int64_t ldx, const uint16_t* w, int64_t K,
                     float (*out)[kTile]) {
@@ -608,6 +615,11 @@ void bf16_tile_simd(const float* x, int64_t ldx, const uint16_t* w, int64_t K,
           acc[r][v] = k0 == 0 ? Simd::zero() : Simd::load(out[r] + c0 + v * Simd::kLanes);
       for (int64_t k = k0; k < k1; ++k) {
         const uint16_t* row = w + k * kTile + c0;
+        // Past the tile's end this touches the next tile or unmapped memory: a prefetch never
+        // faults.
+        for (int64_t j = 0; j < kWidth; j += 64 / sizeof(uint16_t))
+          _mm_prefetch(reinterpret_cast<const char*>(row + kBf16PrefetchRows * kTile + j),
+                       _MM_HINT_T0);
         F xv[Rows];
         for (int64_t r = 0; r < Rows; ++r) xv[r] = Simd::set1(x[r * ldx + k]);
         for (int64_t v = 0; v < kVectors; ++v) {
