@@ -465,6 +465,8 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
     isa = isa or default_isa()
     if not available(isa):
         return model
+    float_activations = (not isinstance(model, Transformer)
+                         or model.compute_dtype == jnp.float32)
 
     def swap(x):
         if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot):
@@ -481,8 +483,6 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
                                (TiledBf16Weight(x.weight), NativeBf16Dot(isa, prefill_rows)))
         return x
 
-    float_activations = (not isinstance(model, Transformer)
-                         or model.compute_dtype == jnp.float32)
     model = jax.tree.map(swap, model, is_leaf=lambda x: isinstance(x, Linear))
     if not attention:
         return model
