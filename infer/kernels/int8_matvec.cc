@@ -190,6 +190,19 @@ constexpr int64_t vectors_per_pass(int64_t rows) {
   return v;
 }
 
+// How far ahead (in tile rows of 128 bytes) the int8 / int4 tile kernels prefetch their weight
+// stream. One core alone keeps too few cache-line reads in flight to stream a tile at the
+// memory's pace (the bf16 kernel below measured 11.2 against 8.5 GB/s on one thread); 32 rows
+// is 4 KiB ahead.
+constexpr int64_t kPrefetchRows = 32;
+
+// Prefetches `bytes` bytes from `ahead` into L1. Past the tile's end this touches the next tile
+// or unmapped memory: a prefetch never faults.
+inline void prefetch_ahead(const void* ahead, int64_t bytes) {
+  for (int64_t j = 0; j < bytes; j += 64)
+    _mm_prefetch(static_cast<const char*>(ahead) + j, _MM_HINT_T0);
+}
+
 // int8 tile in intrinsics: each weight vector is widened once (load + sign extend + convert)
 // and feeds one FMA per row. The tile is walked in k-blocks of kBlockK rows (8 KiB); within a
 // block each column pass keeps its accumulators in registers and leaves them in `out` for the
@@ -208,6 +221,7 @@ void int8_tile_simd(const float* x, int64_t ldx, const int8_t* w, const float* s
           acc[r][v] = k0 == 0 ? Simd::zero() : Simd::load(out[r] + c0 + v * Simd::kLanes);
       for (int64_t k = k0; k < k1; ++k) {
         const int8_t* row = w + k * kTile + c0;
+        prefetch_ahead(row + kPrefetchRows * kTile, kWidth);
         F xv[Rows];
         for (int64_t r = 0; r < Rows; ++r) xv[r] = Simd::set1(x[r * ldx + k]);
         for (int64_t v = 0; v < kVectors; ++v) {
@@ -250,6 +264,7 @@ void int4_tile_simd(const float* x, int64_t ldx, const uint8_t* packed, const fl
         for (int64_t v = 0; v < kVectors; ++v) part[r][v] = Simd::zero();
       for (int64_t k = g0; k < g0 + group; k += 2) {
         const uint8_t* row = packed + (k / 2) * kTile + c0;
+        prefetch_ahead(row + kPrefetchRows * kTile, kWidth);
         F x0[Rows], x1[Rows];
         for (int64_t r = 0; r < Rows; ++r) {
           x0[r] = Simd::set1(x[r * ldx + k]);
