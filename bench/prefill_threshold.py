@@ -3,7 +3,7 @@
     flock /tmp/hpllm-bench.lock .venv/bin/python bench/prefill_threshold.py [--repeats 7]
 
 For int8 and int4 (group 128) weights of `base`'s MLP shapes (768 x 2048 and 2048 x 768), and
-row counts from 1 to 256, it times one product through `NativeInt8Dot` / `NativeInt4Dot` with
+row counts from 1 to 2048 (a bench batch of 16 prompts of 128 tokens is 2048 rows), it times one product through `NativeInt8Dot` / `NativeInt4Dot` with
 the kernel forced (`prefill_rows` never reached) and with the XLA op forced (`prefill_rows=0`:
 dequantize the whole weight to f32 per call, then XLA's dot), interleaved round by round, and
 prints the medians and their ratio. `infer.kernels.PREFILL_ROWS` is set from the row count where
@@ -28,7 +28,7 @@ from infer.kernels import (
     load,
 )
 
-ROWS = (1, 4, 8, 16, 32, 48, 64, 96, 128, 256)
+ROWS = (1, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512, 1024, 2048)
 SHAPES = ((768, 2048), (2048, 768))
 CALLS = 8  # products per timed call
 
@@ -36,6 +36,9 @@ CALLS = 8  # products per timed call
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rows", type=lambda text: tuple(int(r) for r in text.split(",")),
+                        default=ROWS, help="comma-separated row counts (default: %(default)s)")
+    parser.add_argument("--schemes", default="int8,int4", help="default: %(default)s")
     args = parser.parse_args()
     kernels = load()
     if kernels is None:
@@ -44,13 +47,13 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} before")
     print("| weights | d_in x d_out | rows | kernel us | XLA dequant + dot us | kernel / XLA |")
     print("|---|---|---|---|---|---|")
-    for scheme in ("int8", "int4"):
+    for scheme in args.schemes.split(","):
         for d_in, d_out in SHAPES:
             w = jax.random.normal(jax.random.key(0), (d_in, d_out), jnp.float32) / d_in**0.5
             tiled = (TiledInt8Weight(Int8Weight(w)) if scheme == "int8"
                      else TiledInt4Weight(Int4Weight(w, 128)))
             op = NativeInt8Dot if scheme == "int8" else NativeInt4Dot
-            for rows in ROWS:
+            for rows in args.rows:
                 x = jax.random.normal(jax.random.key(1), (rows, d_in), jnp.float32)
                 runs = {}
                 for name, threshold in (("kernel", 10**9), ("xla", 0)):
