@@ -14,8 +14,9 @@
 // figures in docs/performance.md). Tiles are shared out over XLA's CPU threads, and every row
 // chunk of the activations reuses a tile while it is in cache, so prefill reads each weight
 // from memory once.
-// From kBatchRows rows up (batched decode) the SIMD paths dequantize each block of a tile once
-// into L1 and run every row over it (tile_batched). The file also holds the w8a8 integer
+// From kBatchRows rows up (batched decode and prefill) the SIMD paths run a blocked GEMM:
+// each k-block of a tile's column panel is dequantized once into L1 and every row runs over it
+// (tile_batched_rows). The file also holds the w8a8 integer
 // kernel (W8A8MatmulImpl) and the one-token decode attention (DecodeAttentionImpl).
 //
 // Instruction paths, chosen at compile time from the target's feature macros:
@@ -58,8 +59,8 @@ constexpr int64_t kTile = 128;  // must equal infer.kernels.TILE
 constexpr int64_t kRowChunk = 4;
 // Rows of one k-block of an int8 tile: 64 x 128 bytes = 8 KiB, a sixth of L1.
 constexpr int64_t kBlockK = 64;
-// Activation rows per slab of the batched paths (its output tile: 64 x 128 x 4 bytes = 32 KiB
-// on the stack); a larger M runs slab by slab.
+// Activation rows per slab of the w8a8 kernel (its int32 output tile: 64 x 128 x 4 bytes =
+// 32 KiB on the stack); a larger M runs slab by slab.
 constexpr int64_t kSlabRows = 64;
 
 // The portable int8 tile: out[r][j] = scale[j] * sum_k x[r, k] * w[k, j]. The sums build up
@@ -308,7 +309,8 @@ void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t kn, flo
       acc[r][v] = First ? Simd::zero() : Simd::load(out + r * ldo + v * Simd::kLanes);
   for (int64_t k = 0; k < kn; ++k) {
     F wv[kVectors];
-    for (int64_t v = 0; v < kVectors; ++v) wv[v] = Simd::load(panel + k * kPanel + v * Simd::kLanes);
+    for (int64_t v = 0; v < kVectors; ++v)
+      wv[v] = Simd::load(panel + k * kPanel + v * Simd::kLanes);
     for (int64_t r = 0; r < Rows; ++r) {
       const F xb = Simd::set1(x[r * ldx + k]);
       for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = Simd::fma(xb, wv[v], acc[r][v]);
@@ -402,8 +404,8 @@ void dequantize_int4(const uint8_t* packed, const float* scale, int64_t ld_scale
 }
 #endif
 
-// Rows from which the SIMD paths take the batched route (tile_batched) instead of row chunks
-// of the tile kernels (which stay the batch-1 path: there the weight stream, not arithmetic,
+// Rows from which the SIMD paths take the batched route (tile_batched_rows) instead of row
+// chunks of the tile kernels (which stay the batch-1 path: there the weight stream, not arithmetic,
 // sets the pace, and widening in registers reads it once without an L1 round trip).
 constexpr int64_t kBatchRows = 5;
 
