@@ -466,13 +466,25 @@ void parallel_tiles(ffi::ThreadPool& pool, int64_t tiles, const RunTile& run_til
 // Runs `tile_fn(t, m0, rows)` for every row block x tile of the batched path, row block major:
 // each core keeps the row block's activations in its L2 for all the tiles it takes, where tile
 // major order would stream all M rows of activations through it again for every tile (at 2048
-// rows, 6 MiB for base's d_model).
+// rows, 6 MiB for base's d_model). A product with few tiles (768 columns: 6) is cut into row
+// blocks down to kMinBlockRows rows until there are kMinTasks tasks, so a core that starts
+// late or is shared with another process leaves a small task to the other, not a sixth of the
+// product; smaller blocks would dequantize each panel too often.
+constexpr int64_t kMinTasks = 16, kMinBlockRows = 48;
+
 template <typename TileFn>
 void batched_tasks(ffi::ThreadPool& pool, int64_t M, int64_t tiles, const TileFn& tile_fn) {
-  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t wanted = (kMinTasks + tiles - 1) / tiles;
+  if (blocks < wanted) blocks = std::max(blocks, std::min(wanted, M / kMinBlockRows));
+  // Whole micro-kernel row groups per block; at most kRowBlock since blocks >= M / kRowBlock.
+  const int64_t per_block = (M + blocks - 1) / blocks;
+  const int64_t block_rows = (per_block + Simd::kMicroRows - 1) / Simd::kMicroRows *
+                             Simd::kMicroRows;
+  blocks = (M + block_rows - 1) / block_rows;
   parallel_tiles(pool, blocks * tiles, [&](int64_t task) {
-    const int64_t m0 = (task / tiles) * kRowBlock;
-    tile_fn(task % tiles, m0, std::min(kRowBlock, M - m0));
+    const int64_t m0 = (task / tiles) * block_rows;
+    tile_fn(task % tiles, m0, std::min(block_rows, M - m0));
   });
 }
 #endif
