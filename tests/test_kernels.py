@@ -34,8 +34,8 @@ from infer.kernels import (
 from infer.loading import quantize
 
 PATHS = ("portable", "avx2", "avx512")
-# 200 rows: two row blocks of the batched route (192 rows each, the second partial) ending in a
-# partial micro-kernel of 2 rows; 4 slabs of the w8a8 kernel.
+# 200 rows: several row blocks of the batched route (4 of 54 rows on these shapes' 2-3 tiles;
+# 192 at most), the last partial and ending in a 2-row micro-kernel; 4 slabs of the w8a8 kernel.
 ROWS = (1, 2, 3, 4, 7, 8, 16, 33, 200)
 NEVER = 10**9  # a prefill threshold no test reaches: the kernel runs for every row count
 X86 = platform.machine() in ("x86_64", "AMD64")
