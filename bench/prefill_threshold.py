@@ -6,9 +6,11 @@ For int8 and int4 (group 128) weights of `base`'s MLP shapes (768 x 2048 and 204
 row counts from 1 to 2048 (a bench batch of 16 prompts of 128 tokens is 2048 rows), it times
 one product through `NativeInt8Dot` / `NativeInt4Dot` with the kernel forced (`prefill_rows`
 None) and with the XLA op forced (`prefill_rows=0`: dequantize the whole weight to f32 per
-call, then XLA's dot), interleaved round by round, and prints the medians and their ratio.
-`infer.kernels.PREFILL_ROWS` is set from the row count where the ratio crosses 1, or None if
-it never does (docs/performance.md records the run).
+call, then XLA's dot), interleaved round by round with XLA's plain f32 dot on the float weight
+(what f32 prefill runs), and prints the medians and the kernel's time over each.
+`infer.kernels.PREFILL_ROWS` is set from the row count where kernel / XLA crosses 1, or None
+if it never does; kernel / f32 says whether quantized prefill keeps pace with f32 prefill
+(docs/performance.md records the runs).
 """
 
 import argparse
@@ -46,8 +48,9 @@ def main() -> None:
         raise SystemExit("error: the native kernels are unavailable here")
     print(f"kernel build {default_isa()} (path {kernels.path}), load "
           f"{os.getloadavg()[0]:.1f} before")
-    print("| weights | d_in x d_out | rows | kernel us | XLA dequant + dot us | kernel / XLA |")
-    print("|---|---|---|---|---|---|")
+    print("| weights | d_in x d_out | rows | kernel us | XLA dequant + dot us | f32 dot us "
+          "| kernel / XLA | kernel / f32 |")
+    print("|---|---|---|---|---|---|---|---|")
     for scheme in args.schemes.split(","):
         for d_in, d_out in SHAPES:
             w = jax.random.normal(jax.random.key(0), (d_in, d_out), jnp.float32) / d_in**0.5
@@ -56,25 +59,28 @@ def main() -> None:
             op = NativeInt8Dot if scheme == "int8" else NativeInt4Dot
             for rows in args.rows:
                 x = jax.random.normal(jax.random.key(1), (rows, d_in), jnp.float32)
+                products = {"kernel": (op(kernels.isa, None), tiled),
+                            "xla": (op(kernels.isa, 0), tiled),
+                            "f32": (jnp.matmul, w)}
                 runs = {}
-                for name, threshold in (("kernel", None), ("xla", 0)):
-                    product = op(kernels.isa, threshold)
+                for name, (product, weight) in products.items():
 
-                    def chain(x, tiled, product=product):
+                    def chain(x, weight, product=product):
                         # CALLS products on distinct inputs, so XLA can neither merge nor drop one.
-                        return sum(product(x + float(i), tiled)[:, :1] for i in range(CALLS))
+                        return sum(product(x + float(i), weight)[:, :1] for i in range(CALLS))
 
-                    runs[name] = jax.jit(chain)
-                    runs[name](x, tiled).block_until_ready()
+                    runs[name] = (jax.jit(chain), weight)
+                    runs[name][0](x, weight).block_until_ready()
                 times = {name: [] for name in runs}
                 for _ in range(args.repeats):
-                    for name, run in runs.items():
+                    for name, (run, weight) in runs.items():
                         start = time.perf_counter()
-                        run(x, tiled).block_until_ready()
+                        run(x, weight).block_until_ready()
                         times[name].append((time.perf_counter() - start) / CALLS)
-                kernel, xla = (statistics.median(times[name]) for name in ("kernel", "xla"))
+                kernel, xla, f32 = (statistics.median(times[name]) for name in products)
                 print(f"| {scheme} | {d_in} x {d_out} | {rows} | {kernel * 1e6:.0f} | "
-                      f"{xla * 1e6:.0f} | {kernel / xla:.2f} |", flush=True)
+                      f"{xla * 1e6:.0f} | {f32 * 1e6:.0f} | {kernel / xla:.2f} | "
+                      f"{kernel / f32:.2f} |", flush=True)
     print(f"load {os.getloadavg()[0]:.1f} after")
 
 

@@ -2,9 +2,10 @@
 XLA ops, the CPU-keyed build cache, and the prefill threshold.
 
 Each path is a separate build of int8_matvec.cc (HPLLM_KERNEL_ISA): AVX-512 (with VNNI for
-w8a8), AVX2 + FMA, and the portable loops. Row counts from 5 up take the batched route
-(weights dequantized block by block and shared by all rows); 1-4 the row-chunk route. A path
-this CPU cannot execute is skipped with the reason; the portable path runs everywhere a C++
+w8a8), AVX2 + FMA, and the portable loops. On the SIMD paths row counts 1-4 take the
+row-chunk route, 5-63 the few-rows route (whole-tile blocks dequantized once and shared by all
+rows), 64 and up the blocked GEMM (weight panels dequantized once per k-block and row block).
+A path this CPU cannot execute is skipped with the reason; the portable path runs everywhere a C++
 compiler does.
 """
 
@@ -34,8 +35,8 @@ from infer.kernels import (
 from infer.loading import quantize
 
 PATHS = ("portable", "avx2", "avx512")
-# 200 rows: several row blocks of the batched route (4 of 54 rows on these shapes' 2-3 tiles;
-# 192 at most), the last partial and ending in a 2-row micro-kernel; 4 slabs of the w8a8 kernel.
+# 200 rows: the GEMM route in several row blocks (4 of 54 rows on these shapes' 2-3 tiles; 192
+# at most), the last partial and ending in a 2-row micro-kernel; 4 slabs of the w8a8 kernel.
 ROWS = (1, 2, 3, 4, 7, 8, 16, 33, 200)
 NEVER = 10**9  # a prefill threshold no test reaches: the kernel runs for every row count
 X86 = platform.machine() in ("x86_64", "AMD64")
@@ -62,7 +63,7 @@ def _kernels_or_skip(isa: str) -> kernels.Kernels:
 
 # (d_in, d_out, group): 300 output columns are two whole 128-column tiles and a padded one;
 # d_in 300 spans several k-blocks, the last one partial, on every route (the int8 tile kernel's
-# 64 rows; the batched route's 128 (AVX-512) or 256 (AVX2)). int4 groups:
+# 64 rows, the few-rows route's 32, the GEMM's 128 (AVX-512) or 256 (AVX2)). int4 groups:
 # 3 (odd), 3 with d_in zero-padded from 90 to 96, and 5 (odd) groups of 64.
 INT8_SHAPES = ((96, 300), (300, 130))
 INT4_SHAPES = ((96, 300, 32), (90, 300, 32), (320, 130, 64))

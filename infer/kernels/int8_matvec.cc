@@ -14,10 +14,11 @@
 // figures in docs/performance.md). Tiles are shared out over XLA's CPU threads, and every row
 // chunk of the activations reuses a tile while it is in cache, so prefill reads each weight
 // from memory once.
-// From kBatchRows rows up (batched decode and prefill) the SIMD paths run a blocked GEMM:
-// each k-block of a tile's column panel is dequantized once into L1 and every row runs over it
-// (tile_batched_rows). The file also holds the w8a8 integer
-// kernel (W8A8MatmulImpl) and the one-token decode attention (DecodeAttentionImpl).
+// From kBatchRows rows up the SIMD paths dequantize each weight block once into L1 and run
+// every row over it: whole-tile blocks for a few rows (batched decode, tile_few_rows), and from
+// kGemmRows rows (prompts) a blocked GEMM on column panels (tile_batched_rows). The file also
+// holds the w8a8 integer kernel (W8A8MatmulImpl) and the one-token decode attention
+// (DecodeAttentionImpl).
 //
 // Instruction paths, chosen at compile time from the target's feature macros:
 // - AVX-512 (__AVX512F__): 16 f32 lanes, 32 vector registers;
@@ -272,12 +273,12 @@ void int4_tile_simd(const float* x, int64_t ldx, const uint8_t* packed, const fl
   }
 }
 
-// ---- Batched rows (batched decode, prefill): a blocked GEMM on dequantized weight panels ----
+// ---- Many rows (prefill): a blocked GEMM on dequantized weight panels ----
 //
 // The tile kernels above widen every weight once per chunk of up to 4 rows: at 16 rows that is
 // 4 widenings per weight (each as costly as an FMA) and 4 passes over the tile, which has left
-// L1. From kBatchRows rows up a tile is the weight operand of a blocked GEMM in the
-// GotoBLAS / BLIS loop order:
+// L1. From kGemmRows rows up (below it, tile_few_rows) a tile is the weight operand of a
+// blocked GEMM in the GotoBLAS / BLIS loop order:
 // - rows in blocks of kRowBlock, so one row block's activations of one k-block stay in L2;
 // - k in blocks of Simd::kPanelK, and the tile's 128 columns in panels of kPanel: each k-block
 //   of a panel is dequantized once into a contiguous f32 buffer that stays in L1 while every
@@ -378,6 +379,65 @@ void tile_batched_rows(int64_t t, int64_t m0, int64_t rows, int64_t K, int64_t N
       std::memcpy(y + (m0 + r) * N + n0, partial.get() + r * kTile, width * sizeof(float));
 }
 
+// ---- Few rows (batched decode, kBatchRows to kGemmRows - 1): whole-tile blocks ----
+//
+// Below kGemmRows rows each dequantized weight is reused too few times to pay for the GEMM's
+// panels and row blocks: timed single-threaded against this route (base's MLP shapes, int8 and
+// int4, AVX-512 and AVX2 builds, on the loaded 2-core development machine), the GEMM route was
+// up to ~30% slower at 8-16 rows, mostly 5-15% slower at 32-64 and level or ahead from 128.
+// Here a block of kDqK rows of the whole tile is dequantized (one contiguous read) into an L1
+// buffer and the same micro-kernel shape runs every row over it, leaving its sums in a stack
+// tile between blocks.
+constexpr int64_t kGemmRows = 64;
+// Rows of a dequantized block: 32 x 128 x 4 bytes = 16 KiB, a third of L1.
+constexpr int64_t kDqK = 32;
+
+// out[r][c] (+)= sum_k x[r * ldx + k] * wf[k][c] for Rows rows, kn block rows, all 128 columns.
+template <int64_t Rows>
+void few_rows_block(const float* x, int64_t ldx, const float (*wf)[kTile], int64_t kn,
+                    float (*out)[kTile], bool first) {
+  using F = Simd::F;
+  constexpr int64_t kVectors = Simd::kMicroVectors;
+  for (int64_t c0 = 0; c0 < kTile; c0 += kPanel) {
+    F acc[Rows][kVectors];
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v)
+        acc[r][v] = first ? Simd::zero() : Simd::load(out[r] + c0 + v * Simd::kLanes);
+    for (int64_t k = 0; k < kn; ++k) {
+      F wv[kVectors];
+      for (int64_t v = 0; v < kVectors; ++v) wv[v] = Simd::load(wf[k] + c0 + v * Simd::kLanes);
+      for (int64_t r = 0; r < Rows; ++r) {
+        const F xb = Simd::set1(x[r * ldx + k]);
+        for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = Simd::fma(xb, wv[v], acc[r][v]);
+      }
+    }
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v)
+        Simd::store(out[r] + c0 + v * Simd::kLanes, acc[r][v]);
+  }
+}
+
+// Tile t of y for M < kGemmRows rows: x[M, K] @ (the tile, dequantized block by block by
+// `dequantize(k0, kn, wf)`); `scale` as in tile_batched_rows. Stack: 16 + 32 KiB.
+template <typename Dequantize>
+void tile_few_rows(int64_t t, int64_t M, int64_t K, int64_t N, const float* x, float* y,
+                   const Dequantize& dequantize, const float* scale) {
+  alignas(64) float wf[kDqK][kTile];
+  alignas(64) float out[kGemmRows][kTile];
+  for (int64_t k0 = 0; k0 < K; k0 += kDqK) {
+    const int64_t kn = std::min(kDqK, K - k0);
+    dequantize(k0, kn, wf);
+    for (int64_t m = 0; m < M; m += Simd::kMicroRows)
+      with_micro_rows(std::min(Simd::kMicroRows, M - m), [&](auto r) {
+        few_rows_block<decltype(r)::value>(x + m * K + k0, K, wf, kn, out + m, k0 == 0);
+      });
+  }
+  const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t j = 0; j < width; ++j)
+      y[r * N + n0 + j] = scale ? out[r][j] * scale[j] : out[r][j];
+}
+
 // int8 panel: the values as f32 (the per-column scale is applied to the sums, as the XLA op
 // does).
 void dequantize_int8(const int8_t* w, int64_t k0, int64_t kn, int64_t c0, float* panel) {
@@ -402,11 +462,35 @@ void dequantize_int4(const uint8_t* packed, const float* scale, int64_t ld_scale
     }
   }
 }
+
+// The same for a whole-tile block of the few-rows route: 128 columns are kTile / kPanel panels.
+void dequantize_int8(const int8_t* w, int64_t k0, int64_t kn, float (*wf)[kTile]) {
+  for (int64_t k = 0; k < kn; ++k)
+    for (int64_t j = 0; j < kTile; j += Simd::kLanes)
+      Simd::store(wf[k] + j, Simd::widen_int8(w + (k0 + k) * kTile + j));
+}
+
+void dequantize_int4(const uint8_t* packed, const float* scale, int64_t ld_scale, int64_t group,
+                     int64_t k0, int64_t kn, float (*wf)[kTile]) {
+  const Simd::F eight = Simd::set1(8.0f);
+  for (int64_t k = 0; k < kn; k += 2) {
+    const uint8_t* row = packed + ((k0 + k) / 2) * kTile;
+    const float* s = scale + ((k0 + k) / group) * ld_scale;
+    for (int64_t j = 0; j < kTile; j += Simd::kLanes) {
+      Simd::F low, high;
+      Simd::widen_nibbles(row + j, low, high);
+      const Simd::F sj = Simd::load(s + j);
+      Simd::store(wf[k] + j, Simd::mul(Simd::sub(low, eight), sj));
+      Simd::store(wf[k + 1] + j, Simd::mul(Simd::sub(high, eight), sj));
+    }
+  }
+}
 #endif
 
-// Rows from which the SIMD paths take the batched route (tile_batched_rows) instead of row
-// chunks of the tile kernels (which stay the batch-1 path: there the weight stream, not arithmetic,
-// sets the pace, and widening in registers reads it once without an L1 round trip).
+// Rows from which the SIMD paths take a batched route (tile_few_rows, from kGemmRows
+// tile_batched_rows) instead of row chunks of the tile kernels (which stay the batch-1 path:
+// there the weight stream, not arithmetic, sets the pace, and widening in registers reads it
+// once without an L1 round trip).
 constexpr int64_t kBatchRows = 5;
 
 template <int64_t Rows>
@@ -515,7 +599,6 @@ void with_rows(int64_t rows, const F& f) {
   }
 }
 
-
 ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -531,7 +614,16 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   float* yp = y->typed_data();
   const int64_t tiles = (N + kTile - 1) / kTile;
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
-  if (M >= kBatchRows) {
+  if (M >= kBatchRows && M < kGemmRows) {
+    parallel_tiles(pool, tiles, [&](int64_t t) {
+      const int8_t* wt = wp + t * K * kTile;
+      tile_few_rows(t, M, K, N, xp, yp, [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
+        dequantize_int8(wt, k0, kn, wf);
+      }, sp + t * kTile);
+    });
+    return ffi::Error::Success();
+  }
+  if (M >= kGemmRows) {
     batched_tasks(pool, M, tiles, [&](int64_t t, int64_t m0, int64_t rows) {
       const int8_t* wt = wp + t * K * kTile;
       tile_batched_rows(t, m0, rows, K, N, xp, yp,
@@ -572,7 +664,16 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* yp = y->typed_data();
   const int64_t tiles = (N + kTile - 1) / kTile;
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
-  if (M >= kBatchRows) {
+  if (M >= kBatchRows && M < kGemmRows) {
+    parallel_tiles(pool, tiles, [&](int64_t t) {
+      const uint8_t* pt = pp + t * (K / 2) * kTile;
+      tile_few_rows(t, M, K, N, xp, yp, [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
+        dequantize_int4(pt, sp + t * kTile, ld_scale, group, k0, kn, wf);
+      }, nullptr);
+    });
+    return ffi::Error::Success();
+  }
+  if (M >= kGemmRows) {
     batched_tasks(pool, M, tiles, [&](int64_t t, int64_t m0, int64_t rows) {
       const uint8_t* pt = pp + t * (K / 2) * kTile;
       tile_batched_rows(t, m0, rows, K, N, xp, yp,
