@@ -382,9 +382,9 @@ void tile_batched_rows(int64_t t, int64_t m0, int64_t rows, int64_t K, int64_t N
 // ---- Few rows (batched decode, kBatchRows to kGemmRows - 1): whole-tile blocks ----
 //
 // Below kGemmRows rows each dequantized weight is reused too few times to pay for the GEMM's
-// panels and row blocks: timed single-threaded against this route (base's MLP shapes, int8 and
-// int4, AVX-512 and AVX2 builds, on the loaded 2-core development machine), the GEMM route was
-// up to ~30% slower at 8-16 rows, mostly 5-15% slower at 32-64 and level or ahead from 128.
+// panels and row blocks: bench/batched_routes.cc (one thread, base's MLP shapes) measured the
+// GEMM route at 0.76-0.87x this one's speed for int8 at 8-16 rows (AVX2 build: 0.82-0.94x
+// for int8 and int4), 0.89-0.97x at 32-48 (int8; AVX2 both), and level or ahead from 64.
 // Here a block of kDqK rows of the whole tile is dequantized (one contiguous read) into an L1
 // buffer and the same micro-kernel shape runs every row over it, leaving its sums in a stack
 // tile between blocks.
