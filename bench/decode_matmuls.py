@@ -11,9 +11,10 @@ parallel that would not), 32 steps per jitted `fori_loop`, through the `Linear`s
 converted as `python -m infer convert --quantize-head` does:
 
 - f32 weights, XLA dot (the float baseline of `python -m infer bench`);
+- bf16 weights, `FloatDot` (XLA: convert to f32, then f32 dot);
 - int8 / int4 (group 128) weights, the XLA weight-only ops (`Int8WeightOnlyDot`: convert,
   then f32 dot; `Int4WeightOnlyDot`: unpack, then f32 dot);
-- int8 and int4 weights on the native kernels of `infer.kernels` (`use_native_kernels`:
+- bf16, int8 and int4 weights on the native kernels of `infer.kernels` (`use_native_kernels`:
   tiled layout), and int8 weights with int8 activations (w8a8) on its integer kernel.
 
 It prints ms per step, the weight bytes a step reads and the GB/s that makes, against the
@@ -65,8 +66,10 @@ def step_chain(model: Transformer, x: jax.Array) -> jax.Array:
 # the op that multiplies by them)
 FORMATS = {
     "f32 XLA": lambda model: model,
+    "bf16 XLA": lambda model: quantize(model, "bf16", targets=WITH_HEAD),
     "int8 XLA": lambda model: quantize(model, "int8", targets=WITH_HEAD),
     "int4 XLA": lambda model: quantize(model, "int4", 128, WITH_HEAD),
+    "bf16 native": lambda model: use_native_kernels(quantize(model, "bf16", targets=WITH_HEAD)),
     "int8 native": lambda model: use_native_kernels(quantize(model, "int8", targets=WITH_HEAD)),
     "int4 native": lambda model: use_native_kernels(quantize(model, "int4", 128, WITH_HEAD)),
     "w8a8 native": lambda model: use_native_kernels(quantize(model, "w8a8", targets=WITH_HEAD)),

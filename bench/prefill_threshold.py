@@ -1,13 +1,14 @@
-"""Where (if anywhere) XLA's f32 dot on a dequantized weight beats the native int8 / int4 kernel.
+"""Where (if anywhere) XLA's f32 dot on a dequantized weight beats the native weight kernels.
 
     flock /tmp/hpllm-bench.lock .venv/bin/python bench/prefill_threshold.py [--repeats 7]
 
-For int8 and int4 (group 128) weights of `base`'s MLP shapes (768 x 2048 and 2048 x 768), and
-row counts from 1 to 2048 (a bench batch of 16 prompts of 128 tokens is 2048 rows), it times
-one product through `NativeInt8Dot` / `NativeInt4Dot` with the kernel forced (`prefill_rows`
-None) and with the XLA op forced (`prefill_rows=0`: dequantize the whole weight to f32 per
-call, then XLA's dot), interleaved round by round with XLA's plain f32 dot on the float weight
-(what f32 prefill runs), and prints the medians and the kernel's time over each.
+For int8 and int4 (group 128) weights (bf16 with `--schemes bf16`) of `base`'s MLP shapes
+(768 x 2048 and 2048 x 768), and row counts from 1 to 2048 (a bench batch of 16 prompts of 128
+tokens is 2048 rows), it times one product through `NativeInt8Dot` / `NativeInt4Dot` /
+`NativeBf16Dot` with the kernel forced (`prefill_rows` None) and with the XLA op forced
+(`prefill_rows=0`: dequantize the whole weight to f32 per call, then XLA's dot), interleaved
+round by round with XLA's plain f32 dot on the float weight (what f32 prefill runs), and prints
+the medians and the kernel's time over each.
 `infer.kernels.PREFILL_ROWS` is set from the row count where kernel / XLA crosses 1, or None
 if it never does; kernel / f32 says whether quantized prefill keeps pace with f32 prefill
 (docs/performance.md records the runs).
@@ -23,8 +24,10 @@ import jax.numpy as jnp
 
 from hpllm.quant.weight_only import Int4Weight, Int8Weight
 from infer.kernels import (
+    NativeBf16Dot,
     NativeInt4Dot,
     NativeInt8Dot,
+    TiledBf16Weight,
     TiledInt4Weight,
     TiledInt8Weight,
     default_isa,
@@ -41,7 +44,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rows", type=lambda text: tuple(int(r) for r in text.split(",")),
                         default=ROWS, help="comma-separated row counts (default: %(default)s)")
-    parser.add_argument("--schemes", default="int8,int4", help="default: %(default)s")
+    parser.add_argument("--schemes", default="int8,int4",
+                        help="comma-separated, of int8, int4, bf16 (default: %(default)s)")
     args = parser.parse_args()
     kernels = load()
     if kernels is None:
@@ -54,9 +58,12 @@ def main() -> None:
     for scheme in args.schemes.split(","):
         for d_in, d_out in SHAPES:
             w = jax.random.normal(jax.random.key(0), (d_in, d_out), jnp.float32) / d_in**0.5
-            tiled = (TiledInt8Weight(Int8Weight(w)) if scheme == "int8"
-                     else TiledInt4Weight(Int4Weight(w, 128)))
-            op = NativeInt8Dot if scheme == "int8" else NativeInt4Dot
+            if scheme == "int8":
+                tiled, op = TiledInt8Weight(Int8Weight(w)), NativeInt8Dot
+            elif scheme == "int4":
+                tiled, op = TiledInt4Weight(Int4Weight(w, 128)), NativeInt4Dot
+            else:
+                tiled, op = TiledBf16Weight(w.astype(jnp.bfloat16)), NativeBf16Dot
             for rows in args.rows:
                 x = jax.random.normal(jax.random.key(1), (rows, d_in), jnp.float32)
                 products = {"kernel": (op(kernels.isa, None), tiled),

@@ -217,7 +217,9 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "kv_cache_dtype": cache_dtype,
             "layout": args.layout,
             "lm_head_quantized": bool(args.quantize_head and name != "f32"),
-            "native_kernel": bool(name in ("int8", "int4", "w8a8")
+            # bf16 weights take the native kernel only with float32 activations.
+            "native_kernel": bool((name in ("int8", "int4", "w8a8")
+                                   or name == "bf16" and m.cfg.compute_dtype == "float32")
                                   and not args.no_native_kernels and native_kernels_available()),
             # Which instruction path the native kernels were built with (avx512 / avx2 /
             # portable; w8a8: avx512_vnni / avx2 / portable), and the CPU's vector flags:
@@ -268,7 +270,7 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
     for report in reports:
         head = "quantized" if report.get("lm_head_quantized") else "f32"
         kernel = "native" if report["native_kernel"] else "XLA"
-        if report["weights"] in ("f32", "bf16", "fp8"):
+        if report["weights"] in ("f32", "fp8"):
             kernel = "XLA"
         weights = report["weights"] + (" (bf16 compute)" if report["compute_dtype"] == "bfloat16"
                                        else "")

@@ -193,7 +193,7 @@ def build_parser() -> Parser:
     bench.add_argument("--quantize-head", action="store_true",
                        help="with --to: quantize the LM head too")
     bench.add_argument("--no-native-kernels", action="store_true",
-                       help="use only XLA ops (no native int8/int4/w8a8 or attention kernels)")
+                       help="use only XLA ops (no native int8/int4/bf16/w8a8 or attention kernels)")
     bench.add_argument("--batch-sizes", type=_batch_sizes, default="1,8", metavar="LIST",
                        help=f"comma-separated, each 1 to {MAX_BATCH} (default 1,8)")
     bench.add_argument("--prompt-len", type=_positive_int, default=128, metavar="N")

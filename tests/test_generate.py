@@ -195,9 +195,10 @@ def test_detokenizer_holds_back_partial_characters_and_cuts_at_stop_strings():
     assert stream.push([1]) == "é"
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 96), (3, 1, 96), (13, 96), (40, 96)])
 def test_native_kernels_match_the_xla_ops(shape, scheme):
+    from hpllm.linear import FloatDot
     from hpllm.quant.weight_only import (
         Int4Weight,
         Int4WeightOnlyDot,
@@ -205,8 +206,10 @@ def test_native_kernels_match_the_xla_ops(shape, scheme):
         Int8WeightOnlyDot,
     )
     from infer.kernels import (
+        NativeBf16Dot,
         NativeInt4Dot,
         NativeInt8Dot,
+        TiledBf16Weight,
         TiledInt4Weight,
         TiledInt8Weight,
         available,
@@ -216,11 +219,14 @@ def test_native_kernels_match_the_xla_ops(shape, scheme):
         pytest.skip("no C++ compiler: the XLA ops are used instead")
     # 300 output columns: two whole 128-column tiles and a padded one.
     w = jax.random.normal(jax.random.key(0), (96, 300), jnp.float32)
-    weight, tiled, native, reference = (
-        (Int8Weight(w), TiledInt8Weight(Int8Weight(w)), NativeInt8Dot(), Int8WeightOnlyDot())
-        if scheme == "int8" else
-        (Int4Weight(w, 32), TiledInt4Weight(Int4Weight(w, 32)), NativeInt4Dot(),
-         Int4WeightOnlyDot()))
+    weight, tiled, native, reference = {
+        "int8": lambda: (Int8Weight(w), TiledInt8Weight(Int8Weight(w)), NativeInt8Dot(),
+                         Int8WeightOnlyDot()),
+        "int4": lambda: (Int4Weight(w, 32), TiledInt4Weight(Int4Weight(w, 32)), NativeInt4Dot(),
+                         Int4WeightOnlyDot()),
+        "bf16": lambda: (w.astype(jnp.bfloat16), TiledBf16Weight(w.astype(jnp.bfloat16)),
+                         NativeBf16Dot(), FloatDot()),
+    }[scheme]()
     x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
     got = jax.jit(lambda x: native(x, tiled))(x)
     # Same products of exactly representable values in float32, summed in another order (and

@@ -1,4 +1,4 @@
-"""The native int8 / int4 / w8a8 kernels (infer.kernels): every instruction path against the
+"""The native int8 / int4 / bf16 / w8a8 kernels (infer.kernels): every instruction path against the
 XLA ops, the CPU-keyed build cache, and the prefill threshold.
 
 Each path is a separate build of int8_matvec.cc (HPLLM_KERNEL_ISA): AVX-512 (with VNNI for
@@ -19,14 +19,18 @@ import numpy as np
 import pytest
 
 from hpllm.config import preset
+from hpllm.linear import FloatDot
 from hpllm.model import Transformer
 from hpllm.quant import WITH_HEAD, QuantConfig, W8A8Dot, quantize_for_training
 from hpllm.quant.weight_only import Int4Weight, Int4WeightOnlyDot, Int8Weight, Int8WeightOnlyDot
 from infer import kernels
 from infer.kernels import (
+    NativeBf16Dot,
+    NativeDecodeAttention,
     NativeInt4Dot,
     NativeInt8Dot,
     NativeW8A8Dot,
+    TiledBf16Weight,
     TiledInt4Weight,
     TiledInt8Weight,
     TiledW8A8Weight,
@@ -113,6 +117,26 @@ def test_int4_kernel_matches_the_xla_op(isa):
                                        atol=2e-4, err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}")
 
 
+@pytest.mark.parametrize("isa", PATHS)
+def test_bf16_kernel_matches_the_xla_op(isa):
+    _kernels_or_skip(isa)
+    for d_in, d_out in INT8_SHAPES:
+        w = jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32)
+        weight = w.astype(jnp.bfloat16)
+        tiled = TiledBf16Weight(weight)
+        np.testing.assert_array_equal(tiled.plain(), weight)  # the layout round-trips
+        x = _activations(d_in)
+        reference = jax.jit(FloatDot())(x, weight)  # x @ weight.astype(f32)
+        for rows in ROWS:
+            got = jax.jit(NativeBf16Dot(isa, NEVER))(x[:rows], tiled)
+            # bf16 -> f32 is exact, so these are the reference's products, possibly summed in
+            # another order: the largest difference measured was 0 on every path (outputs up
+            # to ~48), while either result is up to 2e-5 from the float64 product, so a
+            # reordering may move it by about that much; the bound leaves a few times it.
+            np.testing.assert_allclose(got, reference[:rows], rtol=1e-5,
+                                       atol=1e-4, err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}")
+
+
 def test_kernel_keeps_leading_axes_and_runs_under_jit():
     built = _kernels_or_skip("portable")
     w = jax.random.normal(jax.random.key(0), (96, 300), jnp.float32)
@@ -157,19 +181,29 @@ def test_prefill_threshold_gives_the_same_logits_on_both_sides():
     float_model = Transformer(preset("tiny"), key=jax.random.key(0)).unstacked()
     tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 512)  # 48 activation rows
     forward = eqx.filter_jit(lambda model, tokens: model(tokens))
-    for scheme in ("int8", "int4"):
+    for scheme in ("int8", "int4", "bf16"):
         model = quantize(float_model, scheme, 32, WITH_HEAD)
         through_kernel = use_native_kernels(model, "portable", prefill_rows=49)
         through_xla_dot = use_native_kernels(model, "portable", prefill_rows=48)
-        assert isinstance(through_kernel.blocks[0].mlp.w_up.op, (NativeInt8Dot, NativeInt4Dot))
+        for linear in (through_kernel.blocks[0].mlp.w_up, through_kernel.lm_head):
+            assert isinstance(linear.op, (NativeInt8Dot, NativeInt4Dot, NativeBf16Dot)), scheme
         reference = forward(model, tokens)
         # Above the threshold the op is the reference's XLA op (measured difference 0); below
         # it the kernel sums in another order through two layers and the head: largest
-        # difference measured 2.4e-7 on logits up to ~0.4.
+        # difference measured 2.4e-7 on logits up to ~0.4 (bf16: 0, portable and native).
         np.testing.assert_allclose(forward(through_kernel, tokens), reference, rtol=0,
                                    atol=1e-6, err_msg=scheme)
         np.testing.assert_allclose(forward(through_xla_dot, tokens), reference, rtol=0,
                                    atol=1e-6, err_msg=scheme)
+
+
+def test_bf16_weights_of_a_bfloat16_compute_model_keep_the_xla_op():
+    _kernels_or_skip("portable")
+    cfg = preset("tiny").replace(compute_dtype="bfloat16")
+    model = quantize(Transformer(cfg, key=jax.random.key(0)).unstacked(), "bf16")
+    # The kernel takes f32 activations only; swapping would untile the weight on every call.
+    linear = use_native_kernels(model, "portable").blocks[0].mlp.w_up
+    assert isinstance(linear.op, FloatDot) and linear.weight.dtype == jnp.bfloat16
 
 
 # d_in 90 is zero-padded to 92 (whole quads of k) and spans 3 blocks of the VNNI kernel; 300
@@ -220,6 +254,50 @@ def test_w8a8_batched_decode_matches_the_fake_quant_model():
     # Fake quantization sums the same products in float32 (exact at these sizes) and rounds
     # activations the same way: largest difference measured 1.5e-7; the bound is a few times it.
     np.testing.assert_allclose(got, decode_step_logits(fake_quant), rtol=0, atol=1e-6)
+
+
+# (batch, heads, kv_heads, head_dim, slots): head_dim 16 (tiny's) with two query heads per key
+# head; one row over 300 slots (split into runs of slots whose partial softmaxes are merged);
+# head_dim 20, which no SIMD width divides (the portable loops inside a SIMD build), three rows
+# (on 2+ threads also split into runs, the one-slot row's first run empty); head_dim 64 over
+# three key heads. Row masks: a prefix, nothing (equal weights over every slot), one slot, then
+# random holes.
+ATTENTION_SHAPES = ((4, 4, 2, 16, 40), (1, 4, 4, 64, 300), (3, 6, 3, 20, 70), (5, 6, 3, 64, 70))
+
+
+def _attention_reference(q, k, v, mask):
+    """One query token's attention in float64 numpy: q.k / sqrt(head_dim) over the visible
+    slots, softmax, weighted sum of values; a row that sees no slot weighs every slot equally
+    (as `Attention._attend`, whose masked scores are all the same float32 minimum)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    groups = q.shape[1] // k.shape[2]
+    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+    scores = np.einsum("bhd,bthd->bht", q, k) / np.sqrt(q.shape[2])
+    sees = mask.any(axis=1)
+    scores = np.where(sees[:, None, None], scores, 0.0)
+    scores = np.where(mask[:, None, :] | ~sees[:, None, None], scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("bht,bthd->bhd", weights, v)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_decode_attention_kernel_matches_a_float64_reference(isa):
+    _kernels_or_skip(isa)
+    for batch, heads, kv_heads, head_dim, slots in ATTENTION_SHAPES:
+        rng = np.random.default_rng(slots)
+        # Queries 4x a unit normal: scores spread over ~+-30, so exp sees a wide range.
+        q = 4 * rng.standard_normal((batch, heads, head_dim), np.float32)
+        k, v = rng.standard_normal((2, batch, slots, kv_heads, head_dim), np.float32)
+        mask = rng.random((batch, slots)) < 0.7
+        mask[0] = np.arange(slots) < slots - 10
+        mask[1:2] = False
+        mask[2:3] = np.arange(slots) == 5
+        got = jax.jit(NativeDecodeAttention(isa))(q, k, v, mask)
+        # Largest difference measured 1.6e-6 (AVX-512; AVX2 8e-7, portable 1.4e-6) on outputs
+        # up to ~4.5; the kernel before the vector exp and the runs: 1.9e-6. Bound: 3x that.
+        np.testing.assert_allclose(got, _attention_reference(q, k, v, mask), rtol=0, atol=5e-6,
+                                   err_msg=f"{isa}, {(batch, heads, kv_heads, head_dim, slots)}")
 
 
 def test_native_decode_attention_matches_the_xla_attention():

@@ -1,11 +1,13 @@
-"""Native int8 / int4 weight-only matmul kernels for CPU inference, called through `jax.ffi`.
+"""Native int8 / int4 / bf16 weight-only matmul kernels for CPU inference, called through
+`jax.ffi`.
 
 Why: XLA's CPU backend never fuses a dtype conversion into a dot. `x @ w_int8.astype(f32)`
-becomes a full f32 copy of the weight followed by an f32 dot, so int8 (and bf16) weights decode
+becomes a full f32 copy of the weight followed by an f32 dot, so int8 and bf16 weights decode
 no faster than f32 ones (docs/performance.md has the figures). `int8_matvec.cc` reads each
-quantized weight once and widens it in registers. It wants the weights in 128-column tiles
-(`TiledInt8Weight`, `TiledInt4Weight`: one contiguous stream per tile), made once at load
-time by `use_native_kernels`; checkpoints keep the plain `[d_in, d_out]` layout.
+quantized (or bf16) weight once and widens it in registers. It wants the weights in 128-column
+tiles (`TiledInt8Weight`, `TiledInt4Weight`, `TiledBf16Weight`: one contiguous stream per
+tile), made once at load time by `use_native_kernels`; checkpoints keep the plain
+`[d_in, d_out]` layout.
 
 The kernel is compiled on first use with the system C++ compiler into a cache folder
 (`$HPLLM_CACHE` or `~/.cache/hpllm`). Its instruction path (AVX-512, AVX2 + FMA, or portable
@@ -23,12 +25,12 @@ by an AVX-512 and an AVX2 machine holds one library per CPU kind and neither loa
 Without a compiler, or with `HPLLM_NATIVE_KERNELS=0`, nothing changes: `use_native_kernels`
 returns the model as is and the pure-XLA ops run.
 
-Every f32 product runs the kernel, prompts included: from 5 activation rows up it is a blocked
-GEMM on weight panels dequantized once per k-block, which measured level with or faster than
-XLA's f32 dot on a dequantized copy of the weight at every row count up to 2048
-(`bench/prefill_threshold.py`, docs/performance.md). `prefill_rows` switches a product with that
-many rows or more to the XLA route (the bench and the tests use it; `PREFILL_ROWS` is None:
-never).
+Every f32 product runs the kernel, prompts included: from 5 activation rows up each weight
+block is dequantized once and shared by all rows (whole-tile blocks for batched decode, from 64
+rows a blocked GEMM on weight panels), which measured level with or faster than XLA's f32 dot
+on a dequantized copy of the weight at every row count up to 2048 (`bench/prefill_threshold.py`,
+docs/performance.md). `prefill_rows` switches a product with that many rows or more to the XLA
+route (the bench and the tests use it; `PREFILL_ROWS` is None: never).
 """
 
 import ctypes
@@ -45,10 +47,10 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int8, Int32, Shaped, UInt8
+from jaxtyping import Array, BFloat16, Bool, Float, Int8, Int32, Shaped, UInt8
 
-from hpllm.linear import Linear, MatmulOp
-from hpllm.model import Attention, DecodeAttention
+from hpllm.linear import FloatDot, Linear, MatmulOp
+from hpllm.model import Attention, DecodeAttention, Transformer
 from hpllm.quant.integer import W8A8Dot, int8_scaled_matmul
 from hpllm.quant.quantizers import INT8_MAX, int8_scale, quantize_int
 from hpllm.quant.weight_only import (
@@ -160,6 +162,7 @@ class Kernels:
     int4_target: str
     w8a8_target: str
     attention_target: str
+    bf16_target: str
 
 
 _loaded: dict[str, Kernels | str] = {}  # isa -> the build, or why it is unavailable
@@ -172,7 +175,7 @@ def load(isa: str | None = None) -> Kernels | None:
     if isa not in _loaded:
         _loaded[isa] = _load(isa)
         if isinstance(_loaded[isa], str) and _loaded[isa] != "disabled":
-            print(f"note: native int8/int4 kernels ({isa}) unavailable ({_loaded[isa]}); using "
+            print(f"note: native kernels ({isa}) unavailable ({_loaded[isa]}); using "
                   "the XLA ops", file=sys.stderr)
     found = _loaded[isa]
     return found if isinstance(found, Kernels) else None
@@ -200,11 +203,13 @@ def _load(isa: str) -> Kernels | str:
     library.HpllmW8A8Path.restype = ctypes.c_char_p
     kernels = Kernels(isa, library.HpllmKernelPath().decode(), library.HpllmW8A8Path().decode(),
                       f"hpllm_int8_matvec_{isa}", f"hpllm_int4_matvec_{isa}",
-                      f"hpllm_w8a8_matmul_{isa}", f"hpllm_decode_attention_{isa}")
+                      f"hpllm_w8a8_matmul_{isa}", f"hpllm_decode_attention_{isa}",
+                      f"hpllm_bf16_matvec_{isa}")
     for target, symbol in ((kernels.int8_target, library.HpllmInt8Matvec),
                            (kernels.int4_target, library.HpllmInt4Matvec),
                            (kernels.w8a8_target, library.HpllmW8A8Matmul),
-                           (kernels.attention_target, library.HpllmDecodeAttention)):
+                           (kernels.attention_target, library.HpllmDecodeAttention),
+                           (kernels.bf16_target, library.HpllmBf16Matvec)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return kernels
 
@@ -341,6 +346,48 @@ class NativeInt4Dot(MatmulOp):
         return call(x2, weight.packed, weight.scales).reshape(x.shape[:-1] + (weight.d_out,))
 
 
+class TiledBf16Weight(eqx.Module):
+    """A bf16 weight in the kernel's layout: [d_out / TILE, d_in, TILE], zero-padded to whole
+    tiles (the padding columns are never written out)."""
+
+    values: BFloat16[Array, "*layers tiles d_in tile"]
+    d_out: int = eqx.field(static=True)
+
+    def __init__(self, weight: BFloat16[Array, "*layers d_in d_out"]):
+        self.d_out = weight.shape[-1]
+        self.values = tile_columns(weight)
+
+    def plain(self) -> BFloat16[Array, "*layers d_in d_out"]:
+        """The weight in the plain [d_in, d_out] layout (for the XLA op)."""
+        return untile_columns(self.values, self.d_out)
+
+
+class NativeBf16Dot(MatmulOp):
+    """`FloatDot` on a bf16 weight, on the native kernel of build `isa`: each weight is widened
+    to f32 in registers (exactly) instead of XLA's f32 copy of the whole weight per call. From
+    `prefill_rows` rows up (None: never), and for bf16 activations, `FloatDot` on the untiled
+    weight (the reference numerics) runs instead."""
+
+    isa: str = eqx.field(static=True, default="native")
+    prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
+
+    def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledBf16Weight
+                 ) -> Float[Array, "*batch d_out"]:
+        rows, d_in = _rows(x), x.shape[-1]
+        kernels = load(self.isa)
+        if x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None:
+            return FloatDot()(x, weight.plain())
+        call = jax.ffi.ffi_call(kernels.bf16_target,
+                                jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
+        return call(x.reshape(rows, d_in), weight.values).reshape(x.shape[:-1] + (weight.d_out,))
+
+
+def _is_bf16_float_linear(x: Linear) -> bool:
+    """A `FloatDot` on a bf16 weight array (what `convert --to bf16` makes)."""
+    return (isinstance(x.op, FloatDot) and isinstance(x.weight, jax.Array)
+            and x.weight.dtype == jnp.bfloat16)
+
+
 class TiledW8A8Weight(eqx.Module):
     """An `Int8Weight` in the w8a8 kernel's layout: values [d_out / TILE, padded_d_in / 4, TILE,
     4] (the four k of a column adjacent, as integer dot instructions take them; d_in
@@ -400,7 +447,8 @@ class NativeW8A8Dot(MatmulOp):
 class NativeDecodeAttention(DecodeAttention):
     """The attention of a one-token decode step on the native kernel of build `isa`: reads the
     cache in place (XLA copies it into another layout first) and only the slots the mask
-    shows. Same arithmetic as `Attention._attend`, summed in another order."""
+    shows. Same arithmetic as `Attention._attend`, summed in another order, with a vector exp
+    within 1 ulp of libm's on the SIMD paths."""
 
     isa: str = eqx.field(static=True, default="native")
 
@@ -417,15 +465,18 @@ class NativeDecodeAttention(DecodeAttention):
 def use_native_kernels(model: eqx.Module, isa: str | None = None,
                        prefill_rows: int | None = PREFILL_ROWS, attention: bool = True
                        ) -> eqx.Module:
-    """`model` with every int8 / int4 weight-only op and w8a8 op swapped for its native twin
-    (build `isa`, default `HPLLM_KERNEL_ISA`) and its weight retiled for it, and (`attention`)
-    the decode steps' attention over the cache on the native kernel, if that build is
-    available.
+    """`model` with every int8 / int4 weight-only op, w8a8 op and `FloatDot` on a bf16 weight
+    swapped for its native twin (build `isa`, default `HPLLM_KERNEL_ISA`) and its weight retiled
+    for it, and (`attention`) the decode steps' attention over the cache on the native kernel,
+    if that build is available. bf16 weights of a model that computes in bfloat16 stay as they
+    are: the kernel takes f32 activations, and the XLA op would then untile the weight per call.
     Works in either layer layout: `lax.scan` hands the ops of stacked blocks one layer's tiles,
     as the unstacked blocks hold them."""
     isa = isa or default_isa()
     if not available(isa):
         return model
+    float_activations = (not isinstance(model, Transformer)
+                         or model.compute_dtype == jnp.float32)
 
     def swap(x):
         if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot):
@@ -437,6 +488,9 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
         if isinstance(x, Linear) and isinstance(x.op, Int4WeightOnlyDot):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledInt4Weight(x.weight), NativeInt4Dot(isa, prefill_rows)))
+        if float_activations and isinstance(x, Linear) and _is_bf16_float_linear(x):
+            return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
+                               (TiledBf16Weight(x.weight), NativeBf16Dot(isa, prefill_rows)))
         return x
 
     model = jax.tree.map(swap, model, is_leaf=lambda x: isinstance(x, Linear))

@@ -1,5 +1,5 @@
-// y[M, N] = x[M, K] @ dequantize(w) for int8 (per-column scales) and packed int4 (group scales)
-// weights, f32 activations, any M (decoding and prefill).
+// y[M, N] = x[M, K] @ dequantize(w) for int8 (per-column scales), packed int4 (group scales)
+// and bf16 weights, f32 activations, any M (decoding and prefill).
 //
 // XLA's CPU backend turns a dot with an int8 (or bf16) operand into "convert the whole weight
 // to f32 in a temporary buffer, then an f32 dot": that reads 1 byte, writes 4 and reads 4 again
@@ -696,6 +696,170 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// ---- bf16 weights: widened to f32 in registers, no scale ----
+//
+// `convert --to bf16` leaves `FloatDot` on a bf16 weight, which XLA:CPU runs as "convert the
+// whole weight to f32, then an f32 dot": 2 bytes read, 4 written and 4 read again per weight,
+// slower than f32 weights. These kernels read each bf16 weight once. bf16 is the top half of an
+// f32 (same sign, exponent and top 7 mantissa bits), so widening is exact: zero-extend 16 -> 32
+// bits and shift left by 16. The products and the sums are those of x @ w.astype(f32), summed
+// in another order. Same tiled layout [N / 128][K][128] and the same routes as int8: row chunks
+// of the tile kernel for 1-4 rows, the batched route (tile_batched) from kBatchRows rows.
+
+// Rows of one k-block of a bf16 tile: 32 x 128 x 2 bytes = 8 KiB, the int8 block's footprint.
+constexpr int64_t kBf16BlockK = 32;
+// How far ahead (in tile rows) the SIMD tile kernel prefetches the weight stream: one block.
+// One core alone keeps too few cache-line reads in flight to stream a tile at the memory's pace:
+// in a scratch run (one thread, 768 x 2048, 300 MB of copies, rounds interleaved) this read
+// 11.2 GB/s against 8.5 without (AVX-512) and 10.0 against 7.6 (AVX2); 16 and 64 rows did the
+// same within noise, 8 a little less.
+constexpr int64_t kBf16PrefetchRows = 32;
+
+inline float bf16_to_f32(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
+
+// The portable bf16 tile: each tile row is widened into a staging array once and read back for
+// every activation row.
+template <int64_t Rows>
+void bf16_tile_portable(const float* x, int64_t ldx, const uint16_t* w, int64_t K,
+                        float (*out)[kTile]) {
+  float acc[Rows][kTile] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const uint16_t* row = w + k * kTile;
+    float wide[kTile];
+#pragma omp simd
+    for (int64_t j = 0; j < kTile; ++j) wide[j] = bf16_to_f32(row[j]);
+    for (int64_t r = 0; r < Rows; ++r) {
+      const float xv = x[r * ldx + k];
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) acc[r][j] += xv * wide[j];
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t j = 0; j < kTile; ++j) out[r][j] = acc[r][j];
+}
+
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+// kLanes bf16 -> kLanes f32: a zero-extending load (16 -> 32 bits per lane), a shift by 16
+// into the top half, and a reinterpretation as f32.
+#if defined(HPLLM_PATH_AVX512)
+inline Simd::F widen_bf16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+#else
+inline Simd::F widen_bf16(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+#endif
+
+// bf16 tile in intrinsics: int8_tile_simd's loop (k-blocks kept in L1 across the column passes,
+// each weight vector widened once and feeding one FMA per row) without the column scale, and
+// with a software prefetch of the stream one block ahead.
+template <int64_t Rows>
+void bf16_tile_simd(const float* x, int64_t ldx, const uint16_t* w, int64_t K,
+                    float (*out)[kTile]) {
+  using F = Simd::F;
+  constexpr int64_t kVectors = vectors_per_pass(Rows), kWidth = kVectors * Simd::kLanes;
+  for (int64_t k0 = 0; k0 < K; k0 += kBf16BlockK) {
+    const int64_t k1 = std::min(K, k0 + kBf16BlockK);
+    for (int64_t c0 = 0; c0 < kTile; c0 += kWidth) {
+      F acc[Rows][kVectors];
+      for (int64_t r = 0; r < Rows; ++r)
+        for (int64_t v = 0; v < kVectors; ++v)
+          acc[r][v] = k0 == 0 ? Simd::zero() : Simd::load(out[r] + c0 + v * Simd::kLanes);
+      for (int64_t k = k0; k < k1; ++k) {
+        const uint16_t* row = w + k * kTile + c0;
+        // Past the tile's end this touches the next tile or unmapped memory: a prefetch never
+        // faults.
+        for (int64_t j = 0; j < kWidth; j += 64 / sizeof(uint16_t))
+          _mm_prefetch(reinterpret_cast<const char*>(row + kBf16PrefetchRows * kTile + j),
+                       _MM_HINT_T0);
+        F xv[Rows];
+        for (int64_t r = 0; r < Rows; ++r) xv[r] = Simd::set1(x[r * ldx + k]);
+        for (int64_t v = 0; v < kVectors; ++v) {
+          const F wv = widen_bf16(row + v * Simd::kLanes);
+          for (int64_t r = 0; r < Rows; ++r) acc[r][v] = Simd::fma(xv[r], wv, acc[r][v]);
+        }
+      }
+      for (int64_t r = 0; r < Rows; ++r)
+        for (int64_t v = 0; v < kVectors; ++v)
+          Simd::store(out[r] + c0 + v * Simd::kLanes, acc[r][v]);
+    }
+  }
+}
+
+// bf16 block for the few-rows route: the weights as f32, exactly.
+void dequantize_bf16(const uint16_t* w, int64_t k0, int64_t kn, float (*wf)[kTile]) {
+  for (int64_t k = 0; k < kn; ++k)
+    for (int64_t j = 0; j < kTile; j += Simd::kLanes)
+      Simd::store(wf[k] + j, widen_bf16(w + (k0 + k) * kTile + j));
+}
+
+// bf16 panel for the GEMM route.
+void dequantize_bf16(const uint16_t* w, int64_t k0, int64_t kn, int64_t c0, float* panel) {
+  for (int64_t k = 0; k < kn; ++k)
+    for (int64_t j = 0; j < kPanel; j += Simd::kLanes)
+      Simd::store(panel + k * kPanel + j, widen_bf16(w + (k0 + k) * kTile + c0 + j));
+}
+#endif
+
+template <int64_t Rows>
+void bf16_tile(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float (*out)[kTile]) {
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+  bf16_tile_simd<Rows>(x, ldx, w, K, out);
+#else
+  bf16_tile_portable<Rows>(x, ldx, w, K, out);
+#endif
+}
+
+ffi::Error Bf16MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kTile || xd[1] != wd[1] ||
+      yd[0] != xd[0] || (yd[1] + kTile - 1) / kTile != wd[0])
+    return ffi::Error::InvalidArgument(
+        "bf16_matvec: expects x[M, K], w[tiles, K, 128] (bf16) -> y[M, N]");
+  const int64_t M = xd[0], K = xd[1], N = yd[1];
+  const float* xp = x.typed_data();
+  const uint16_t* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t tiles = (N + kTile - 1) / kTile;
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+  if (M >= kBatchRows && M < kGemmRows) {
+    parallel_tiles(pool, tiles, [&](int64_t t) {
+      const uint16_t* wt = wp + t * K * kTile;
+      tile_few_rows(t, M, K, N, xp, yp, [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
+        dequantize_bf16(wt, k0, kn, wf);
+      }, nullptr);
+    });
+    return ffi::Error::Success();
+  }
+  if (M >= kGemmRows) {
+    batched_tasks(pool, M, tiles, [&](int64_t t, int64_t m0, int64_t rows) {
+      const uint16_t* wt = wp + t * K * kTile;
+      tile_batched_rows(t, m0, rows, K, N, xp, yp,
+                        [&](int64_t k0, int64_t kn, int64_t c0, float* panel) {
+                          dequantize_bf16(wt, k0, kn, c0, panel);
+                        }, nullptr);
+    });
+    return ffi::Error::Success();
+  }
+#endif
+  parallel_tiles(pool, tiles, [&](int64_t t) {
+    const uint16_t* wt = wp + t * K * kTile;
+    tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, float (*out)[kTile]) {
+      with_rows(rows, [&](auto r) { bf16_tile<decltype(r)::value>(xp + m * K, K, wt, K, out); });
+    });
+  });
+  return ffi::Error::Success();
+}
+
 // ---- w8a8: int8 weights x int8 activations (per row), exact int32 sums ----
 //
 // `W8A8Dot` quantizes each activation row to int8 (one scale per row) and multiplies in
@@ -876,6 +1040,305 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
 // scores q.k / sqrt(head_dim), softmax (max subtracted, exp, divided by the sum), then the
 // weighted sum of values. A row whose mask hides every slot gets the reference's result for
 // that case: equal weights over all slots.
+//
+// What makes it fast (bench/decode_attention.py, figures in docs/performance.md):
+// - A task is one row with all its heads, or, when there are too few rows to keep every thread
+//   busy, a run of one row's visible slots; it walks its slots in memory order, so the row's K,
+//   then V, are read as contiguous streams. The runs of a row are merged afterwards as in
+//   flash-decoding: each keeps its own maximum, sum of exponentials and unnormalised output.
+// - Scores are computed in memory order (slot-major, head-minor), kLanes dot products at a
+//   time, each into its own vector accumulator; one transpose-and-add tree then turns the
+//   kLanes accumulators into one vector of kLanes scores. At head_dim 64 a horizontal
+//   reduction per dot product costs more than the dot product itself.
+// - exp is a vector polynomial (attention_exp) instead of one libm call per score.
+// Any head_dim works; the SIMD paths take head_dims that are a multiple of kLanes, others run
+// the portable loops.
+
+// Runs of a row's visible slots shorter than this are not worth a task of their own.
+constexpr int64_t kMinRunSlots = 32;
+
+struct AttentionShape {
+  int64_t H, D, T, KV;
+};
+
+// Scratch of one task, kept per thread: no allocation per task once a thread has seen the
+// largest shapes.
+struct AttentionScratch {
+  std::unique_ptr<int32_t[]> slots;
+  std::unique_ptr<float[]> scores;
+  int64_t slot_capacity = 0, score_capacity = 0;
+  void reserve(int64_t n_slots, int64_t n_scores) {
+    if (n_slots > slot_capacity) slots.reset(new int32_t[slot_capacity = n_slots]);
+    if (n_scores > score_capacity) scores.reset(new float[score_capacity = n_scores]);
+  }
+};
+
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+#if defined(HPLLM_PATH_AVX512)
+// Lane l of the result: the sum of the lanes of a[l]. Pairs of vectors are interleaved and
+// added, so each level halves the vectors and doubles the sums each lane holds.
+inline __m512 sum_lanes_each(const __m512 (&a)[16]) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // lanes per 128-bit block: a0 b0 a1 b1 summed with a2 b2 a3 b3
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                             _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit block: the block sums of a[4i] .. a[4i + 3]
+    const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // The four 128-bit blocks of each quad summed: two rounds of block shuffles.
+  const __m512 h01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xdd));
+  const __m512 h23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                   _mm512_shuffle_f32x4(quads[2], quads[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, 0x88),
+                       _mm512_shuffle_f32x4(h01, h23, 0xdd));
+}
+
+inline __m512 round_nearest(__m512 x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline __m512 pow2(__m512 n) {  // 2^n for integral n in [-126, 127]
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline __m512 zero_below(__m512 y, __m512 x, float limit) {  // NaN stays NaN
+  return _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x, _mm512_set1_ps(limit), _CMP_LT_OQ), y);
+}
+inline __m512 fnma(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
+inline __m512 divide(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
+#else
+inline __m256 sum_lanes_each(const __m256 (&a)[8]) {
+  __m256 pairs[4], quads[2];
+  for (int i = 0; i < 4; ++i)
+    pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                             _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 2; ++i) {
+    const __m256d x = _mm256_castps_pd(pairs[2 * i]), y = _mm256_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)),
+                             _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),
+                       _mm256_permute2f128_ps(quads[0], quads[1], 0x31));
+}
+
+inline __m256 round_nearest(__m256 x) {
+  return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline __m256 pow2(__m256 n) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline __m256 zero_below(__m256 y, __m256 x, float limit) {
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(limit), _CMP_LT_OQ), y);
+}
+inline __m256 fnma(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }
+inline __m256 divide(__m256 a, __m256 b) { return _mm256_div_ps(a, b); }
+#endif
+
+// Slots whose values one pass over the accumulators adds: one load and store of each
+// accumulator vector per kValueSlots FMAs (with one slot per pass, the loads and stores of the
+// accumulators, not the FMAs, set the pace). 8 was the fastest of 1, 4 and 8 in a scratch
+// harness on this Xeon.
+constexpr int64_t kValueSlots = 8;
+
+// exp(x) for x <= 0, as Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln 2 in two parts, so
+// r is exact), exp(r) by a degree-6 polynomial, times 2^n from the exponent bits. Within 1 ulp
+// of std::exp on every float in [-87.5, 0] (bench/attention_exp.cc); below -87.5 (where 2^n
+// would leave the normal range) it returns 0 where std::exp returns a value under 1.1e-38.
+inline Simd::F attention_exp(Simd::F x) {
+  const Simd::F n = round_nearest(Simd::mul(x, Simd::set1(1.44269504088896341f)));
+  Simd::F r = fnma(n, Simd::set1(0.693359375f), x);
+  r = fnma(n, Simd::set1(-2.12194440e-4f), r);
+  Simd::F p = Simd::set1(1.9875691500e-4f);
+  p = Simd::fma(p, r, Simd::set1(1.3981999507e-3f));
+  p = Simd::fma(p, r, Simd::set1(8.3334519073e-3f));
+  p = Simd::fma(p, r, Simd::set1(4.1665795894e-2f));
+  p = Simd::fma(p, r, Simd::set1(1.6666665459e-1f));
+  p = Simd::fma(p, r, Simd::set1(5.0000001201e-1f));
+  const Simd::F y = Simd::fma(p, Simd::mul(r, r), Simd::add(r, Simd::set1(1.0f)));
+  return zero_below(Simd::mul(y, pow2(n)), x, -87.5f);
+}
+
+void exp_in_place(float* x, int64_t n) {
+  constexpr int64_t L = Simd::kLanes;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) Simd::store(x + i, attention_exp(Simd::load(x + i)));
+  if (i < n) {  // the tail through a zero-padded vector, so every score takes the same path
+    float tail[L] = {};
+    std::copy(x + i, x + n, tail);
+    Simd::store(tail, attention_exp(Simd::load(tail)));
+    std::copy(tail, tail + (n - i), x + i);
+  }
+}
+
+// scores[j * H + h] = q_h . k_{slots[j], h / groups} / root for the n slots, kLanes at a time
+// in that (memory) order. D is a multiple of kLanes: Vectors = D / kLanes, or 0 for a loop
+// over any such D (the common head_dims get their dot product unrolled).
+template <int64_t Vectors>
+void attention_scores(const AttentionShape& s, const float* q, const float* k,
+                      const int32_t* slots, int64_t n, float root, float* scores) {
+  constexpr int64_t L = Simd::kLanes;
+  const int64_t H = s.H, D = Vectors ? Vectors * L : s.D, groups = H / s.KV, count = n * H,
+                slot_stride = s.KV * D;
+  int64_t j = 0, h = 0, in_group = 0;
+  const float* kh = k + slots[0] * slot_stride;
+  const auto next_dot = [&] {
+    const float* qh = q + h * D;
+    Simd::F acc = Simd::mul(Simd::load(qh), Simd::load(kh));
+    if (Vectors) {
+      for (int64_t i = L; i < Vectors * L; i += L)
+        acc = Simd::fma(Simd::load(qh + i), Simd::load(kh + i), acc);
+    } else {
+      for (int64_t i = L; i < D; i += L)
+        acc = Simd::fma(Simd::load(qh + i), Simd::load(kh + i), acc);
+    }
+    if (++h == H) {  // next slot
+      h = in_group = 0;
+      if (++j < n) kh = k + slots[j] * slot_stride;
+    } else if (++in_group == groups) {  // next key head of the same slot
+      in_group = 0;
+      kh += D;
+    }
+    return acc;
+  };
+  const Simd::F divisor = Simd::set1(root);
+  int64_t p = 0;
+  for (; p + L <= count; p += L) {
+    Simd::F dots[L];
+#pragma GCC unroll 16
+    for (int64_t l = 0; l < L; ++l) dots[l] = next_dot();
+    Simd::store(scores + p, divide(sum_lanes_each(dots), divisor));
+  }
+  if (p < count) {
+    Simd::F dots[L];
+    for (int64_t l = 0; l < L; ++l) dots[l] = p + l < count ? next_dot() : Simd::zero();
+    float tail[L];
+    Simd::store(tail, divide(sum_lanes_each(dots), divisor));
+    std::copy(tail, tail + (count - p), scores + p);
+  }
+}
+
+template <int64_t Slots>
+inline void add_values(int64_t H, int64_t D, int64_t groups, const float* weights,
+                       const float* const* vt, float* acc) {
+  for (int64_t h = 0, kv_offset = 0, in_group = 0; h < H; ++h) {
+    Simd::F w[Slots];
+    for (int64_t j = 0; j < Slots; ++j) w[j] = Simd::set1(weights[j * H + h]);
+    float* ah = acc + h * D;
+    for (int64_t i = 0; i < D; i += Simd::kLanes) {
+      Simd::F a = Simd::load(ah + i);
+      for (int64_t j = 0; j < Slots; ++j)
+        a = Simd::fma(w[j], Simd::load(vt[j] + kv_offset + i), a);
+      Simd::store(ah + i, a);
+    }
+    if (++in_group == groups) {
+      in_group = 0;
+      kv_offset += D;
+    }
+  }
+}
+
+// acc[h] += weights[j * H + h] * v_{slots[j], h / groups} over the n slots. D is a multiple of
+// kLanes.
+void attention_values(const AttentionShape& s, const float* weights, const float* v,
+                      const int32_t* slots, int64_t n, float* acc) {
+  const int64_t H = s.H, D = s.D, groups = H / s.KV, slot_stride = s.KV * D;
+  int64_t j0 = 0;
+  for (; j0 + kValueSlots <= n; j0 += kValueSlots) {
+    const float* vt[kValueSlots];
+    for (int64_t j = 0; j < kValueSlots; ++j) vt[j] = v + slots[j0 + j] * slot_stride;
+    add_values<kValueSlots>(H, D, groups, weights + j0 * H, vt, acc);
+  }
+  for (; j0 < n; ++j0) {
+    const float* vt = v + slots[j0] * slot_stride;
+    add_values<1>(H, D, groups, weights + j0 * H, &vt, acc);
+  }
+}
+#endif
+
+// The portable loops: one reduction per dot product, std::exp.
+void attention_scores_portable(const AttentionShape& s, const float* q, const float* k,
+                               const int32_t* slots, int64_t n, float root, float* scores) {
+  const int64_t groups = s.H / s.KV, slot_stride = s.KV * s.D;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kt = k + slots[j] * slot_stride;
+    for (int64_t h = 0; h < s.H; ++h) {
+      const float* __restrict__ qh = q + h * s.D;
+      const float* __restrict__ kh = kt + (h / groups) * s.D;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < s.D; ++i) dot += qh[i] * kh[i];
+      scores[j * s.H + h] = dot / root;
+    }
+  }
+}
+
+void attention_values_portable(const AttentionShape& s, const float* weights, const float* v,
+                               const int32_t* slots, int64_t n, float* acc) {
+  const int64_t groups = s.H / s.KV, slot_stride = s.KV * s.D;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vt = v + slots[j] * slot_stride;
+    for (int64_t h = 0; h < s.H; ++h) {
+      const float weight = weights[j * s.H + h];
+      const float* __restrict__ vh = vt + (h / groups) * s.D;
+      float* __restrict__ ah = acc + h * s.D;
+#pragma omp simd
+      for (int64_t i = 0; i < s.D; ++i) ah[i] += weight * vh[i];
+    }
+  }
+}
+
+// The partial attention of one row's query heads q[H][D] over n of its slots (`slots`; k and v
+// point at the row's cache [T][KV][D]): for each head h, top[h] = the largest score,
+// total[h] = the sum of exp(score - top[h]) and acc[h][D] = the sum of exp(score - top[h]) * v.
+// `scored` false: every score is 0 (the row whose mask hides everything). n may be 0.
+void attend_run(const AttentionShape& s, const float* q, const float* k, const float* v,
+                const int32_t* slots, int64_t n, bool scored, float* scores, float* top,
+                float* total, float* acc) {
+  const int64_t H = s.H, D = s.D;
+  std::fill(acc, acc + H * D, 0.0f);
+  std::fill(total, total + H, 0.0f);
+  std::fill(top, top + H, -std::numeric_limits<float>::infinity());
+  if (n == 0) return;
+  const float root = std::sqrt(static_cast<float>(D));
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+  const bool simd = D > 0 && D % Simd::kLanes == 0;
+  if (scored && simd)
+    switch (D / Simd::kLanes) {
+      case 1: attention_scores<1>(s, q, k, slots, n, root, scores); break;
+      case 2: attention_scores<2>(s, q, k, slots, n, root, scores); break;
+      case 4: attention_scores<4>(s, q, k, slots, n, root, scores); break;
+      case 8: attention_scores<8>(s, q, k, slots, n, root, scores); break;
+      default: attention_scores<0>(s, q, k, slots, n, root, scores);
+    }
+  else
+#endif
+  if (scored)
+    attention_scores_portable(s, q, k, slots, n, root, scores);
+  else
+    std::fill(scores, scores + n * H, 0.0f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t h = 0; h < H; ++h) top[h] = std::max(top[h], scores[j * H + h]);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t h = 0; h < H; ++h) scores[j * H + h] -= top[h];
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+  exp_in_place(scores, n * H);
+#else
+  for (int64_t p = 0; p < n * H; ++p) scores[p] = std::exp(scores[p]);
+#endif
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t h = 0; h < H; ++h) total[h] += scores[j * H + h];
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+  if (simd) {
+    attention_values(s, scores, v, slots, n, acc);
+    return;
+  }
+#endif
+  attention_values_portable(s, scores, v, slots, n, acc);
+}
+
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
@@ -886,63 +1349,71 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     return ffi::Error::InvalidArgument(
         "decode_attention: expects q[B, H, D], k and v[B, T, KV, D] (H a multiple of KV), "
         "mask[B, T] -> out[B, H, D]");
-  const int64_t B = qd[0], H = qd[1], D = qd[2], T = kd[1], KV = kd[2], groups = H / KV;
+  const AttentionShape s{qd[1], qd[2], kd[1], kd[2]};
+  const int64_t B = qd[0], H = s.H, D = s.D, T = s.T, row_size = T * s.KV * D;
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
-  const float root = std::sqrt(static_cast<float>(D));
-  // A task is one row and a block of key/value heads; it walks the slots in order, so each
-  // slot's keys (then values) of those heads are one contiguous read. Two head blocks per row
-  // keep both cores busy at batch 1.
-  const int64_t blocks = KV % 2 == 0 ? 2 : 1, block_heads = KV / blocks;
-  parallel_tiles(pool, B * blocks, [&](int64_t task) {
-    const int64_t b = task / blocks, head0 = (task % blocks) * block_heads;
-    const int64_t q_heads = block_heads * groups, h0 = head0 * groups;
-    const bool* row_mask = mp + b * T;
+  // Runs per row: enough tasks for two per thread (a late or busy thread then costs little),
+  // none shorter than kMinRunSlots visible slots.
+  int64_t most_seen = 0;
+  for (int64_t b = 0; b < B; ++b) {
     int64_t seen = 0;
-    for (int64_t t = 0; t < T; ++t) seen += row_mask[t];
-    // scores[h][t] for the block's query heads, then their weights.
-    std::unique_ptr<float[]> scores(new float[q_heads * T]);
-    std::unique_ptr<float[]> acc(new float[q_heads * D]());
-    const float* qb = qp + (b * H + h0) * D;
-    for (int64_t t = 0; t < T; ++t) {
-      if (seen && !row_mask[t]) continue;
-      const float* kt = kp + ((b * T + t) * KV + head0) * D;
-      for (int64_t h = 0; h < q_heads; ++h) {
-        const float* __restrict__ qh = qb + h * D;
-        const float* __restrict__ kh = kt + (h / groups) * D;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < D; ++i) dot += qh[i] * kh[i];
-        scores[h * T + t] = seen ? dot / root : 0.0f;
-      }
-    }
-    for (int64_t h = 0; h < q_heads; ++h) {
-      float* sh = scores.get() + h * T;
-      float top = -std::numeric_limits<float>::infinity(), total = 0.0f;
-      for (int64_t t = 0; t < T; ++t)
-        if (!seen || row_mask[t]) top = std::max(top, sh[t]);
-      for (int64_t t = 0; t < T; ++t)
-        if (!seen || row_mask[t]) total += (sh[t] = std::exp(sh[t] - top));
-      for (int64_t t = 0; t < T; ++t)
-        if (!seen || row_mask[t]) sh[t] /= total;
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      if (seen && !row_mask[t]) continue;
-      const float* vt = vp + ((b * T + t) * KV + head0) * D;
-      for (int64_t h = 0; h < q_heads; ++h) {
-        const float weight = scores[h * T + t];
-        const float* __restrict__ vh = vt + (h / groups) * D;
-        float* __restrict__ ah = acc.get() + h * D;
-#pragma omp simd
-        for (int64_t i = 0; i < D; ++i) ah[i] += weight * vh[i];
-      }
-    }
-    for (int64_t h = 0; h < q_heads; ++h)
-      for (int64_t i = 0; i < D; ++i) op[(b * H + h0 + h) * D + i] = acc[h * D + i];
+    for (int64_t t = 0; t < T; ++t) seen += mp[b * T + t];
+    most_seen = std::max(most_seen, seen ? seen : T);
+  }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t runs = std::clamp<int64_t>((2 * threads + B - 1) / B, 1,
+                                           std::max<int64_t>(1, most_seen / kMinRunSlots));
+  // Per run and head: top, total, then D sums (only used when a row has several runs).
+  const int64_t part_size = H * (D + 2);
+  std::unique_ptr<float[]> parts(runs > 1 ? new float[B * runs * part_size] : nullptr);
+  parallel_tiles(pool, B * runs, [&](int64_t task) {
+    const int64_t b = task / runs, run = task % runs;
+    thread_local AttentionScratch scratch;
+    scratch.reserve(T, 0);
+    const bool* row_mask = mp + b * T;
+    int32_t* slots = scratch.slots.get();
+    int64_t seen = 0;
+    for (int64_t t = 0; t < T; ++t)
+      if (row_mask[t]) slots[seen++] = static_cast<int32_t>(t);
+    const int64_t n = seen ? seen : T;
+    if (!seen)
+      for (int64_t t = 0; t < T; ++t) slots[t] = static_cast<int32_t>(t);
+    const int64_t first = n * run / runs, last = n * (run + 1) / runs;
+    scratch.reserve(T, std::max<int64_t>(1, (last - first) * H) + H * (D + 2));
+    float* scores = scratch.scores.get();
+    float* part = runs > 1 ? parts.get() + task * part_size : scores + (last - first) * H;
+    float *top = part, *total = part + H, *acc = part + 2 * H;
+    attend_run(s, qp + b * H * D, kp + b * row_size, vp + b * row_size, slots + first,
+               last - first, seen != 0, scores, top, total, acc);
+    if (runs == 1)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < D; ++i) op[(b * H + h) * D + i] = acc[h * D + i] / total[h];
   });
+  if (runs > 1) {  // merge each row's runs: rescale each to the row's largest score
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row_parts = parts.get() + b * runs * part_size;
+      for (int64_t h = 0; h < H; ++h) {
+        float top = -std::numeric_limits<float>::infinity(), total = 0.0f;
+        for (int64_t r = 0; r < runs; ++r) top = std::max(top, row_parts[r * part_size + h]);
+        float* o = op + (b * H + h) * D;
+        std::fill(o, o + D, 0.0f);
+        for (int64_t r = 0; r < runs; ++r) {
+          const float* part = row_parts + r * part_size;
+          const float run_total = part[H + h];
+          if (run_total == 0.0f) continue;  // an empty run
+          const float scale = std::exp(part[h] - top);
+          total += run_total * scale;
+          const float* acc = part + 2 * H + h * D;
+          for (int64_t i = 0; i < D; ++i) o[i] += acc[i] * scale;
+        }
+        for (int64_t i = 0; i < D; ++i) o[i] /= total;
+      }
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -981,6 +1452,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt8Matvec, Int8MatvecImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmBf16Matvec, Bf16MatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // Which instruction path this library was compiled with ("avx512", "avx2" or "portable"):
