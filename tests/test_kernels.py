@@ -1,12 +1,12 @@
-"""The native int8 / int4 / bf16 / w8a8 kernels (infer.kernels): every instruction path against the
-XLA ops, the CPU-keyed build cache, and the prefill threshold.
+"""The native int8 / int4 / bf16 / w8a8 kernels (infer.kernels): every instruction path against
+the XLA ops, the CPU-keyed build cache, and the prefill threshold.
 
 Each path is a separate build of int8_matvec.cc (HPLLM_KERNEL_ISA): AVX-512 (with VNNI for
 w8a8), AVX2 + FMA, and the portable loops. On the SIMD paths row counts 1-4 take the
 row-chunk route, 5-63 the few-rows route (whole-tile blocks dequantized once and shared by all
 rows), 64 and up the blocked GEMM (weight panels dequantized once per k-block and row block).
-A path this CPU cannot execute is skipped with the reason; the portable path runs everywhere a C++
-compiler does.
+A path this CPU cannot execute is skipped with the reason; the portable path runs everywhere a
+C++ compiler does.
 """
 
 import platform
@@ -93,8 +93,7 @@ def test_int8_kernel_matches_the_xla_op(isa):
             got = jax.jit(NativeInt8Dot(isa, NEVER))(x[:rows], tiled)
             # Same products of exactly representable values in float32, summed in another
             # order: on outputs up to ~72 the largest difference measured was 4.6e-5 on every
-            # path (0 at d_in 96; at 300 XLA's dot blocks k differently), so this only admits
-            # reordering.
+            # path (1.7e-5 at d_in 96), so this only admits reordering.
             np.testing.assert_allclose(got, reference[:rows], rtol=1e-5,
                                        atol=1e-4, err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}")
 
@@ -130,9 +129,9 @@ def test_bf16_kernel_matches_the_xla_op(isa):
         for rows in ROWS:
             got = jax.jit(NativeBf16Dot(isa, NEVER))(x[:rows], tiled)
             # bf16 -> f32 is exact, so these are the reference's products, possibly summed in
-            # another order: the largest difference measured was 0 on every path (outputs up
-            # to ~48), while either result is up to 2e-5 from the float64 product, so a
-            # reordering may move it by about that much; the bound leaves a few times it.
+            # another order: the largest difference measured was 5.0e-5 on every path (outputs
+            # up to ~72; 1.5e-5 at d_in 96), about what float32 rounding over 300 terms gives;
+            # the bound leaves several times it.
             np.testing.assert_allclose(got, reference[:rows], rtol=1e-5,
                                        atol=1e-4, err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}")
 
