@@ -25,9 +25,12 @@ by an AVX-512 and an AVX2 machine holds one library per CPU kind and neither loa
 Without a compiler, or with `HPLLM_NATIVE_KERNELS=0`, nothing changes: `use_native_kernels`
 returns the model as is and the pure-XLA ops run.
 
-From `PREFILL_ROWS` activation rows up (a prompt: batch x prompt length rows), the ops hand the
-product to XLA's f32 dot on a dequantized copy of the weight made per call: a 128-row product is
-compute-bound, and XLA's blocked GEMM beats the matrix-vector kernel there (docs/performance.md).
+Every f32 product runs the kernel, prompts included: from 5 activation rows up each weight
+block is dequantized once and shared by all rows (whole-tile blocks for batched decode, from 64
+rows a blocked GEMM on weight panels), which measured level with or faster than XLA's f32 dot
+on a dequantized copy of the weight at every row count up to 2048 (`bench/prefill_threshold.py`,
+docs/performance.md). `prefill_rows` switches a product with that many rows or more to the XLA
+route (the bench and the tests use it; `PREFILL_ROWS` is None: never).
 """
 
 import ctypes
@@ -291,24 +294,29 @@ def _rows(x: Float[Array, "*batch d_in"]) -> int:
 
 
 # Activation rows from which a product goes to XLA's f32 dot on a dequantized copy of the weight
-# instead of the matrix-vector kernel: measured with bench/prefill_threshold.py (figures and
-# command in docs/performance.md). Decode batches (up to 32 rows) stay below it, prompts above.
-PREFILL_ROWS = 64
+# instead of the kernel; None: never. bench/prefill_threshold.py measured the kernel's blocked
+# GEMM level with or ahead of that route at every row count from 1 to 2048 (figures and command
+# in docs/performance.md), so no prompt is worth the per-call copy.
+PREFILL_ROWS: int | None = None
+
+
+def _xla_route(rows: int, prefill_rows: int | None) -> bool:
+    return prefill_rows is not None and rows >= prefill_rows
 
 
 class NativeInt8Dot(MatmulOp):
     """`Int8WeightOnlyDot` on the native kernel of build `isa` (each row chunk reuses a weight
-    tile from cache). From `prefill_rows` rows up, and for bf16 activations, the XLA op on the
-    untiled weight (the reference numerics) runs instead."""
+    tile from cache). From `prefill_rows` rows up (None: never), and for bf16 activations, the
+    XLA op on the untiled weight (the reference numerics) runs instead."""
 
     isa: str = eqx.field(static=True, default="native")
-    prefill_rows: int = eqx.field(static=True, default=PREFILL_ROWS)
+    prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledInt8Weight
                  ) -> Float[Array, "*batch d_out"]:
         rows, d_in = _rows(x), x.shape[-1]
         kernels = load(self.isa)
-        if x.dtype != jnp.float32 or rows >= self.prefill_rows or kernels is None:
+        if x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None:
             return int8_weight_only_matmul(x, *weight.plain())
         call = jax.ffi.ffi_call(kernels.int8_target,
                                 jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
@@ -318,17 +326,17 @@ class NativeInt8Dot(MatmulOp):
 
 class NativeInt4Dot(MatmulOp):
     """`Int4WeightOnlyDot` on the native kernel of build `isa`: the packed nibbles are unpacked
-    in registers and each group's partial sum is scaled once. From `prefill_rows` rows up, and
-    for bf16 activations, the XLA op on the untiled weight runs instead."""
+    in registers and each group's partial sum is scaled once. From `prefill_rows` rows up (None:
+    never), and for bf16 activations, the XLA op on the untiled weight runs instead."""
 
     isa: str = eqx.field(static=True, default="native")
-    prefill_rows: int = eqx.field(static=True, default=PREFILL_ROWS)
+    prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledInt4Weight
                  ) -> Float[Array, "*batch d_out"]:
         rows, half_rows = _rows(x), weight.packed.shape[-2]
         kernels = load(self.isa)
-        if x.dtype != jnp.float32 or rows >= self.prefill_rows or kernels is None:
+        if x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None:
             return int4_weight_only_matmul(x, *weight.plain(), weight.d_in)
         x2 = x.reshape(rows, x.shape[-1])
         # Zero activations for the zero padding rows of the last group.
@@ -357,17 +365,17 @@ class TiledBf16Weight(eqx.Module):
 class NativeBf16Dot(MatmulOp):
     """`FloatDot` on a bf16 weight, on the native kernel of build `isa`: each weight is widened
     to f32 in registers (exactly) instead of XLA's f32 copy of the whole weight per call. From
-    `prefill_rows` rows up, and for bf16 activations, `FloatDot` on the untiled weight (the
-    reference numerics) runs instead."""
+    `prefill_rows` rows up (None: never), and for bf16 activations, `FloatDot` on the untiled
+    weight (the reference numerics) runs instead."""
 
     isa: str = eqx.field(static=True, default="native")
-    prefill_rows: int = eqx.field(static=True, default=PREFILL_ROWS)
+    prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledBf16Weight
                  ) -> Float[Array, "*batch d_out"]:
         rows, d_in = _rows(x), x.shape[-1]
         kernels = load(self.isa)
-        if x.dtype != jnp.float32 or rows >= self.prefill_rows or kernels is None:
+        if x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None:
             return FloatDot()(x, weight.plain())
         call = jax.ffi.ffi_call(kernels.bf16_target,
                                 jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
@@ -455,7 +463,8 @@ class NativeDecodeAttention(DecodeAttention):
 
 
 def use_native_kernels(model: eqx.Module, isa: str | None = None,
-                       prefill_rows: int = PREFILL_ROWS, attention: bool = True) -> eqx.Module:
+                       prefill_rows: int | None = PREFILL_ROWS, attention: bool = True
+                       ) -> eqx.Module:
     """`model` with every int8 / int4 weight-only op, w8a8 op and `FloatDot` on a bf16 weight
     swapped for its native twin (build `isa`, default `HPLLM_KERNEL_ISA`) and its weight retiled
     for it, and (`attention`) the decode steps' attention over the cache on the native kernel,

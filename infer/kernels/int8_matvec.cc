@@ -14,9 +14,11 @@
 // figures in docs/performance.md). Tiles are shared out over XLA's CPU threads, and every row
 // chunk of the activations reuses a tile while it is in cache, so prefill reads each weight
 // from memory once.
-// From kBatchRows rows up (batched decode) the SIMD paths dequantize each block of a tile once
-// into L1 and run every row over it (tile_batched). The file also holds the w8a8 integer
-// kernel (W8A8MatmulImpl) and the one-token decode attention (DecodeAttentionImpl).
+// From kBatchRows rows up the SIMD paths dequantize each weight block once into L1 and run
+// every row over it: whole-tile blocks for a few rows (batched decode, tile_few_rows), and from
+// kGemmRows rows (prompts) a blocked GEMM on column panels (tile_batched_rows). The file also
+// holds the w8a8 integer kernel (W8A8MatmulImpl) and the one-token decode attention
+// (DecodeAttentionImpl).
 //
 // Instruction paths, chosen at compile time from the target's feature macros:
 // - AVX-512 (__AVX512F__): 16 f32 lanes, 32 vector registers;
@@ -61,8 +63,8 @@ constexpr int64_t kTile = 128;  // must equal infer.kernels.TILE
 constexpr int64_t kRowChunk = 4;
 // Rows of one k-block of an int8 tile: 64 x 128 bytes = 8 KiB, a sixth of L1.
 constexpr int64_t kBlockK = 64;
-// Activation rows per slab of the batched paths (its output tile: 64 x 128 x 4 bytes = 32 KiB
-// on the stack); a larger M runs slab by slab.
+// Activation rows per slab of the w8a8 kernel (its int32 output tile: 64 x 128 x 4 bytes =
+// 32 KiB on the stack); a larger M runs slab by slab.
 constexpr int64_t kSlabRows = 64;
 
 // The portable int8 tile: out[r][j] = scale[j] * sum_k x[r, k] * w[k, j]. The sums build up
@@ -126,9 +128,9 @@ struct Simd {
   static constexpr int64_t kLanes = 16;
   // Accumulators per pass: half the 32 registers, the rest hold broadcasts and widened weights.
   static constexpr int64_t kAccumulators = 16;
-  // Batched micro-kernel (see gemm_block): 6 rows x 4 vectors = 24 accumulators, 4 weight
-  // vectors, one broadcast.
-  static constexpr int64_t kMicroRows = 6, kMicroVectors = 4;
+  // Batched micro-kernel (see gemm_micro): 6 rows x 4 vectors = 24 accumulators, 4 weight
+  // vectors, one broadcast. Its panel of one k-block: 128 x 64 x 4 bytes = 32 KiB of L1.
+  static constexpr int64_t kMicroRows = 6, kMicroVectors = 4, kPanelK = 128;
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float v) { return _mm512_set1_ps(v); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
@@ -158,8 +160,8 @@ struct Simd {
   // (16 accumulators, a whole 128-column tile row, would spill).
   static constexpr int64_t kAccumulators = 8;
   // Batched micro-kernel: 6 rows x 2 vectors = 12 accumulators, 2 weight vectors, one
-  // broadcast: 15 of the 16 registers.
-  static constexpr int64_t kMicroRows = 6, kMicroVectors = 2;
+  // broadcast: 15 of the 16 registers. Its panel of one k-block: 256 x 16 x 4 bytes = 16 KiB.
+  static constexpr int64_t kMicroRows = 6, kMicroVectors = 2, kPanelK = 256;
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float v) { return _mm256_set1_ps(v); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
@@ -289,25 +291,132 @@ void int4_tile_simd(const float* x, int64_t ldx, const uint8_t* packed, const fl
   }
 }
 
-// ---- Batched decode: each weight block dequantized once, shared by all activation rows ----
+// ---- Many rows (prefill): a blocked GEMM on dequantized weight panels ----
 //
 // The tile kernels above widen every weight once per chunk of up to 4 rows: at 16 rows that is
 // 4 widenings per weight (each as costly as an FMA) and 4 passes over the tile, which has left
-// L1. From kBatchRows rows up, a block of kDqK tile rows is dequantized to f32 into an L1
-// buffer once, and a register-blocked micro-kernel (kMicroRows x kMicroVectors accumulators,
-// the broadcast activation feeding kMicroVectors FMAs, each weight vector kMicroRows FMAs)
-// runs every row of the batch over it: the FMA units, not the widening, set the pace.
+// L1. From kGemmRows rows up (below it, tile_few_rows) a tile is the weight operand of a
+// blocked GEMM in the GotoBLAS / BLIS loop order:
+// - rows in blocks of kRowBlock, so one row block's activations of one k-block stay in L2;
+// - k in blocks of Simd::kPanelK, and the tile's 128 columns in panels of kPanel: each k-block
+//   of a panel is dequantized once into a contiguous f32 buffer that stays in L1 while every
+//   row of the block runs over it (contiguous, so it spreads over all cache sets: a stride of
+//   one 128-column f32 row maps a 64-column panel onto half of them);
+// - the micro-kernel keeps kMicroRows x kMicroVectors accumulators in registers for the whole
+//   k-block (the broadcast activation feeds kMicroVectors FMAs, each weight vector
+//   kMicroRows FMAs) and meets the output once per k-block: the FMA units, not the widening
+//   or the loads and stores, set the pace.
 
+constexpr int64_t kPanel = Simd::kMicroVectors * Simd::kLanes;  // columns of a panel
+static_assert(kTile % kPanel == 0, "a tile is whole panels");
+// Rows of a row block: at kPanelK = 128 its activations of one k-block are 96 KiB (L2).
+constexpr int64_t kRowBlock = 32 * Simd::kMicroRows;
+
+// out[r * ldo + c] (+)= sum_k x[r * ldx + k] * panel[k * kPanel + c] for Rows rows, kn k and
+// the panel's kPanel columns (First: = instead of +=); Scaled (the last k-block of an int8
+// tile): the sums are multiplied by scale[c] on the way out. First and Scaled are template
+// parameters because with run-time branches GCC keeps the accumulators in a stack array around
+// the k loop (a load and a store per accumulator per call).
+template <int64_t Rows, bool First, bool Scaled>
+void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t kn, float* out,
+                int64_t ldo, const float* scale) {
+  using F = Simd::F;
+  constexpr int64_t kVectors = Simd::kMicroVectors;
+  F acc[Rows][kVectors];
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t v = 0; v < kVectors; ++v)
+      acc[r][v] = First ? Simd::zero() : Simd::load(out + r * ldo + v * Simd::kLanes);
+  for (int64_t k = 0; k < kn; ++k) {
+    F wv[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v)
+      wv[v] = Simd::load(panel + k * kPanel + v * Simd::kLanes);
+    for (int64_t r = 0; r < Rows; ++r) {
+      const F xb = Simd::set1(x[r * ldx + k]);
+      for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = Simd::fma(xb, wv[v], acc[r][v]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const int64_t j = v * Simd::kLanes;
+      Simd::store(out + r * ldo + j, Scaled ? Simd::mul(acc[r][v], Simd::load(scale + j))
+                                            : acc[r][v]);
+    }
+}
+
+template <int64_t Rows>
+void gemm_micro(const float* x, int64_t ldx, const float* panel, int64_t kn, float* out,
+                int64_t ldo, bool first, const float* scale) {
+  if (first && scale) gemm_micro<Rows, true, true>(x, ldx, panel, kn, out, ldo, scale);
+  else if (first) gemm_micro<Rows, true, false>(x, ldx, panel, kn, out, ldo, scale);
+  else if (scale) gemm_micro<Rows, false, true>(x, ldx, panel, kn, out, ldo, scale);
+  else gemm_micro<Rows, false, false>(x, ldx, panel, kn, out, ldo, scale);
+}
+
+// Calls f(std::integral_constant<int64_t, R>{}) with R = rows (1..kMicroRows).
+template <typename Fn>
+void with_micro_rows(int64_t rows, const Fn& f) {
+  static_assert(Simd::kMicroRows == 6, "update the cases");
+  switch (rows) {
+    case 1: f(std::integral_constant<int64_t, 1>{}); break;
+    case 2: f(std::integral_constant<int64_t, 2>{}); break;
+    case 3: f(std::integral_constant<int64_t, 3>{}); break;
+    case 4: f(std::integral_constant<int64_t, 4>{}); break;
+    case 5: f(std::integral_constant<int64_t, 5>{}); break;
+    default: f(std::integral_constant<int64_t, 6>{}); break;
+  }
+}
+
+// Rows m0 .. m0 + rows (rows <= kRowBlock) of tile t of y = x[M, K] @ (the tile, dequantized
+// panel by panel by `dequantize(k0, kn, c0, panel)`). `scale` (int8: the tile's column scales;
+// int4: null, its scales are in the dequantized values) multiplies the finished sums. A partial
+// last tile is computed into a whole-tile buffer and its valid columns copied out.
+template <typename Dequantize>
+void tile_batched_rows(int64_t t, int64_t m0, int64_t rows, int64_t K, int64_t N, const float* x,
+                       float* y, const Dequantize& dequantize, const float* scale) {
+  const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+  std::unique_ptr<float[]> partial;
+  if (width < kTile) partial.reset(new float[rows * kTile]);
+  const int64_t ldo = partial ? kTile : N;
+  float* out = partial ? partial.get() : y + m0 * N + n0;
+  alignas(64) float panel[Simd::kPanelK * kPanel];
+  for (int64_t k0 = 0; k0 < K; k0 += Simd::kPanelK) {
+    const int64_t kn = std::min(Simd::kPanelK, K - k0);
+    const bool first = k0 == 0, last = k0 + kn == K;
+    for (int64_t c0 = 0; c0 < kTile; c0 += kPanel) {
+      dequantize(k0, kn, c0, panel);
+      const float* panel_scale = last && scale ? scale + c0 : nullptr;
+      for (int64_t m = 0; m < rows; m += Simd::kMicroRows)
+        with_micro_rows(std::min(Simd::kMicroRows, rows - m), [&](auto r) {
+          gemm_micro<decltype(r)::value>(x + (m0 + m) * K + k0, K, panel, kn,
+                                         out + m * ldo + c0, ldo, first, panel_scale);
+        });
+    }
+  }
+  if (partial)
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(y + (m0 + r) * N + n0, partial.get() + r * kTile, width * sizeof(float));
+}
+
+// ---- Few rows (batched decode, kBatchRows to kGemmRows - 1): whole-tile blocks ----
+//
+// Below kGemmRows rows each dequantized weight is reused too few times to pay for the GEMM's
+// panels and row blocks: bench/batched_routes.cc (one thread, base's MLP shapes) measured the
+// GEMM route at 0.76-0.87x this one's speed for int8 at 8-16 rows (AVX2 build: 0.82-0.94x
+// for int8 and int4), 0.89-0.97x at 32-48 (int8; AVX2 both), and level or ahead from 64.
+// Here a block of kDqK rows of the whole tile is dequantized (one contiguous read) into an L1
+// buffer and the same micro-kernel shape runs every row over it, leaving its sums in a stack
+// tile between blocks.
+constexpr int64_t kGemmRows = 64;
 // Rows of a dequantized block: 32 x 128 x 4 bytes = 16 KiB, a third of L1.
 constexpr int64_t kDqK = 32;
 
 // out[r][c] (+)= sum_k x[r * ldx + k] * wf[k][c] for Rows rows, kn block rows, all 128 columns.
 template <int64_t Rows>
-void gemm_block(const float* x, int64_t ldx, const float (*wf)[kTile], int64_t kn,
-                float (*out)[kTile], bool first) {
+void few_rows_block(const float* x, int64_t ldx, const float (*wf)[kTile], int64_t kn,
+                    float (*out)[kTile], bool first) {
   using F = Simd::F;
-  constexpr int64_t kVectors = Simd::kMicroVectors, kWidth = kVectors * Simd::kLanes;
-  for (int64_t c0 = 0; c0 < kTile; c0 += kWidth) {
+  constexpr int64_t kVectors = Simd::kMicroVectors;
+  for (int64_t c0 = 0; c0 < kTile; c0 += kPanel) {
     F acc[Rows][kVectors];
     for (int64_t r = 0; r < Rows; ++r)
       for (int64_t v = 0; v < kVectors; ++v)
@@ -326,46 +435,59 @@ void gemm_block(const float* x, int64_t ldx, const float (*wf)[kTile], int64_t k
   }
 }
 
-// Calls f(std::integral_constant<int64_t, R>{}) with R = rows (1..kMicroRows).
-template <typename Fn>
-void with_micro_rows(int64_t rows, const Fn& f) {
-  static_assert(Simd::kMicroRows == 6, "update the cases");
-  switch (rows) {
-    case 1: f(std::integral_constant<int64_t, 1>{}); break;
-    case 2: f(std::integral_constant<int64_t, 2>{}); break;
-    case 3: f(std::integral_constant<int64_t, 3>{}); break;
-    case 4: f(std::integral_constant<int64_t, 4>{}); break;
-    case 5: f(std::integral_constant<int64_t, 5>{}); break;
-    default: f(std::integral_constant<int64_t, 6>{}); break;
-  }
-}
-
-// out[M][128] = x[M, K] @ (the tile, dequantized block by block by `dequantize(k0, kn, wf)`),
-// M <= kSlabRows.
+// Tile t of y for M < kGemmRows rows: x[M, K] @ (the tile, dequantized block by block by
+// `dequantize(k0, kn, wf)`); `scale` as in tile_batched_rows. Stack: 16 + 32 KiB.
 template <typename Dequantize>
-void tile_batched(const float* x, int64_t M, int64_t K, const Dequantize& dequantize,
-                  float (*out)[kTile]) {
+void tile_few_rows(int64_t t, int64_t M, int64_t K, int64_t N, const float* x, float* y,
+                   const Dequantize& dequantize, const float* scale) {
   alignas(64) float wf[kDqK][kTile];
+  alignas(64) float out[kGemmRows][kTile];
   for (int64_t k0 = 0; k0 < K; k0 += kDqK) {
     const int64_t kn = std::min(kDqK, K - k0);
     dequantize(k0, kn, wf);
-    for (int64_t m = 0; m < M; m += Simd::kMicroRows) {
+    for (int64_t m = 0; m < M; m += Simd::kMicroRows)
       with_micro_rows(std::min(Simd::kMicroRows, M - m), [&](auto r) {
-        gemm_block<decltype(r)::value>(x + m * K + k0, K, wf, kn, out + m, k0 == 0);
+        few_rows_block<decltype(r)::value>(x + m * K + k0, K, wf, kn, out + m, k0 == 0);
       });
+  }
+  const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t j = 0; j < width; ++j)
+      y[r * N + n0 + j] = scale ? out[r][j] * scale[j] : out[r][j];
+}
+
+// int8 panel: the values as f32 (the per-column scale is applied to the sums, as the XLA op
+// does).
+void dequantize_int8(const int8_t* w, int64_t k0, int64_t kn, int64_t c0, float* panel) {
+  for (int64_t k = 0; k < kn; ++k)
+    for (int64_t j = 0; j < kPanel; j += Simd::kLanes)
+      Simd::store(panel + k * kPanel + j, Simd::widen_int8(w + (k0 + k) * kTile + c0 + j));
+}
+
+// int4 panel: (nibble - 8) * scale, the XLA op's dequantized weight exactly (k0, kn even).
+void dequantize_int4(const uint8_t* packed, const float* scale, int64_t ld_scale, int64_t group,
+                     int64_t k0, int64_t kn, int64_t c0, float* panel) {
+  const Simd::F eight = Simd::set1(8.0f);
+  for (int64_t k = 0; k < kn; k += 2) {
+    const uint8_t* row = packed + ((k0 + k) / 2) * kTile + c0;
+    const float* s = scale + ((k0 + k) / group) * ld_scale + c0;
+    for (int64_t j = 0; j < kPanel; j += Simd::kLanes) {
+      Simd::F low, high;
+      Simd::widen_nibbles(row + j, low, high);
+      const Simd::F sj = Simd::load(s + j);
+      Simd::store(panel + k * kPanel + j, Simd::mul(Simd::sub(low, eight), sj));
+      Simd::store(panel + (k + 1) * kPanel + j, Simd::mul(Simd::sub(high, eight), sj));
     }
   }
 }
 
-// int8 block: the values as f32 (the per-column scale is applied to the sums, as the XLA op
-// does).
+// The same for a whole-tile block of the few-rows route: 128 columns are kTile / kPanel panels.
 void dequantize_int8(const int8_t* w, int64_t k0, int64_t kn, float (*wf)[kTile]) {
   for (int64_t k = 0; k < kn; ++k)
     for (int64_t j = 0; j < kTile; j += Simd::kLanes)
       Simd::store(wf[k] + j, Simd::widen_int8(w + (k0 + k) * kTile + j));
 }
 
-// int4 block: (nibble - 8) * scale, the XLA op's dequantized weight exactly (k0, kn even).
 void dequantize_int4(const uint8_t* packed, const float* scale, int64_t ld_scale, int64_t group,
                      int64_t k0, int64_t kn, float (*wf)[kTile]) {
   const Simd::F eight = Simd::set1(8.0f);
@@ -383,9 +505,10 @@ void dequantize_int4(const uint8_t* packed, const float* scale, int64_t ld_scale
 }
 #endif
 
-// Rows from which the SIMD paths take the batched route (tile_batched) instead of row chunks
-// of the tile kernels (which stay the batch-1 path: there the weight stream, not arithmetic,
-// sets the pace, and widening in registers reads it once without an L1 round trip).
+// Rows from which the SIMD paths take a batched route (tile_few_rows, from kGemmRows
+// tile_batched_rows) instead of row chunks of the tile kernels (which stay the batch-1 path:
+// there the weight stream, not arithmetic, sets the pace, and widening in registers reads it
+// once without an L1 round trip).
 constexpr int64_t kBatchRows = 5;
 
 template <int64_t Rows>
@@ -526,6 +649,33 @@ void parallel_tiles(ffi::ThreadPool& pool, int64_t tiles, const RunTile& run_til
   while (job->done.load(std::memory_order_acquire) < tiles) cpu_relax();
 }
 
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+// Runs `tile_fn(t, m0, rows)` for every row block x tile of the batched path, row block major:
+// each core keeps the row block's activations in its L2 for all the tiles it takes, where tile
+// major order would stream all M rows of activations through it again for every tile (at 2048
+// rows, 6 MiB for base's d_model). A product with few tiles (768 columns: 6) is cut into row
+// blocks down to kMinBlockRows rows until there are kMinTasks tasks, so a core that starts
+// late or is shared with another process leaves a small task to the other, not a sixth of the
+// product; smaller blocks would dequantize each panel too often.
+constexpr int64_t kMinTasks = 16, kMinBlockRows = 48;
+
+template <typename TileFn>
+void batched_tasks(ffi::ThreadPool& pool, int64_t M, int64_t tiles, const TileFn& tile_fn) {
+  int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t wanted = (kMinTasks + tiles - 1) / tiles;
+  if (blocks < wanted) blocks = std::max(blocks, std::min(wanted, M / kMinBlockRows));
+  // Whole micro-kernel row groups per block; at most kRowBlock since blocks >= M / kRowBlock.
+  const int64_t per_block = (M + blocks - 1) / blocks;
+  const int64_t block_rows = (per_block + Simd::kMicroRows - 1) / Simd::kMicroRows *
+                             Simd::kMicroRows;
+  blocks = (M + block_rows - 1) / block_rows;
+  parallel_tiles(pool, blocks * tiles, [&](int64_t task) {
+    const int64_t m0 = (task / tiles) * block_rows;
+    tile_fn(task % tiles, m0, std::min(block_rows, M - m0));
+  });
+}
+#endif
+
 // Computes tile t of y for all activation rows, kRowChunk rows per pass over the tile (so the
 // tile is read from memory once and from cache for the later rows); writes the valid columns.
 template <typename RowsFn>
@@ -552,23 +702,6 @@ void with_rows(int64_t rows, const F& f) {
   }
 }
 
-#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
-// Tile t of y for all M rows on the batched path, kSlabRows rows at a time; column j of the
-// sums is multiplied by column_scale(j) (int8: its scale; int4: 1, scaled when dequantized).
-template <typename Dequantize, typename ColumnScale>
-void tile_batched_rows(int64_t t, int64_t M, int64_t K, int64_t N, const float* x, float* y,
-                       const Dequantize& dequantize, const ColumnScale& column_scale) {
-  const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
-  for (int64_t m0 = 0; m0 < M; m0 += kSlabRows) {
-    const int64_t rows = std::min(kSlabRows, M - m0);
-    alignas(64) float out[kSlabRows][kTile];
-    tile_batched(x + m0 * K, rows, K, dequantize, out);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < width; ++j) y[(m0 + r) * N + n0 + j] = out[r][j] * column_scale(j);
-  }
-}
-#endif
-
 ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -582,17 +715,30 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int8_t* wp = w.typed_data();
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
-  parallel_tiles(pool, (N + kTile - 1) / kTile, [&](int64_t t) {
-    const int8_t* wt = wp + t * K * kTile;
+  const int64_t tiles = (N + kTile - 1) / kTile;
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
-    if (M >= kBatchRows) {
-      const float* st = sp + t * kTile;
-      tile_batched_rows(t, M, K, N, xp, yp, [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
+  if (M >= kBatchRows && M < kGemmRows) {
+    parallel_tiles(pool, tiles, [&](int64_t t) {
+      const int8_t* wt = wp + t * K * kTile;
+      tile_few_rows(t, M, K, N, xp, yp, [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
         dequantize_int8(wt, k0, kn, wf);
-      }, [&](int64_t j) { return st[j]; });
-      return;
-    }
+      }, sp + t * kTile);
+    });
+    return ffi::Error::Success();
+  }
+  if (M >= kGemmRows) {
+    batched_tasks(pool, M, tiles, [&](int64_t t, int64_t m0, int64_t rows) {
+      const int8_t* wt = wp + t * K * kTile;
+      tile_batched_rows(t, m0, rows, K, N, xp, yp,
+                        [&](int64_t k0, int64_t kn, int64_t c0, float* panel) {
+                          dequantize_int8(wt, k0, kn, c0, panel);
+                        }, sp + t * kTile);
+    });
+    return ffi::Error::Success();
+  }
 #endif
+  parallel_tiles(pool, tiles, [&](int64_t t) {
+    const int8_t* wt = wp + t * K * kTile;
     tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, float (*out)[kTile]) {
       with_rows(rows, [&](auto r) {
         int8_tile<decltype(r)::value>(xp + m * K, K, wt, sp + t * kTile, K, out);
@@ -619,16 +765,30 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const uint8_t* pp = packed.typed_data();
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
-  parallel_tiles(pool, (N + kTile - 1) / kTile, [&](int64_t t) {
-    const uint8_t* pt = pp + t * (K / 2) * kTile;
+  const int64_t tiles = (N + kTile - 1) / kTile;
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
-    if (M >= kBatchRows) {
-      tile_batched_rows(t, M, K, N, xp, yp, [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
+  if (M >= kBatchRows && M < kGemmRows) {
+    parallel_tiles(pool, tiles, [&](int64_t t) {
+      const uint8_t* pt = pp + t * (K / 2) * kTile;
+      tile_few_rows(t, M, K, N, xp, yp, [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
         dequantize_int4(pt, sp + t * kTile, ld_scale, group, k0, kn, wf);
-      }, [](int64_t) { return 1.0f; });
-      return;
-    }
+      }, nullptr);
+    });
+    return ffi::Error::Success();
+  }
+  if (M >= kGemmRows) {
+    batched_tasks(pool, M, tiles, [&](int64_t t, int64_t m0, int64_t rows) {
+      const uint8_t* pt = pp + t * (K / 2) * kTile;
+      tile_batched_rows(t, m0, rows, K, N, xp, yp,
+                        [&](int64_t k0, int64_t kn, int64_t c0, float* panel) {
+                          dequantize_int4(pt, sp + t * kTile, ld_scale, group, k0, kn, c0, panel);
+                        }, nullptr);
+    });
+    return ffi::Error::Success();
+  }
 #endif
+  parallel_tiles(pool, tiles, [&](int64_t t) {
+    const uint8_t* pt = pp + t * (K / 2) * kTile;
     tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, float (*out)[kTile]) {
       with_rows(rows, [&](auto r) {
         int4_tile<decltype(r)::value>(xp + m * K, K, pt, sp + t * kTile, ld_scale, K, group,
@@ -737,11 +897,18 @@ void bf16_tile_simd(const float* x, int64_t ldx, const uint16_t* w, int64_t K,
   }
 }
 
-// bf16 block for the batched route: the weights as f32, exactly.
+// bf16 block for the few-rows route: the weights as f32, exactly.
 void dequantize_bf16(const uint16_t* w, int64_t k0, int64_t kn, float (*wf)[kTile]) {
   for (int64_t k = 0; k < kn; ++k)
     for (int64_t j = 0; j < kTile; j += Simd::kLanes)
       Simd::store(wf[k] + j, widen_bf16(w + (k0 + k) * kTile + j));
+}
+
+// bf16 panel for the GEMM route.
+void dequantize_bf16(const uint16_t* w, int64_t k0, int64_t kn, int64_t c0, float* panel) {
+  for (int64_t k = 0; k < kn; ++k)
+    for (int64_t j = 0; j < kPanel; j += Simd::kLanes)
+      Simd::store(panel + k * kPanel + j, widen_bf16(w + (k0 + k) * kTile + c0 + j));
 }
 #endif
 
@@ -765,16 +932,30 @@ ffi::Error Bf16MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   const uint16_t* wp = w.typed_data();
   float* yp = y->typed_data();
-  parallel_tiles(pool, (N + kTile - 1) / kTile, [&](int64_t t) {
-    const uint16_t* wt = wp + t * K * kTile;
+  const int64_t tiles = (N + kTile - 1) / kTile;
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
-    if (M >= kBatchRows) {
-      tile_batched_rows(t, M, K, N, xp, yp, [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
+  if (M >= kBatchRows && M < kGemmRows) {
+    parallel_tiles(pool, tiles, [&](int64_t t) {
+      const uint16_t* wt = wp + t * K * kTile;
+      tile_few_rows(t, M, K, N, xp, yp, [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
         dequantize_bf16(wt, k0, kn, wf);
-      }, [](int64_t) { return 1.0f; });
-      return;
-    }
+      }, nullptr);
+    });
+    return ffi::Error::Success();
+  }
+  if (M >= kGemmRows) {
+    batched_tasks(pool, M, tiles, [&](int64_t t, int64_t m0, int64_t rows) {
+      const uint16_t* wt = wp + t * K * kTile;
+      tile_batched_rows(t, m0, rows, K, N, xp, yp,
+                        [&](int64_t k0, int64_t kn, int64_t c0, float* panel) {
+                          dequantize_bf16(wt, k0, kn, c0, panel);
+                        }, nullptr);
+    });
+    return ffi::Error::Success();
+  }
 #endif
+  parallel_tiles(pool, tiles, [&](int64_t t) {
+    const uint16_t* wt = wp + t * K * kTile;
     tile_all_rows(t, M, N, yp, [&](int64_t m, int64_t rows, float (*out)[kTile]) {
       with_rows(rows, [&](auto r) { bf16_tile<decltype(r)::value>(xp + m * K, K, wt, K, out); });
     });
