@@ -40,14 +40,11 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <thread>
 #include <type_traits>
 
@@ -536,117 +533,32 @@ void int4_tile(const float* x, int64_t ldx, const uint8_t* packed, const float* 
 #endif
 }
 
-// ---- Sharing a product's tiles between the cores ----
+// Runs `run_tile(t, out)` for every tile t on the calling thread and on XLA's CPU thread pool.
 //
-// A job's tiles are handed out by an atomic counter: the calling thread takes tiles until none
-// are left, and only waits for tiles a helper has already started, so a late or busy helper
-// costs at most one tile.
-//
-// Why helpers of our own rather than XLA's thread pool (or OpenMP): a decode step calls these
-// kernels ~100 times, each call a few tens of microseconds of work. A helper scheduled on
-// XLA's pool is a sleeping thread woken per call; on a VM a wake-up costs about as much as the
-// call's work, so the helper joined late or not at all and a step read the weights at about one
-// core's bandwidth (bench/decode_matmuls.py, docs/performance.md). OpenMP's default team
-// sleeps too, and its "active" wait policy spins forever, taking a core from XLA. The helpers
-// here spin for kSpinMicros after their last job (long enough to bridge the gaps between the
-// kernel calls of a step, short enough to give the core back between steps), then sleep.
-struct Job {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t tiles = 0;
-  void (*run)(const void*, int64_t) = nullptr;  // run(context, tile)
-  const void* context = nullptr;
-
-  void work() {
-    // run/context are only used while some tile is unfinished, i.e. while the caller waits.
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tiles;) {
-      run(context, t);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-constexpr int64_t kSpinMicros = 200;
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
-
-class Helpers {
- public:
-  // The process's helpers (cores - 1 of them), started on first use and never destroyed (a
-  // static destructor would run while they wait).
-  static Helpers& get() {
-    static Helpers* helpers = new Helpers(
-        std::max<int64_t>(1, std::thread::hardware_concurrency()) - 1);
-    return *helpers;
-  }
-
-  int64_t count() const { return count_; }
-
-  // Offers `job` to the helpers. A second caller's job replaces the first's: the first caller
-  // then finishes its own tiles alone, which is correct, only slower.
-  void post(std::shared_ptr<Job> job) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      current_ = std::move(job);
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    wake_.notify_all();
-  }
-
- private:
-  explicit Helpers(int64_t count) : count_(count) {
-    for (int64_t i = 0; i < count; ++i) std::thread([this] { loop(); }).detach();
-  }
-
-  void loop() {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
-    for (;;) {
-      const auto spin_until =
-          std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
-      for (int64_t i = 0; generation_.load(std::memory_order_acquire) == seen; ++i) {
-        cpu_relax();
-        if (i % 64 == 63 && std::chrono::steady_clock::now() > spin_until) {
-          std::unique_lock<std::mutex> lock(mutex_);
-          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-          break;
-        }
-      }
-      std::shared_ptr<Job> job;
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        job = current_;
-        seen = generation_.load(std::memory_order_acquire);
-      }
-      if (job) job->work();
-    }
-  }
-
-  const int64_t count_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::shared_ptr<Job> current_;
-  std::atomic<uint64_t> generation_{0};
-};
-
-// Runs `run_tile(t)` for every tile t on the calling thread and the helpers (none if XLA was
-// told to use one CPU thread: its pool's size is the user's setting).
+// Why not OpenMP: called ~85 times per decode step from inside an XLA program, an OpenMP
+// parallel region paid more to wake its sleeping team (libgomp's default wait policy) than a
+// 768x768 matvec costs: in a scratch run, 2 threads were slower than one. Here the tiles are handed out by an atomic counter: the caller takes
+// tiles until none are left, helpers scheduled on XLA's pool take tiles when (and if) they
+// start. The caller never waits for a helper that has not started, only for tiles a helper is
+// already computing, so a busy or late core costs at most one tile.
 template <typename RunTile>
 void parallel_tiles(ffi::ThreadPool& pool, int64_t tiles, const RunTile& run_tile) {
-  // Shared ownership: a helper that picks the job up after the call returned still finds its
-  // counter (and, finding no tile left, never touches run_tile).
-  auto job = std::make_shared<Job>();
-  job->tiles = tiles;
-  job->context = &run_tile;
-  job->run = [](const void* context, int64_t t) { (*static_cast<const RunTile*>(context))(t); };
-  Helpers& helpers = Helpers::get();
-  if (tiles > 1 && helpers.count() > 0 && pool.num_threads() > 1) helpers.post(job);
-  job->work();
-  while (job->done.load(std::memory_order_acquire) < tiles) cpu_relax();
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  // Shared ownership: a helper that starts after the call returned still finds its counter.
+  auto progress = std::make_shared<Progress>();
+  auto work = [progress, tiles, &run_tile] {
+    // run_tile is only used while some tile is unfinished, i.e. while the caller still waits.
+    for (int64_t t; (t = progress->next.fetch_add(1)) < tiles;) {
+      run_tile(t);
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, tiles - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
+  work();
+  while (progress->done.load(std::memory_order_acquire) < tiles) std::this_thread::yield();
 }
 
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
