@@ -58,8 +58,6 @@ constexpr int64_t kTile = 128;  // must equal infer.kernels.TILE
 // Activation rows that share one pass over a tile. In the SIMD paths the tile is walked in
 // k-blocks that stay in L1 while every column pass and every row chunk uses them.
 constexpr int64_t kRowChunk = 4;
-// Rows of one k-block of an int8 tile: 64 x 128 bytes = 8 KiB, a sixth of L1.
-constexpr int64_t kBlockK = 64;
 // Activation rows per slab of the w8a8 kernel (its int32 output tile: 64 x 128 x 4 bytes =
 // 32 KiB on the stack); a larger M runs slab by slab.
 constexpr int64_t kSlabRows = 64;
@@ -189,10 +187,11 @@ constexpr int64_t vectors_per_pass(int64_t rows) {
   return v;
 }
 
-// How far ahead (in tile rows of 128 bytes) the int8 / int4 tile kernels prefetch their weight
+// How far ahead (in tile rows) the tile kernels (int8, int4, bf16) prefetch their weight
 // stream. One core alone keeps too few cache-line reads in flight to stream a tile at the
-// memory's pace (the bf16 kernel below measured 11.2 against 8.5 GB/s on one thread); 32 rows
-// is 4 KiB ahead.
+// memory's pace: in a scratch run of the bf16 kernel (one thread, 768 x 2048, 300 MB of copies,
+// rounds interleaved) this read 11.2 GB/s against 8.5 without (AVX-512) and 10.0 against 7.6
+// (AVX2); 16 and 64 rows did the same within noise, 8 a little less.
 constexpr int64_t kPrefetchRows = 32;
 
 // Prefetches `bytes` bytes from `ahead` into L1. Past the tile's end this touches the next tile
@@ -202,40 +201,54 @@ inline void prefetch_ahead(const void* ahead, int64_t bytes) {
     _mm_prefetch(static_cast<const char*>(ahead) + j, _MM_HINT_T0);
 }
 
-// int8 tile in intrinsics: each weight vector is widened once (load + sign extend + convert)
-// and feeds one FMA per row. The tile is walked in k-blocks of kBlockK rows (8 KiB); within a
-// block each column pass keeps its accumulators in registers and leaves them in `out` for the
-// next block, so the block is read from memory once and from L1 by the later passes.
-template <int64_t Rows>
-void int8_tile_simd(const float* x, int64_t ldx, const int8_t* w, const float* scale, int64_t K,
-                    float (*out)[kTile]) {
+// Tile kernel for weights that widen to f32 one vector at a time (int8, bf16): each weight
+// vector is widened once (`widen(p)`: load + extend + convert) and feeds one FMA per row. The
+// tile is walked in k-blocks of kBlockBytes (8 KiB: 64 int8 or 32 bf16 rows); within a block
+// each column pass keeps its accumulators in registers and leaves them in `out` for the next
+// block, so the block is read from memory once and from L1 by the later passes. The sums are
+// multiplied by `scale` (one per column) at the end, or left as they are if it is null.
+constexpr int64_t kBlockBytes = 8192;
+
+template <int64_t Rows, typename Weight, typename Widen>
+void widening_tile_simd(const float* x, int64_t ldx, const Weight* w, const float* scale,
+                        int64_t K, float (*out)[kTile], const Widen& widen) {
   using F = Simd::F;
   constexpr int64_t kVectors = vectors_per_pass(Rows), kWidth = kVectors * Simd::kLanes;
-  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-    const int64_t k1 = std::min(K, k0 + kBlockK);
+  constexpr int64_t kRowsPerBlock = kBlockBytes / (kTile * sizeof(Weight));
+  for (int64_t k0 = 0; k0 < K; k0 += kRowsPerBlock) {
+    const int64_t k1 = std::min(K, k0 + kRowsPerBlock);
     for (int64_t c0 = 0; c0 < kTile; c0 += kWidth) {
       F acc[Rows][kVectors];
       for (int64_t r = 0; r < Rows; ++r)
         for (int64_t v = 0; v < kVectors; ++v)
           acc[r][v] = k0 == 0 ? Simd::zero() : Simd::load(out[r] + c0 + v * Simd::kLanes);
       for (int64_t k = k0; k < k1; ++k) {
-        const int8_t* row = w + k * kTile + c0;
-        prefetch_ahead(row + kPrefetchRows * kTile, kWidth);
+        const Weight* row = w + k * kTile + c0;
+        prefetch_ahead(row + kPrefetchRows * kTile, kWidth * sizeof(Weight));
         F xv[Rows];
         for (int64_t r = 0; r < Rows; ++r) xv[r] = Simd::set1(x[r * ldx + k]);
         for (int64_t v = 0; v < kVectors; ++v) {
-          const F wv = Simd::widen_int8(row + v * Simd::kLanes);
+          const F wv = widen(row + v * Simd::kLanes);
           for (int64_t r = 0; r < Rows; ++r) acc[r][v] = Simd::fma(xv[r], wv, acc[r][v]);
         }
       }
-      const bool last = k1 == K;
+      const bool scaled = scale != nullptr && k1 == K;
       for (int64_t r = 0; r < Rows; ++r)
         for (int64_t v = 0; v < kVectors; ++v) {
           const int64_t j = c0 + v * Simd::kLanes;
-          Simd::store(out[r] + j, last ? Simd::mul(acc[r][v], Simd::load(scale + j)) : acc[r][v]);
+          const F sum = acc[r][v];
+          Simd::store(out[r] + j, scaled ? Simd::mul(sum, Simd::load(scale + j)) : sum);
         }
     }
   }
+}
+
+// int8 tile in intrinsics: sign-extending load + convert, the column scale at the end.
+template <int64_t Rows>
+void int8_tile_simd(const float* x, int64_t ldx, const int8_t* w, const float* scale, int64_t K,
+                    float (*out)[kTile]) {
+  widening_tile_simd<Rows>(x, ldx, w, scale, K, out,
+                           [](const int8_t* p) { return Simd::widen_int8(p); });
 }
 
 // int4 tile in intrinsics: the nibbles go from one load to FMAs in registers (AND / shift and
@@ -721,15 +734,6 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // in another order. Same tiled layout [N / 128][K][128] and the same routes as int8: row chunks
 // of the tile kernel for 1-4 rows, the batched route (tile_batched) from kBatchRows rows.
 
-// Rows of one k-block of a bf16 tile: 32 x 128 x 2 bytes = 8 KiB, the int8 block's footprint.
-constexpr int64_t kBf16BlockK = 32;
-// How far ahead (in tile rows) the SIMD tile kernel prefetches the weight stream: one block.
-// One core alone keeps too few cache-line reads in flight to stream a tile at the memory's pace:
-// in a scratch run (one thread, 768 x 2048, 300 MB of copies, rounds interleaved) this read
-// 11.2 GB/s against 8.5 without (AVX-512) and 10.0 against 7.6 (AVX2); 16 and 64 rows did the
-// same within noise, 8 a little less.
-constexpr int64_t kBf16PrefetchRows = 32;
-
 inline float bf16_to_f32(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
   float value;
@@ -773,40 +777,11 @@ inline Simd::F widen_bf16(const uint16_t* p) {
 }
 #endif
 
-// bf16 tile in intrinsics: int8_tile_simd's loop (k-blocks kept in L1 across the column passes,
-// each weight vector widened once and feeding one FMA per row) without the column scale, and
-// with a software prefetch of the stream one block ahead.
+// bf16 tile in intrinsics: int8's loop (widening_tile_simd) without a column scale.
 template <int64_t Rows>
 void bf16_tile_simd(const float* x, int64_t ldx, const uint16_t* w, int64_t K,
                     float (*out)[kTile]) {
-  using F = Simd::F;
-  constexpr int64_t kVectors = vectors_per_pass(Rows), kWidth = kVectors * Simd::kLanes;
-  for (int64_t k0 = 0; k0 < K; k0 += kBf16BlockK) {
-    const int64_t k1 = std::min(K, k0 + kBf16BlockK);
-    for (int64_t c0 = 0; c0 < kTile; c0 += kWidth) {
-      F acc[Rows][kVectors];
-      for (int64_t r = 0; r < Rows; ++r)
-        for (int64_t v = 0; v < kVectors; ++v)
-          acc[r][v] = k0 == 0 ? Simd::zero() : Simd::load(out[r] + c0 + v * Simd::kLanes);
-      for (int64_t k = k0; k < k1; ++k) {
-        const uint16_t* row = w + k * kTile + c0;
-        // Past the tile's end this touches the next tile or unmapped memory: a prefetch never
-        // faults.
-        for (int64_t j = 0; j < kWidth; j += 64 / sizeof(uint16_t))
-          _mm_prefetch(reinterpret_cast<const char*>(row + kBf16PrefetchRows * kTile + j),
-                       _MM_HINT_T0);
-        F xv[Rows];
-        for (int64_t r = 0; r < Rows; ++r) xv[r] = Simd::set1(x[r * ldx + k]);
-        for (int64_t v = 0; v < kVectors; ++v) {
-          const F wv = widen_bf16(row + v * Simd::kLanes);
-          for (int64_t r = 0; r < Rows; ++r) acc[r][v] = Simd::fma(xv[r], wv, acc[r][v]);
-        }
-      }
-      for (int64_t r = 0; r < Rows; ++r)
-        for (int64_t v = 0; v < kVectors; ++v)
-          Simd::store(out[r] + c0 + v * Simd::kLanes, acc[r][v]);
-    }
-  }
+  widening_tile_simd<Rows>(x, ldx, w, nullptr, K, out, widen_bf16);
 }
 
 // bf16 block for the few-rows route: the weights as f32, exactly.
