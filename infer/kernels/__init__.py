@@ -293,6 +293,14 @@ def _rows(x: Float[Array, "*batch d_in"]) -> int:
     return x.size // x.shape[-1]
 
 
+def _kernel_product(target: str, x2: Shaped[Array, "rows d_in"], batch: tuple[int, ...],
+                    d_out: int, *operands: Shaped[Array, "..."]) -> Float[Array, "*batch d_out"]:
+    """The f32 [rows, d_out] product of FFI target `target` on the flattened activations `x2`
+    and `operands`, reshaped back to the activations' `batch` axes."""
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], d_out), jnp.float32))
+    return call(x2, *operands).reshape(batch + (d_out,))
+
+
 # Activation rows from which a product goes to XLA's f32 dot on a dequantized copy of the weight
 # instead of the kernel; None: never. bench/prefill_threshold.py measured the kernel's blocked
 # GEMM level with or ahead of that route at every row count from 1 to 2048 (figures and command
@@ -318,10 +326,8 @@ class NativeInt8Dot(MatmulOp):
         kernels = load(self.isa)
         if x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None:
             return int8_weight_only_matmul(x, *weight.plain())
-        call = jax.ffi.ffi_call(kernels.int8_target,
-                                jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
-        y = call(x.reshape(rows, d_in), weight.values, weight.scales)
-        return y.reshape(x.shape[:-1] + (weight.d_out,))
+        return _kernel_product(kernels.int8_target, x.reshape(rows, d_in), x.shape[:-1],
+                               weight.d_out, weight.values, weight.scales)
 
 
 class NativeInt4Dot(MatmulOp):
@@ -341,9 +347,8 @@ class NativeInt4Dot(MatmulOp):
         x2 = x.reshape(rows, x.shape[-1])
         # Zero activations for the zero padding rows of the last group.
         x2 = jnp.pad(x2, ((0, 0), (0, 2 * half_rows - x2.shape[1])))
-        call = jax.ffi.ffi_call(kernels.int4_target,
-                                jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
-        return call(x2, weight.packed, weight.scales).reshape(x.shape[:-1] + (weight.d_out,))
+        return _kernel_product(kernels.int4_target, x2, x.shape[:-1], weight.d_out,
+                               weight.packed, weight.scales)
 
 
 class TiledBf16Weight(eqx.Module):
@@ -377,9 +382,8 @@ class NativeBf16Dot(MatmulOp):
         kernels = load(self.isa)
         if x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None:
             return FloatDot()(x, weight.plain())
-        call = jax.ffi.ffi_call(kernels.bf16_target,
-                                jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
-        return call(x.reshape(rows, d_in), weight.values).reshape(x.shape[:-1] + (weight.d_out,))
+        return _kernel_product(kernels.bf16_target, x.reshape(rows, d_in), x.shape[:-1],
+                               weight.d_out, weight.values)
 
 
 def _is_bf16_float_linear(x: Linear) -> bool:
@@ -438,10 +442,9 @@ class NativeW8A8Dot(MatmulOp):
             return int8_scaled_matmul(qx, x_scale, values, scales[None, :]).astype(x.dtype)
         qx = qx.reshape(rows, x.shape[-1])
         qx = jnp.pad(qx, ((0, 0), (0, 4 * weight.values.shape[-3] - qx.shape[1])))
-        call = jax.ffi.ffi_call(kernels.w8a8_target,
-                                jax.ShapeDtypeStruct((rows, weight.d_out), jnp.float32))
-        y = call(qx, x_scale.reshape(rows), weight.values, weight.scales, weight.col_sums)
-        return y.reshape(x.shape[:-1] + (weight.d_out,))
+        return _kernel_product(kernels.w8a8_target, qx, x.shape[:-1], weight.d_out,
+                               x_scale.reshape(rows), weight.values, weight.scales,
+                               weight.col_sums)
 
 
 class NativeDecodeAttention(DecodeAttention):
