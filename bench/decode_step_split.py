@@ -13,7 +13,8 @@ the compiled HLO:
   weights (no cache-length axis);
 - attention: operations with an axis of the cache's length (scores, mask, softmax, the
   weighted sum of values), the cache writes, and the native attention kernel;
-- rest: norms, RoPE, residual adds, embedding lookup, argmax, loop bookkeeping;
+- rest: norms, RoPE, residual adds, embedding lookup, the greedy pick (`greedy_tokens`, as
+  `python -m infer bench` runs it), loop bookkeeping;
 - untraced: the loop's time not covered by any operation's event (dispatch between them;
   negative where XLA ran independent operations at the same time on its two threads).
 
@@ -30,6 +31,7 @@ import os
 import re
 import statistics
 import tempfile
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -39,22 +41,26 @@ import jax.numpy as jnp
 from hpllm.quant import WITH_HEAD
 from infer.kernels import use_native_kernels
 from infer.loading import quantize, random_model
+from infer.sampling import greedy_tokens
 
 ATTENTION_OPS = re.compile(r"bskgd,btkd|bkgst,btkd|softmax|reduce_max|exp|select_n|"
                            r"dynamic_update_slice|scatter")
 
 
-def classify(hlo: str, cache_len: int) -> dict[str, tuple[str, str]]:
+def classify(hlo: str, cache_len: int, vocab: int) -> dict[str, tuple[str, str]]:
     """HLO instruction name -> (class, the JAX op it came from), for every instruction of the
     compiled module. Fusions are judged by their fused computation's body too: a cache-length
     axis or an attention op (the score / value einsums, softmax, the mask's select, the cache
-    write) makes it attention; a custom call (the native kernels) or another dot, a matmul."""
+    write) makes it attention; a custom call (the native kernels) or another dot, a matmul.
+    The greedy pick over the vocabulary is rest, although it shares op names (max, select)
+    with the softmax."""
     computations: dict[str, str] = {}
     for block in re.split(r"\n(?=\S)", hlo):
         header = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", block)
         if header:
             computations[header.group(1)] = block
     cache_axis = re.compile(rf"[\[,]{cache_len}[\],]")
+    vocab_axis = re.compile(rf"[\[,]{vocab}[\],]")
     classes = {}
     for line in hlo.splitlines():
         found = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
@@ -70,6 +76,8 @@ def classify(hlo: str, cache_len: int) -> dict[str, tuple[str, str]]:
             kind = "attention"
         elif "custom-call" in rest:
             kind = "matmuls"
+        elif vocab_axis.search(body) and not re.search(r"\bdot\(", body):
+            kind = "rest"
         elif cache_axis.search(body) or ATTENTION_OPS.search(op_name):
             kind = "attention"
         elif re.search(r"\bdot\(", body) or "dot_general" in op_name:
@@ -98,12 +106,16 @@ def main() -> None:
     models = {kind: use_native_kernels(model.unstacked(), attention=kind == "native")
               for kind in args.attention.split(",")}
 
-    @eqx.filter_jit
+    # The cache donated, as `infer.generate.decode_chunk` does: else XLA copies it on entry.
+    # (The positions are donated too, and unused: JAX says so once per compile.)
+    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+
+    @eqx.filter_jit(donate="all-except-first")
     def chunk(model, token, cache, position):
         def step(i, carry):
             token, cache = carry
             logits, cache = model.decode(token, (position + i)[:, None], cache)
-            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None], cache
+            return greedy_tokens(logits[:, -1])[:, None], cache
         return jax.lax.fori_loop(0, args.steps, step, (token, cache))
 
     print(f"{args.preset}, {args.to} (head too), cache {args.cache_len} slots, positions "
@@ -112,20 +124,22 @@ def main() -> None:
     print("| attention | batch | step ms | matmuls ms | attention ms | rest ms | untraced ms |")
     print("|---|---|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        token = jnp.zeros((batch, 1), jnp.int32)
-        position = jnp.full((batch,), args.position, jnp.int32)
-        cache = models[next(iter(models))].allocate_cache(batch, args.cache_len)
+        def inputs(batch=batch):  # new buffers for every call, which donates them
+            return (jnp.zeros((batch, 1), jnp.int32),
+                    models[next(iter(models))].allocate_cache(batch, args.cache_len),
+                    jnp.full((batch,), args.position, jnp.int32))
+
         classes = {}
         for kind, m in models.items():
-            compiled = chunk.lower(m, token, cache, position).lowered.compile()
-            classes[kind] = classify(compiled.as_text(), args.cache_len)
-            jax.block_until_ready(chunk(m, token, cache, position))
+            compiled = chunk.lower(m, *inputs()).lowered.compile()
+            classes[kind] = classify(compiled.as_text(), args.cache_len, model.cfg.vocab_size)
+            jax.block_until_ready(chunk(m, *inputs()))
         splits = {kind: collections.defaultdict(list) for kind in models}
         by_op = {}
         for _ in range(args.repeats):  # the variants interleaved, round by round
             for kind, m in models.items():
-                by_op[kind] = profile(chunk, m, token, cache, position, classes[kind],
-                                      args.steps, splits[kind])
+                by_op[kind] = profile(chunk, m, inputs(), classes[kind], args.steps,
+                                      splits[kind])
         for kind in models:
             med = {part: statistics.median(values) for part, values in splits[kind].items()}
             print(f"| {kind} | {batch} | {med['step']:.2f} | {med['matmuls']:.2f} | "
@@ -136,12 +150,12 @@ def main() -> None:
             print(f"  heaviest ops, {kind} attention, batch {batch} (ms/step): {heaviest}")
 
 
-def profile(chunk, model, token, cache, position, classes, steps, splits):
+def profile(chunk, model, inputs, classes, steps, splits):
     """One profiled run of `chunk`: appends its split (ms/step) to `splits`; returns the time
     per (class, JAX op)."""
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
-            jax.block_until_ready(chunk(model, token, cache, position))
+            jax.block_until_ready(chunk(model, *inputs))
         trace_file = next(Path(folder).rglob("*.trace.json.gz"))
         events = json.load(gzip.open(trace_file))["traceEvents"]
     total, by_op = collections.Counter(), collections.Counter()
@@ -150,7 +164,9 @@ def profile(chunk, model, token, cache, position, classes, steps, splits):
         if event.get("ph") != "X":
             continue
         name = event["name"]
-        if name.startswith("while"):
+        # The loop's own event, or (where XLA runs the loop's iterations asynchronously and
+        # that event ends early, as at batch 16) the wait for the whole program.
+        if name.startswith("while") or name == "ThunkExecutor::Execute (wait for completion)":
             loop = max(loop, event["dur"])
         elif name in classes:
             total[classes[name][0]] += event["dur"]
