@@ -13,8 +13,7 @@ the compiled HLO:
   weights (no cache-length axis);
 - attention: operations with an axis of the cache's length (scores, mask, softmax, the
   weighted sum of values), the cache writes, and the native attention kernel;
-- rest: norms, RoPE, residual adds, embedding lookup, the greedy pick (`greedy_tokens`, as
-  `python -m infer bench` runs it), loop bookkeeping;
+- rest: norms, RoPE, residual adds, embedding lookup, argmax, loop bookkeeping;
 - untraced: the loop's time not covered by any operation's event (dispatch between them;
   negative where XLA ran independent operations at the same time on its two threads).
 
@@ -41,7 +40,6 @@ import jax.numpy as jnp
 from hpllm.quant import WITH_HEAD
 from infer.kernels import use_native_kernels
 from infer.loading import quantize, random_model
-from infer.sampling import greedy_tokens
 
 ATTENTION_OPS = re.compile(r"bskgd,btkd|bkgst,btkd|softmax|reduce_max|exp|select_n|"
                            r"dynamic_update_slice|scatter")
@@ -52,8 +50,7 @@ def classify(hlo: str, cache_len: int, vocab: int) -> dict[str, tuple[str, str]]
     compiled module. Fusions are judged by their fused computation's body too: a cache-length
     axis or an attention op (the score / value einsums, softmax, the mask's select, the cache
     write) makes it attention; a custom call (the native kernels) or another dot, a matmul.
-    The greedy pick over the vocabulary is rest, although it shares op names (max, select)
-    with the softmax."""
+    An op over the vocabulary (the argmax) is rest."""
     computations: dict[str, str] = {}
     for block in re.split(r"\n(?=\S)", hlo):
         header = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", block)
@@ -115,7 +112,7 @@ def main() -> None:
         def step(i, carry):
             token, cache = carry
             logits, cache = model.decode(token, (position + i)[:, None], cache)
-            return greedy_tokens(logits[:, -1])[:, None], cache
+            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None], cache
         return jax.lax.fori_loop(0, args.steps, step, (token, cache))
 
     print(f"{args.preset}, {args.to} (head too), cache {args.cache_len} slots, positions "
