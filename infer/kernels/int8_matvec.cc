@@ -736,15 +736,27 @@ void amx_weight_operands(const int8_t* w, int64_t K, int64_t k_pad, int8_t* out)
   }
 }
 
-// The three digit sums of one 16-row group and one column group over all k-steps, into
-// sums[kDigits][16][16].
-void amx_column_group(const int8_t* digits, int64_t rows, int64_t k_pad, const int8_t* weights,
-                      int64_t group, int32_t* sums) {
+// k-steps per block: every column group runs a block of steps (its three digit sums loaded
+// from and stored to `sums` around it) before the next block, so the block's activation digits
+// (12 KiB at 16 rows) stay in L1 across the eight groups. In a scratch run (one thread, 16
+// rows, 768 x 2048) this took 6.6 us per tile where whole-k passes per group took 8.1-8.4.
+constexpr int64_t kAmxBlockSteps = 4;
+
+// sums[kDigits][16][16] (+)= the three digit sums of one 16-row group and one column group over
+// k-steps step0 .. step0 + steps (the sums start at zero when step0 is 0).
+void amx_column_group(const int8_t* digits, int64_t rows, int64_t k_pad, int64_t step0,
+                      int64_t steps, const int8_t* weights, int64_t group, int32_t* sums) {
   const int64_t digit = rows * k_pad;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  for (int64_t step = 0; step < k_pad / kAmxK; ++step) {
+  if (step0 == 0) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+  } else {
+    _tile_loadd(0, sums, 64);
+    _tile_loadd(1, sums + 256, 64);
+    _tile_loadd(2, sums + 512, 64);
+  }
+  for (int64_t step = step0; step < step0 + steps; ++step) {
     const int8_t* a = digits + step * kAmxK;
     _tile_loadd(3, a, k_pad);
     _tile_loadd(4, a + digit, k_pad);
@@ -789,12 +801,16 @@ void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
     static const AmxConfig config;
     _tile_loadconfig(&config);
     const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
-    alignas(64) int32_t sums[4][kDigits * 256];
+    alignas(64) int32_t group_sums[kTile / kAmxCols][kDigits * 256];
+    const int64_t steps = k_pad / kAmxK;
     for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
+      for (int64_t step0 = 0; step0 < steps; step0 += kAmxBlockSteps)
+        for (int64_t g = 0; g < kTile / kAmxCols; ++g)
+          amx_column_group(digits.get() + m0 * k_pad, rows, k_pad, step0,
+                           std::min(kAmxBlockSteps, steps - step0), operands.get(), g,
+                           group_sums[g]);
       for (int64_t h = 0; h < 2 && 64 * h < width; ++h) {
-        for (int64_t o = 0; o < 4; ++o)
-          amx_column_group(digits.get() + m0 * k_pad, rows, k_pad, operands.get(), 4 * h + o,
-                           sums[o]);
+        const int32_t(*sums)[kDigits * 256] = group_sums + 4 * h;
         // Operand lane L of group o holds columns 16L + 4o .. + 3: a 4 x 4 transpose of
         // 128-bit lanes puts columns 16L .. 16L + 15 in vector L.
         const int64_t c0 = n0 + 64 * h, cols = std::min<int64_t>(64, width - 64 * h);
