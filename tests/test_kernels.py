@@ -98,10 +98,11 @@ def test_int8_kernel_matches_the_xla_op(isa):
                                        atol=1e-4, err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}")
 
 
-def test_amx_int8_route_matches_the_xla_op_and_its_error_bound():
-    """The AMX route (int8 weights, 5 rows and up, activations as three int8 digits of a
-    per-row scale) where this CPU and OS run it: the XLA op on the usual shapes, and a float64
-    reference on rows with a 1000x outlier channel, where the digits' bound bites hardest."""
+def test_amx_routes_match_the_xla_ops_and_the_digits_error_bound():
+    """The AMX routes (5 rows and up) where this CPU and OS run them: int8 weights (activations
+    as three int8 digits of a per-row scale) against the XLA op on the usual shapes and a
+    float64 reference on rows with a 1000x outlier channel, where the digits' bound bites
+    hardest; w8a8 equal to the XLA op bit for bit."""
     built = _kernels_or_skip("native")
     if not built.amx:
         pytest.skip("no AMX-INT8 here (CPU or OS): the native build runs the FMA routes")
@@ -129,6 +130,14 @@ def test_amx_int8_route_matches_the_xla_op_and_its_error_bound():
         # (f32 accumulation carries the outlier's rounding too).
         bound = 2.0**-24 * np.abs(outlier).max(1, keepdims=True) * np.abs(dequantized).sum(0)
         assert np.all(np.abs(got - exact) <= bound), np.max(np.abs(got - exact) / bound)
+    for d_in, d_out in W8A8_SHAPES:  # w8a8 on the unit: exact int32 sums, the op's bits
+        weight = Int8Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32))
+        tiled = TiledW8A8Weight(weight)
+        x = _activations(d_in)
+        reference = jax.jit(W8A8Dot())(x, weight)
+        for rows in ROWS:
+            np.testing.assert_array_equal(jax.jit(NativeW8A8Dot("native"))(x[:rows], tiled),
+                                          reference[:rows], err_msg=f"{rows} rows, {d_in}x{d_out}")
 
 
 @pytest.mark.parametrize("isa", PATHS)

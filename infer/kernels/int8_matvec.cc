@@ -1182,6 +1182,68 @@ void w8a8_block(const int8_t* qx, int64_t ldx, const int8_t* w, int64_t quads,
 }
 #endif
 
+#if defined(HPLLM_AMX)
+// w8a8 on the tile unit: the activations are int8 already (one digit), the weight tiles are in
+// the unit's layout already ([K / 4][128][4]: four k of a column adjacent), so each operand is
+// one strided tile load from the weights. Exact int32 sums, then the XLA op's two float
+// multiplies: the same bits as the other paths. K is zero-padded to whole k-steps in a copy of
+// the activations and, for the last partial step, of its weight operands.
+void amx_w8a8_product(ffi::ThreadPool& pool, const int8_t* qx, int64_t M, int64_t K, int64_t N,
+                      const int8_t* w, const float* x_scale, const float* w_scale, float* y) {
+  const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
+  const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK, quads = K / 4;
+  const int64_t full_steps = K / kAmxK, steps = k_pad / kAmxK;
+  std::unique_ptr<int8_t[]> activations(new int8_t[rows * k_pad]());
+  for (int64_t r = 0; r < M; ++r) std::memcpy(activations.get() + r * k_pad, qx + r * K, K);
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  parallel_tiles(pool, tiles, [&](int64_t t) {
+    const int8_t* wt = w + t * quads * kTile * 4;
+    // The last, partial k-step's operands of the 8 column groups, zero-padded.
+    alignas(64) int8_t tail[kTile / kAmxCols][kAmxRows * 64] = {};
+    for (int64_t q = full_steps * kAmxK / 4; q < quads; ++q)
+      for (int64_t g = 0; g < kTile / kAmxCols; ++g)
+        std::memcpy(tail[g] + (q % (kAmxK / 4)) * 64, wt + (q * kTile + g * kAmxCols) * 4, 64);
+    static const AmxConfig config;
+    _tile_loadconfig(&config);
+    const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+    alignas(64) int32_t sums[kAmxRows][kTile];
+    for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
+      for (int64_t h = 0; h < 2; ++h) {  // four column groups per half: tiles 0-3
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t step = 0; step < steps; ++step) {
+          _tile_loadd(4, activations.get() + m0 * k_pad + step * kAmxK, k_pad);
+#define HPLLM_AMX_W8A8_GROUP(j)                                                            \
+          if (step < full_steps)                                                           \
+            _tile_loadd(5, wt + (step * (kAmxK / 4) * kTile + (4 * h + j) * kAmxCols) * 4,  \
+                        kTile * 4);                                                        \
+          else                                                                             \
+            _tile_loadd(5, tail[4 * h + j], 64);                                           \
+          _tile_dpbssd(j, 4, 5);
+          HPLLM_AMX_W8A8_GROUP(0)
+          HPLLM_AMX_W8A8_GROUP(1)
+          HPLLM_AMX_W8A8_GROUP(2)
+          HPLLM_AMX_W8A8_GROUP(3)
+#undef HPLLM_AMX_W8A8_GROUP
+        }
+        _tile_stored(0, &sums[0][64 * h], kTile * 4);
+        _tile_stored(1, &sums[0][64 * h + 16], kTile * 4);
+        _tile_stored(2, &sums[0][64 * h + 32], kTile * 4);
+        _tile_stored(3, &sums[0][64 * h + 48], kTile * 4);
+      }
+      for (int64_t r = 0; r < std::min(kAmxRows, M - m0); ++r)
+        for (int64_t j = 0; j < width; ++j)
+          // The XLA op's order: (float(sum) * x_scale) * w_scale.
+          y[(m0 + r) * N + n0 + j] =
+              static_cast<float>(sums[r][j]) * x_scale[m0 + r] * w_scale[n0 + j];
+    }
+    _tile_release();
+  });
+}
+#endif
+
 ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
                           ffi::Buffer<ffi::F32> x_scale, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> col_sums,
@@ -1197,6 +1259,13 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
         "col_sums[tiles * 128] -> y[M, N]");
   const int64_t M = xd[0], K = xd[1], N = yd[1], quads = K / 4;
   const int8_t* xp = qx.typed_data();
+#if defined(HPLLM_AMX)
+  if (M >= kBatchRows && amx_permitted()) {
+    amx_w8a8_product(pool, xp, M, K, N, w.typed_data(), x_scale.typed_data(),
+                     w_scale.typed_data(), y->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
 #if defined(HPLLM_W8A8_VNNI)
   // vpdpbusd wants unsigned activations: qx + 128 (the sign bit flipped), corrected below.
   std::unique_ptr<int8_t[]> offset(new int8_t[M * K]);
