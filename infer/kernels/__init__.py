@@ -33,6 +33,10 @@ rows a blocked GEMM on weight panels), which measured level with or faster than 
 on a dequantized copy of the weight at every row count up to 2048 (`bench/prefill_threshold.py`,
 docs/performance.md). `prefill_rows` switches a product with that many rows or more to the XLA
 route (the bench and the tests use it; `PREFILL_ROWS` is None: never).
+
+On a CPU with AMX-INT8 whose OS grants the tile registers (`Kernels.amx`), int8-weight and
+w8a8 products of 5 rows and up run on the AMX tile unit instead (`int8_matvec.cc` explains the
+int8 weights' three-digit activations and their error bound; w8a8 keeps the XLA op's bits).
 """
 
 import ctypes
