@@ -4,7 +4,8 @@
 // 8 (default): 6 MB, read from L3 as a decode step's are); `gemm|gemm2 [rows]` times the
 // prefill GEMM route (tile_batched_rows) at `rows` rows, gemm2 dequantizing every panel twice
 // (the difference is the dequantization's cost). Figures: the minimum thread CPU time of 20 (10)
-// calls, three rounds; G weights/s or GFLOP/s.
+// calls, three rounds; G weights/s or GFLOP/s. `peak`: the core's FMA peak of the path (12
+// independent chains of vfmadd231ps on 8 / 16 lanes), the ceiling of the GEMM route.
 //
 //   g++ -O3 -march=native -fopenmp-simd -std=c++17 -w \
 //       -I"$(.venv/bin/python -c 'import jax; print(jax.ffi.include_dir())')" \
@@ -23,6 +24,32 @@
 #include <vector>
 #include <string>
 static double now() { timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+#if defined(HPLLM_PATH_AVX512)
+#define PEAK_REG(n) "%%zmm" #n
+#else
+#define PEAK_REG(n) "%%ymm" #n
+#endif
+#define PEAK_FMA(n) "vfmadd231ps " PEAK_REG(12) "," PEAK_REG(13) "," PEAK_REG(n) "\n"
+static void fma_peak() {
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+  const long n = 100000000;
+  for (int round = 0; round < 3; ++round) {
+    long i = n;
+    const double t0 = now();
+    __asm__ volatile(
+        "vxorps %%xmm12, %%xmm12, %%xmm12\n vxorps %%xmm13, %%xmm13, %%xmm13\n"
+        "1:\n" PEAK_FMA(0) PEAK_FMA(1) PEAK_FMA(2) PEAK_FMA(3) PEAK_FMA(4) PEAK_FMA(5)
+        PEAK_FMA(6) PEAK_FMA(7) PEAK_FMA(8) PEAK_FMA(9) PEAK_FMA(10) PEAK_FMA(11)
+        "dec %0\n jnz 1b\n"
+        : "+r"(i)
+        :
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+          "xmm10", "xmm11", "xmm12", "xmm13");
+    printf("%s FMA peak %.1f GFLOP/s\n", HpllmKernelPath(),
+           n * 12.0 * 2 * Simd::kLanes / (now() - t0) / 1e9);
+  }
+#endif
+}
 int main(int argc, char** argv) {
   const int64_t K = 768, N = 2048, tiles = N / kTile, group = 128;
   const int copies = argc > 2 ? atoi(argv[2]) : 8;
@@ -34,6 +61,10 @@ int main(int argc, char** argv) {
   std::vector<float> x(256 * 2048), y(256 * 2048);
   for (size_t i = 0; i < x.size(); ++i) x[i] = (i % 7) * 0.1f - 0.3f;
   std::string what = argc > 1 ? argv[1] : "dec";
+  if (what == "peak") {
+    fma_peak();
+    return 0;
+  }
   if (what == "dec") {
     for (int round = 0; round < 3; ++round) {
       double best4 = 1e9, best8 = 1e9;
