@@ -1337,7 +1337,9 @@ void attend_run(const AttentionShape& s, const float* q, const Cache* k, const C
   const auto scale_by = [&](const float* scale) {  // scores[j * H + h] *= scale[slot, h / groups]
     for (int64_t j = 0; j < n; ++j) {
       const float* slot_scale = scale + slots[j] * s.KV;
-      for (int64_t h = 0; h < H; ++h) scores[j * H + h] *= slot_scale[h / groups];
+      float* slot_scores = scores + j * H;
+      for (int64_t kv = 0; kv < s.KV; ++kv)
+        for (int64_t g = 0; g < groups; ++g) slot_scores[kv * groups + g] *= slot_scale[kv];
     }
   };
   if (scored && k_scale != nullptr) scale_by(k_scale);
