@@ -65,7 +65,7 @@ def baseline_attention(source: str, isa: str):
         platform="cpu")
 
     def attend(q, cache, mask):
-        k, v = cache.read(jnp.float32)
+        k, v = cache.read(jnp.dtype(jnp.float32))
         return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))(q, k, v, mask)
     return attend
 
@@ -73,22 +73,21 @@ def baseline_attention(source: str, isa: str):
 def on_float32_copy(attend):
     """`attend` over an f32 copy of the cache, as `Attention.decode` reads it for XLA."""
     def attend_copy(q, cache, mask):
-        k, v = cache.read(jnp.float32)
+        k, v = cache.read(jnp.dtype(jnp.float32))
         return attend(q, KVCache(k, v, None, None), mask)
     return attend_copy
 
 
 def xla_on_cache(q, cache, mask):
-    return xla_attention(q, *cache.read(jnp.float32), mask)
+    return xla_attention(q, *cache.read(jnp.dtype(jnp.float32)), mask)
 
 
 def filled_cache(key, batch: int, dtype: str) -> KVCache:
     """One layer's cache with random keys and values in every slot, stored as `dtype`."""
     shape = (batch, SLOTS, KV_HEADS, HEAD_DIM)
-    scales = jnp.zeros(shape[:-1], jnp.float32) if dtype == "int8" else None
-    empty = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), scales, scales)
     k, v = (jax.random.normal(jax.random.fold_in(key, i), shape) for i in (0, 1))
-    return empty.write(k, v, jnp.broadcast_to(jnp.arange(SLOTS, dtype=jnp.int32), (batch, SLOTS)))
+    return KVCache.empty(shape, dtype).write(
+        k, v, jnp.broadcast_to(jnp.arange(SLOTS, dtype=jnp.int32), (batch, SLOTS)))
 
 
 def chain(attend, mask):

@@ -272,19 +272,18 @@ def _cache(k: np.ndarray, v: np.ndarray, dtype: str) -> KVCache:
     """A one-layer cache holding k and v in every slot, stored as `dtype` (int8: quantized per
     slot and head by `KVCache.write`)."""
     batch, slots = k.shape[:2]
-    scales = None if dtype != "int8" else jnp.zeros(k.shape[:-1], jnp.float32)
-    empty = KVCache(jnp.zeros(k.shape, dtype), jnp.zeros(v.shape, dtype), scales, scales)
-    return empty.write(jnp.asarray(k), jnp.asarray(v),
-                       jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots)))
+    return KVCache.empty(k.shape, dtype).write(
+        jnp.asarray(k), jnp.asarray(v),
+        jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots)))
 
 
 def _stored_values(cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
-    """What the cache holds, in float64: int8 entries times their scales, exactly."""
-    k, v = (np.asarray(a.astype(jnp.float32), np.float64) for a in (cache.k, cache.v))
-    if cache.quantized:
-        k = k * np.asarray(cache.k_scale, np.float64)[..., None]
-        v = v * np.asarray(cache.v_scale, np.float64)[..., None]
-    return k, v
+    """What the cache holds, in float64: bf16 entries widened (exact), int8 entries times their
+    scales (exact in float64)."""
+    if not cache.quantized:
+        return tuple(np.asarray(a, np.float64) for a in cache.read(jnp.dtype(jnp.float32)))
+    return (np.asarray(cache.k, np.float64) * np.asarray(cache.k_scale, np.float64)[..., None],
+            np.asarray(cache.v, np.float64) * np.asarray(cache.v_scale, np.float64)[..., None])
 
 
 def _attention_reference(q, k, v, mask):

@@ -464,7 +464,7 @@ class NativeDecodeAttention(DecodeAttention):
     isa: str = eqx.field(static=True, default="native")
 
     def reads(self, cache: KVCache) -> bool:
-        return cache.k.dtype in (jnp.float32, jnp.bfloat16, jnp.int8)
+        return cache.dtype in (jnp.float32, jnp.bfloat16, jnp.int8)
 
     def __call__(self, q: Float[Array, "batch heads head_dim"], cache: KVCache,
                  mask: Bool[Array, "batch max_len"]) -> Float[Array, "batch heads head_dim"]:
@@ -474,7 +474,7 @@ class NativeDecodeAttention(DecodeAttention):
         if cache.quantized:
             call = jax.ffi.ffi_call(kernels.attention_int8_target, out)
             return call(q, cache.k, cache.k_scale, cache.v, cache.v_scale, mask)
-        target = (kernels.attention_bf16_target if cache.k.dtype == jnp.bfloat16
+        target = (kernels.attention_bf16_target if cache.dtype == jnp.bfloat16
                   else kernels.attention_target)
         return jax.ffi.ffi_call(target, out)(q, cache.k, cache.v, mask)
 

@@ -1458,9 +1458,10 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
-// A bfloat16 cache, widened exactly in registers.
+// A bfloat16 cache (its bits as uint16, as hpllm.kvcache holds it), widened exactly in
+// registers.
 ffi::Error DecodeAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                                   ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                                   ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
                                    ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   if (!attention_shapes_fit(qd, kd, v.dimensions(), mask.dimensions()))
@@ -1523,8 +1524,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmDecodeAttentionBf16, DecodeAttentionBf16Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
