@@ -30,6 +30,7 @@ import os
 import re
 import statistics
 import tempfile
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -44,17 +45,19 @@ ATTENTION_OPS = re.compile(r"bskgd,btkd|bkgst,btkd|softmax|reduce_max|exp|select
                            r"dynamic_update_slice|scatter")
 
 
-def classify(hlo: str, cache_len: int) -> dict[str, tuple[str, str]]:
+def classify(hlo: str, cache_len: int, vocab: int) -> dict[str, tuple[str, str]]:
     """HLO instruction name -> (class, the JAX op it came from), for every instruction of the
     compiled module. Fusions are judged by their fused computation's body too: a cache-length
     axis or an attention op (the score / value einsums, softmax, the mask's select, the cache
-    write) makes it attention; a custom call (the native kernels) or another dot, a matmul."""
+    write) makes it attention; a custom call (the native kernels) or another dot, a matmul.
+    An op over the vocabulary (the argmax) is rest."""
     computations: dict[str, str] = {}
     for block in re.split(r"\n(?=\S)", hlo):
         header = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", block)
         if header:
             computations[header.group(1)] = block
     cache_axis = re.compile(rf"[\[,]{cache_len}[\],]")
+    vocab_axis = re.compile(rf"[\[,]{vocab}[\],]")
     classes = {}
     for line in hlo.splitlines():
         found = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
@@ -70,6 +73,8 @@ def classify(hlo: str, cache_len: int) -> dict[str, tuple[str, str]]:
             kind = "attention"
         elif "custom-call" in rest:
             kind = "matmuls"
+        elif vocab_axis.search(body) and not re.search(r"\bdot\(", body):
+            kind = "rest"
         elif cache_axis.search(body) or ATTENTION_OPS.search(op_name):
             kind = "attention"
         elif re.search(r"\bdot\(", body) or "dot_general" in op_name:
@@ -98,7 +103,11 @@ def main() -> None:
     models = {kind: use_native_kernels(model.unstacked(), attention=kind == "native")
               for kind in args.attention.split(",")}
 
-    @eqx.filter_jit
+    # The cache donated, as `infer.generate.decode_chunk` does: else XLA copies it on entry.
+    # (The positions are donated too, and unused: JAX says so once per compile.)
+    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+
+    @eqx.filter_jit(donate="all-except-first")
     def chunk(model, token, cache, position):
         def step(i, carry):
             token, cache = carry
@@ -112,20 +121,22 @@ def main() -> None:
     print("| attention | batch | step ms | matmuls ms | attention ms | rest ms | untraced ms |")
     print("|---|---|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        token = jnp.zeros((batch, 1), jnp.int32)
-        position = jnp.full((batch,), args.position, jnp.int32)
-        cache = models[next(iter(models))].allocate_cache(batch, args.cache_len)
+        def inputs(batch=batch):  # new buffers for every call, which donates them
+            return (jnp.zeros((batch, 1), jnp.int32),
+                    models[next(iter(models))].allocate_cache(batch, args.cache_len),
+                    jnp.full((batch,), args.position, jnp.int32))
+
         classes = {}
         for kind, m in models.items():
-            compiled = chunk.lower(m, token, cache, position).lowered.compile()
-            classes[kind] = classify(compiled.as_text(), args.cache_len)
-            jax.block_until_ready(chunk(m, token, cache, position))
+            compiled = chunk.lower(m, *inputs()).lowered.compile()
+            classes[kind] = classify(compiled.as_text(), args.cache_len, model.cfg.vocab_size)
+            jax.block_until_ready(chunk(m, *inputs()))
         splits = {kind: collections.defaultdict(list) for kind in models}
         by_op = {}
         for _ in range(args.repeats):  # the variants interleaved, round by round
             for kind, m in models.items():
-                by_op[kind] = profile(chunk, m, token, cache, position, classes[kind],
-                                      args.steps, splits[kind])
+                by_op[kind] = profile(chunk, m, inputs(), classes[kind], args.steps,
+                                      splits[kind])
         for kind in models:
             med = {part: statistics.median(values) for part, values in splits[kind].items()}
             print(f"| {kind} | {batch} | {med['step']:.2f} | {med['matmuls']:.2f} | "
@@ -136,12 +147,12 @@ def main() -> None:
             print(f"  heaviest ops, {kind} attention, batch {batch} (ms/step): {heaviest}")
 
 
-def profile(chunk, model, token, cache, position, classes, steps, splits):
+def profile(chunk, model, inputs, classes, steps, splits):
     """One profiled run of `chunk`: appends its split (ms/step) to `splits`; returns the time
     per (class, JAX op)."""
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
-            jax.block_until_ready(chunk(model, token, cache, position))
+            jax.block_until_ready(chunk(model, *inputs))
         trace_file = next(Path(folder).rglob("*.trace.json.gz"))
         events = json.load(gzip.open(trace_file))["traceEvents"]
     total, by_op = collections.Counter(), collections.Counter()
@@ -150,7 +161,9 @@ def profile(chunk, model, token, cache, position, classes, steps, splits):
         if event.get("ph") != "X":
             continue
         name = event["name"]
-        if name.startswith("while"):
+        # The loop's own event, or (where XLA runs the loop's iterations asynchronously and
+        # that event ends early, as at batch 16) the wait for the whole program.
+        if name.startswith("while") or name == "ThunkExecutor::Execute (wait for completion)":
             loop = max(loop, event["dur"])
         elif name in classes:
             total[classes[name][0]] += event["dur"]

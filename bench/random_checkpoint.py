@@ -14,7 +14,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_checkpoint(folder: Path, preset_name: str, scheme: str) -> Path:
+def build_checkpoint(folder: Path, preset_name: str, scheme: str, quantize_head: bool = False
+                     ) -> Path:
     import jax
 
     from hpllm.checkpoint import write_checkpoint
@@ -32,5 +33,6 @@ def build_checkpoint(folder: Path, preset_name: str, scheme: str) -> Path:
                      {"tokenizer.json": tokenizer.to_json()})
     out = folder / f"{preset_name}-{scheme}"
     subprocess.run([sys.executable, "-m", "infer", "convert", str(source), "--to", scheme,
-                    "--out", str(out)], check=True, cwd=REPO)
+                    "--out", str(out), *(["--quantize-head"] if quantize_head else [])],
+                   check=True, cwd=REPO)
     return out

@@ -247,9 +247,12 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def native_path(scheme: str) -> str:
-    """The instruction path the native kernel of `scheme` runs (kernels loaded)."""
+    """The instruction path the native kernel of `scheme` runs (kernels loaded); "+amx" where
+    its batched products (5 rows and up) run on the AMX tile unit."""
     kernels = load_native_kernels()
-    return kernels.w8a8_path if scheme == "w8a8" else kernels.path
+    if scheme == "w8a8":
+        return kernels.w8a8_path
+    return kernels.path + ("+amx" if kernels.amx and scheme == "int8" else "")
 
 
 def _cpu_vector_flags() -> list[str]:

@@ -17,6 +17,8 @@ build:
 - `native` (default): `-march=native`, the best path this CPU runs;
 - `avx512` / `avx2`: `-march=x86-64-v4` / `-march=x86-64-v3` (for tests and comparisons);
 - `avx512vnni`: `-march=x86-64-v4 -mavx512vnni` (the w8a8 kernel's `vpdpbusd` path);
+- `avx512amx`: AVX-512 plus AMX-INT8 (batched int8-weight products on the tile unit; `native`
+  has it on CPUs that do);
 - `portable`: the plain loops (`-DHPLLM_PORTABLE`), the path of non-x86 machines.
 
 The cached library's name is a hash of the source, the flags, the JAX version and the target
@@ -31,6 +33,10 @@ rows a blocked GEMM on weight panels), which measured level with or faster than 
 on a dequantized copy of the weight at every row count up to 2048 (`bench/prefill_threshold.py`,
 docs/performance.md). `prefill_rows` switches a product with that many rows or more to the XLA
 route (the bench and the tests use it; `PREFILL_ROWS` is None: never).
+
+On a CPU with AMX-INT8 whose OS grants the tile registers (`Kernels.amx`), int8-weight and
+w8a8 products of 5 rows and up run on the AMX tile unit instead (`int8_matvec.cc` explains the
+int8 weights' three-digit activations and their error bound; w8a8 keeps the XLA op's bits).
 """
 
 import ctypes
@@ -72,6 +78,8 @@ ISA_FLAGS = {
     "avx2": ("-march=x86-64-v3",),
     # AVX-512 plus VNNI: the w8a8 kernel's vpdpbusd path (x86-64-v4 alone runs its AVX2 path).
     "avx512vnni": ("-march=x86-64-v4", "-mavx512vnni"),
+    # AVX-512 plus AMX-INT8: batched int8 products on the tile unit (Sapphire Rapids on).
+    "avx512amx": ("-march=x86-64-v4", "-mamx-tile", "-mamx-int8"),
     "portable": ("-march=native", "-DHPLLM_PORTABLE"),
 }
 # /proc/cpuinfo flags a forced build needs (x86-64-v4 / -v3 as GCC defines them).
@@ -80,6 +88,7 @@ ISA_CPU_FLAGS = {
     "avx2": ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"),
 }
 ISA_CPU_FLAGS["avx512vnni"] = ISA_CPU_FLAGS["avx512"] + ("avx512_vnni",)
+ISA_CPU_FLAGS["avx512amx"] = ISA_CPU_FLAGS["avx512"] + ("amx_tile", "amx_int8")
 # Predefined macros that name a target feature: the part of the compiler's view of the target
 # that decides which instructions the library may contain.
 _FEATURE_MACRO = re.compile(r"#define (__(?:[A-Z0-9_]*(?:AVX|SSE|FMA|F16C|BMI|AMX|VNNI|POPCNT"
@@ -159,6 +168,7 @@ class Kernels:
     isa: str
     path: str  # "avx512" | "avx2" | "portable", as the library reports it
     w8a8_path: str  # "avx512_vnni" | "avx2" | "portable"
+    amx: bool  # batched int8-weight products (5 rows and up) on the AMX tile unit
     int8_target: str
     int4_target: str
     w8a8_target: str
@@ -205,6 +215,7 @@ def _load(isa: str) -> Kernels | str:
     library.HpllmKernelPath.restype = ctypes.c_char_p
     library.HpllmW8A8Path.restype = ctypes.c_char_p
     kernels = Kernels(isa, library.HpllmKernelPath().decode(), library.HpllmW8A8Path().decode(),
+                      bool(library.HpllmAmx()),
                       f"hpllm_int8_matvec_{isa}", f"hpllm_int4_matvec_{isa}",
                       f"hpllm_w8a8_matmul_{isa}", f"hpllm_decode_attention_{isa}",
                       f"hpllm_bf16_matvec_{isa}", f"hpllm_decode_attention_bf16_{isa}",

@@ -43,6 +43,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -515,6 +516,7 @@ void dequantize_int4(const uint8_t* packed, const float* scale, int64_t ld_scale
 }
 #endif
 
+
 // Rows from which the SIMD paths take a batched route (tile_few_rows, from kGemmRows
 // tile_batched_rows) instead of row chunks of the tile kernels (which stay the batch-1 path:
 // there the weight stream, not arithmetic, sets the pace, and widening in registers reads it
@@ -627,6 +629,213 @@ void with_rows(int64_t rows, const F& f) {
   }
 }
 
+// ---- AMX (Intel Advanced Matrix Extensions): batched int8 products on the tile unit ----
+//
+// From kBatchRows rows up the FMA routes above are compute-bound: at 16 rows a base decode
+// step's int8 products ran at ~165 GFLOP/s on two cores (docs/performance.md), well short of
+// what the weight stream allows. CPUs with AMX-INT8 (Xeon from Sapphire Rapids) multiply
+// 16 x 64 int8 by 64 x 16 int8 into 16 x 16 int32 in one instruction (TDPBSSD), 16x the
+// multiply-adds per cycle of the AVX-512 FMA units, and the int8 weights feed it as they are.
+// The activations are f32, so they enter as three int8 digits: per row, s = max|x| / 127 and
+// x / s = d0 + d1 / 254 + d2 / 254^2 with every digit in [-127, 127] (each digit rounds the
+// remainder of the last, scaled by 254). Each digit's product with the weights is an exact
+// int32 sum; y = s * w_scale * (C0 + C1 / 254 + C2 / 254^2) in f32. What is lost is the rest
+// after the third digit: at most s / 2 / 254^2 per activation, 2^-24 of the row's largest
+// magnitude (f32 keeps 2^-24 of each value's own): the products agree with the f32 route to
+// float32 rounding on rows without extreme outliers (tests/test_kernels.py measures it).
+// Per 128-column weight tile: its rows are shuffled once into the unit's layout (the four k of
+// a column adjacent: byte unpacks, no arithmetic), then each 16-row group and 16-column group
+// runs the k-steps with its three digit accumulators in tile registers.
+// Compiled where the target has AMX-INT8 (HPLLM_KERNEL_ISA=native on such a CPU, or avx512amx);
+// used only if the kernel lets this process use the tile registers (Linux >= 5.16 grants them
+// on request).
+#if defined(HPLLM_PATH_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define HPLLM_AMX 1
+}  // namespace
+#include <sys/syscall.h>
+#include <unistd.h>
+namespace {
+
+// Whether this process may use the AMX tile registers (asked once: Linux only grants them on
+// request, arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
+bool amx_permitted() {
+  static const bool permitted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return permitted;
+}
+
+constexpr int64_t kAmxRows = 16, kAmxK = 64, kAmxCols = 16;  // one TDPBSSD
+constexpr int64_t kDigits = 3;
+constexpr float kDigitBase = 254.0f;
+
+// Every tile register 16 rows x 64 bytes: 0-2 the digit accumulators of one 16-column group,
+// 3-5 the activations' digits, 6 the weights.
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+  AmxConfig() {
+    for (int i = 0; i < 7; ++i) bytes_per_row[i] = 64, rows[i] = 16;
+  }
+};
+
+// The activations x[M, K] as int8 digits, [kDigits][rows][k_pad] (M padded to rows and K to
+// k_pad with zeros), and each row's scale s (0 for an all-zero row).
+void activation_digits(const float* x, int64_t M, int64_t K, int64_t rows, int64_t k_pad,
+                       int8_t* digits, float* row_scale) {
+  std::memset(digits, 0, kDigits * rows * k_pad);
+  std::fill(row_scale, row_scale + rows, 0.0f);
+  const __m512 base = _mm512_set1_ps(kDigitBase);
+  for (int64_t r = 0; r < M; ++r) {
+    const float* xr = x + r * K;
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 valid = K - k >= 16 ? 0xffff : (1u << (K - k)) - 1;
+      top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(valid, xr + k)));
+    }
+    const float largest = _mm512_reduce_max_ps(top);
+    if (!(largest > 0.0f)) continue;  // zero row (or NaN: left to the f32 routes' behaviour)
+    row_scale[r] = largest / 127.0f;
+    const __m512 inverse = _mm512_set1_ps(127.0f / largest);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 valid = K - k >= 16 ? 0xffff : (1u << (K - k)) - 1;
+      __m512 rest = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, xr + k), inverse);
+      for (int64_t d = 0; d < kDigits; ++d) {
+        const __m512 digit = _mm512_roundscale_ps(rest, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_mask_storeu_epi8(digits + (d * rows + r) * k_pad + k, valid,
+                             _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(digit)));
+        rest = _mm512_mul_ps(_mm512_sub_ps(rest, digit), base);
+      }
+    }
+  }
+}
+
+// Tile rows [K][128] (int8) in the unit's layout: [k_pad / 64][8 column groups][16][64] bytes,
+// row i of a group's operand holding the four k (4i .. 4i + 3) of each of its 16 columns. The
+// byte unpacks work within 128-bit lanes, so a group's 16 columns are not consecutive: operand
+// column 4L + j of group 4h + o is tile column 64h + 16L + 4o + j (amx_int8_product undoes it).
+// Rows past K are zero.
+void amx_weight_operands(const int8_t* w, int64_t K, int64_t k_pad, int8_t* out) {
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t k = 0; k < k_pad; k += 4) {
+    prefetch_ahead(w + (k + kPrefetchRows) * kTile, 4 * kTile);
+    const int64_t step = k / kAmxK, quad = (k % kAmxK) / 4;
+    for (int64_t h = 0; h < 2; ++h) {
+      __m512i r[4];
+      for (int64_t j = 0; j < 4; ++j)
+        r[j] = k + j < K ? _mm512_loadu_si512(w + (k + j) * kTile + 64 * h) : zero;
+      const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
+      const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
+      const __m512i quads[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                                _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+      for (int64_t o = 0; o < 4; ++o)
+        _mm512_store_si512(out + ((step * 8 + 4 * h + o) * kAmxRows + quad) * 64, quads[o]);
+    }
+  }
+}
+
+// k-steps per block: every column group runs a block of steps (its three digit sums loaded
+// from and stored to `sums` around it) before the next block, so the block's activation digits
+// (12 KiB at 16 rows) stay in L1 across the eight groups. In a scratch run (one thread, 16
+// rows, 768 x 2048) this took 6.6 us per tile where whole-k passes per group took 8.1-8.4.
+constexpr int64_t kAmxBlockSteps = 4;
+
+// sums[kDigits][16][16] (+)= the three digit sums of one 16-row group and one column group over
+// k-steps step0 .. step0 + steps (the sums start at zero when step0 is 0).
+void amx_column_group(const int8_t* digits, int64_t rows, int64_t k_pad, int64_t step0,
+                      int64_t steps, const int8_t* weights, int64_t group, int32_t* sums) {
+  const int64_t digit = rows * k_pad;
+  if (step0 == 0) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+  } else {
+    _tile_loadd(0, sums, 64);
+    _tile_loadd(1, sums + 256, 64);
+    _tile_loadd(2, sums + 512, 64);
+  }
+  for (int64_t step = step0; step < step0 + steps; ++step) {
+    const int8_t* a = digits + step * kAmxK;
+    _tile_loadd(3, a, k_pad);
+    _tile_loadd(4, a + digit, k_pad);
+    _tile_loadd(5, a + 2 * digit, k_pad);
+    _tile_loadd(6, weights + (step * 8 + group) * kAmxRows * 64, 64);
+    _tile_dpbssd(0, 3, 6);
+    _tile_dpbssd(1, 4, 6);
+    _tile_dpbssd(2, 5, 6);
+  }
+  _tile_stored(0, sums, 64);
+  _tile_stored(1, sums + 256, 64);
+  _tile_stored(2, sums + 512, 64);
+}
+
+// One digit sum set (sums[kDigits][16][16] of row r) as f32: C0 + C1 / 254 + C2 / 254^2.
+inline __m512 combine_digits(const int32_t* sums, int64_t r) {
+  const __m512 c0 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + r * 16));
+  const __m512 c1 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 256 + r * 16));
+  const __m512 c2 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 512 + r * 16));
+  return _mm512_fmadd_ps(_mm512_fmadd_ps(c2, _mm512_set1_ps(1.0f / kDigitBase), c1),
+                         _mm512_set1_ps(1.0f / kDigitBase), c0);
+}
+
+// y[M, N] = x[M, K] @ (int8 tiles w[N / 128][K][128]) * scale[N], on the tile unit.
+void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
+                      const int8_t* w, const float* scale, float* y) {
+  const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
+  const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK;
+  std::unique_ptr<int8_t[]> digits(new int8_t[kDigits * rows * k_pad]);
+  std::unique_ptr<float[]> row_scale(new float[rows]);
+  activation_digits(x, M, K, rows, k_pad, digits.get(), row_scale.get());
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  parallel_tiles(pool, tiles, [&](int64_t t) {
+    // Per thread, grown to the largest tile seen: k_pad x 128 bytes (base's 2048: 256 KiB).
+    thread_local std::unique_ptr<int8_t[], decltype(&std::free)> operands{nullptr, std::free};
+    thread_local int64_t capacity = 0;
+    if (capacity < k_pad * kTile) {
+      operands.reset(static_cast<int8_t*>(std::aligned_alloc(64, k_pad * kTile)));
+      capacity = k_pad * kTile;
+    }
+    amx_weight_operands(w + t * K * kTile, K, k_pad, operands.get());
+    static const AmxConfig config;
+    _tile_loadconfig(&config);
+    const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+    alignas(64) int32_t group_sums[kTile / kAmxCols][kDigits * 256];
+    const int64_t steps = k_pad / kAmxK;
+    for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
+      for (int64_t step0 = 0; step0 < steps; step0 += kAmxBlockSteps)
+        for (int64_t g = 0; g < kTile / kAmxCols; ++g)
+          amx_column_group(digits.get() + m0 * k_pad, rows, k_pad, step0,
+                           std::min(kAmxBlockSteps, steps - step0), operands.get(), g,
+                           group_sums[g]);
+      for (int64_t h = 0; h < 2 && 64 * h < width; ++h) {
+        const int32_t(*sums)[kDigits * 256] = group_sums + 4 * h;
+        // Operand lane L of group o holds columns 16L + 4o .. + 3: a 4 x 4 transpose of
+        // 128-bit lanes puts columns 16L .. 16L + 15 in vector L.
+        const int64_t c0 = n0 + 64 * h, cols = std::min<int64_t>(64, width - 64 * h);
+        for (int64_t r = 0; r < std::min(kAmxRows, M - m0); ++r) {
+          const __m512 s = _mm512_set1_ps(row_scale[m0 + r]);
+          const __m512 v0 = combine_digits(sums[0], r), v1 = combine_digits(sums[1], r);
+          const __m512 v2 = combine_digits(sums[2], r), v3 = combine_digits(sums[3], r);
+          const __m512 t0 = _mm512_shuffle_f32x4(v0, v1, 0x44), t1 = _mm512_shuffle_f32x4(v0, v1, 0xEE);
+          const __m512 t2 = _mm512_shuffle_f32x4(v2, v3, 0x44), t3 = _mm512_shuffle_f32x4(v2, v3, 0xEE);
+          const __m512 lanes[4] = {_mm512_shuffle_f32x4(t0, t2, 0x88), _mm512_shuffle_f32x4(t0, t2, 0xDD),
+                                   _mm512_shuffle_f32x4(t1, t3, 0x88), _mm512_shuffle_f32x4(t1, t3, 0xDD)};
+          for (int64_t L = 0; L < 4 && 16 * L < cols; ++L) {
+            const __mmask16 valid = cols - 16 * L >= 16 ? 0xffff : (1u << (cols - 16 * L)) - 1;
+            const __m512 column_scale = _mm512_maskz_loadu_ps(valid, scale + c0 + 16 * L);
+            _mm512_mask_storeu_ps(y + (m0 + r) * N + c0 + 16 * L, valid,
+                                  _mm512_mul_ps(_mm512_mul_ps(lanes[L], s), column_scale));
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -641,6 +850,12 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
   const int64_t tiles = (N + kTile - 1) / kTile;
+#if defined(HPLLM_AMX)
+  if (M >= kBatchRows && amx_permitted()) {
+    amx_int8_product(pool, xp, M, K, N, wp, sp, yp);
+    return ffi::Error::Success();
+  }
+#endif
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
   if (M >= kBatchRows && M < kGemmRows) {
     parallel_tiles(pool, tiles, [&](int64_t t) {
@@ -967,6 +1182,68 @@ void w8a8_block(const int8_t* qx, int64_t ldx, const int8_t* w, int64_t quads,
 }
 #endif
 
+#if defined(HPLLM_AMX)
+// w8a8 on the tile unit: the activations are int8 already (one digit), the weight tiles are in
+// the unit's layout already ([K / 4][128][4]: four k of a column adjacent), so each operand is
+// one strided tile load from the weights. Exact int32 sums, then the XLA op's two float
+// multiplies: the same bits as the other paths. K is zero-padded to whole k-steps in a copy of
+// the activations and, for the last partial step, of its weight operands.
+void amx_w8a8_product(ffi::ThreadPool& pool, const int8_t* qx, int64_t M, int64_t K, int64_t N,
+                      const int8_t* w, const float* x_scale, const float* w_scale, float* y) {
+  const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
+  const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK, quads = K / 4;
+  const int64_t full_steps = K / kAmxK, steps = k_pad / kAmxK;
+  std::unique_ptr<int8_t[]> activations(new int8_t[rows * k_pad]());
+  for (int64_t r = 0; r < M; ++r) std::memcpy(activations.get() + r * k_pad, qx + r * K, K);
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  parallel_tiles(pool, tiles, [&](int64_t t) {
+    const int8_t* wt = w + t * quads * kTile * 4;
+    // The last, partial k-step's operands of the 8 column groups, zero-padded.
+    alignas(64) int8_t tail[kTile / kAmxCols][kAmxRows * 64] = {};
+    for (int64_t q = full_steps * kAmxK / 4; q < quads; ++q)
+      for (int64_t g = 0; g < kTile / kAmxCols; ++g)
+        std::memcpy(tail[g] + (q % (kAmxK / 4)) * 64, wt + (q * kTile + g * kAmxCols) * 4, 64);
+    static const AmxConfig config;
+    _tile_loadconfig(&config);
+    const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+    alignas(64) int32_t sums[kAmxRows][kTile];
+    for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
+      for (int64_t h = 0; h < 2; ++h) {  // four column groups per half: tiles 0-3
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t step = 0; step < steps; ++step) {
+          _tile_loadd(4, activations.get() + m0 * k_pad + step * kAmxK, k_pad);
+#define HPLLM_AMX_W8A8_GROUP(j)                                                            \
+          if (step < full_steps)                                                           \
+            _tile_loadd(5, wt + (step * (kAmxK / 4) * kTile + (4 * h + j) * kAmxCols) * 4,  \
+                        kTile * 4);                                                        \
+          else                                                                             \
+            _tile_loadd(5, tail[4 * h + j], 64);                                           \
+          _tile_dpbssd(j, 4, 5);
+          HPLLM_AMX_W8A8_GROUP(0)
+          HPLLM_AMX_W8A8_GROUP(1)
+          HPLLM_AMX_W8A8_GROUP(2)
+          HPLLM_AMX_W8A8_GROUP(3)
+#undef HPLLM_AMX_W8A8_GROUP
+        }
+        _tile_stored(0, &sums[0][64 * h], kTile * 4);
+        _tile_stored(1, &sums[0][64 * h + 16], kTile * 4);
+        _tile_stored(2, &sums[0][64 * h + 32], kTile * 4);
+        _tile_stored(3, &sums[0][64 * h + 48], kTile * 4);
+      }
+      for (int64_t r = 0; r < std::min(kAmxRows, M - m0); ++r)
+        for (int64_t j = 0; j < width; ++j)
+          // The XLA op's order: (float(sum) * x_scale) * w_scale.
+          y[(m0 + r) * N + n0 + j] =
+              static_cast<float>(sums[r][j]) * x_scale[m0 + r] * w_scale[n0 + j];
+    }
+    _tile_release();
+  });
+}
+#endif
+
 ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
                           ffi::Buffer<ffi::F32> x_scale, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> col_sums,
@@ -982,6 +1259,13 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
         "col_sums[tiles * 128] -> y[M, N]");
   const int64_t M = xd[0], K = xd[1], N = yd[1], quads = K / 4;
   const int8_t* xp = qx.typed_data();
+#if defined(HPLLM_AMX)
+  if (M >= kBatchRows && amx_permitted()) {
+    amx_w8a8_product(pool, xp, M, K, N, w.typed_data(), x_scale.typed_data(),
+                     w_scale.typed_data(), y->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
 #if defined(HPLLM_W8A8_VNNI)
   // vpdpbusd wants unsigned activations: qx + 128 (the sign bit flipped), corrected below.
   std::unique_ptr<int8_t[]> offset(new int8_t[M * K]);
@@ -1567,6 +1851,16 @@ extern "C" const char* HpllmKernelPath() {
 #endif
 }
 
+
+// Whether the batched f32 products (from kBatchRows rows) run on the AMX tile unit: compiled
+// with AMX-BF16 and granted the tile registers by the OS.
+extern "C" int HpllmAmx() {
+#if defined(HPLLM_AMX)
+  return amx_permitted() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
 
 // Which w8a8 path this library was compiled with ("avx512_vnni", "avx2" or "portable"; the
 // AVX-512 build without VNNI runs the AVX2 integer path).

@@ -386,8 +386,23 @@ class Transformer(eqx.Module):
         the LM head, a vocab-wide matmul, runs for that token alone. Otherwise scored = seq.
         """
         max_len = cache_max_len(cache)
-        rotary = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta,
-                             self.cfg.rope_scaling)
+        cfg = self.cfg
+        batch, seq = tokens.shape
+        # Computed from the positions, cos and sin get fused by XLA:CPU into each layer's RoPE
+        # of q and of k, which recomputes them for every head: 2 x head_dim of them per head,
+        # token and layer (at batch 16, more time than the rest of a step's elementwise work
+        # together). A table of every cache slot's cos and sin, looked up by position, depends
+        # on no step's input, so XLA hoists it out of a decode loop: max_len x head_dim of them
+        # once per chunk. Used where that is fewer (docs/performance.md); the values are the
+        # same either way (the same float32 angle into the same cos and sin). A position past
+        # the cache (a finished row's, prompt padding's) takes the last slot's: its outputs
+        # are never used.
+        if max_len <= 2 * batch * seq * (cfg.n_heads + cfg.n_kv_heads) * cfg.n_layers:
+            table = rope_angles(jnp.arange(max_len, dtype=jnp.int32)[None], cfg.head_dim,
+                                cfg.rope_theta, cfg.rope_scaling)
+            rotary = tuple(jnp.take(t[0], positions, axis=0, mode="clip") for t in table)
+        else:
+            rotary = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         mask = cache_mask(positions, max_len)
         slots = positions if active is None else jnp.where(active[:, None], positions, max_len)
 
