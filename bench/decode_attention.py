@@ -1,21 +1,28 @@
 """Attention of one decode step over a `base`-shaped KV cache, alone: XLA's einsums against the
 native kernel (`infer.kernels.NativeDecodeAttention`).
 
-    flock /tmp/hpllm-bench.lock .venv/bin/python bench/decode_attention.py [--position 160]
+    flock /tmp/hpllm-bench.lock .venv/bin/python bench/decode_attention.py [--position 160] \
+        [--kv-cache-dtype bf16]
 
     git show 43a9113:infer/kernels/int8_matvec.cc > /tmp/old_kernels.cc
     flock /tmp/hpllm-bench.lock .venv/bin/python bench/decode_attention.py \
         --baseline-source /tmp/old_kernels.cc
 
 `--baseline-source` adds another kernel source's decode attention (built with the same flags
-as the kernel under test) as a third variant, alternated with the others: before/after in one
-process. `HPLLM_KERNEL_ISA` picks the build of both (e.g. `avx2` for the AVX2 path).
+as the kernel under test, run on the f32 copy of the cache) as one more variant, alternated
+with the others: before/after in one process. `HPLLM_KERNEL_ISA` picks the build of both (e.g.
+`avx2` for the AVX2 path).
 
-12 layers x 12 heads of 64, a 256-slot float32 cache per layer, every row at `--position` (the
-mask shows slots 0..position); 8 steps per jitted `fori_loop`, each layer's output fed into
-the next query. The variants alternate, medians of 5 rounds. The GB/s column counts the
-filled part of K and V only (what the native kernel reads; XLA reads and copies all of it);
-the last column is the largest absolute difference from XLA's output on the first layer.
+12 layers x 12 heads of 64, a 256-slot cache per layer stored as `--kv-cache-dtype` (f32, bf16,
+or int8 with one scale per slot and head, as `hpllm.kvcache.KVCache` holds it), every row at
+`--position` (the mask shows slots 0..position); 8 steps per jitted `fori_loop`, each layer's
+output fed into the next query. XLA attends over `cache.read(float32)` (the model's XLA path);
+for a bf16 or int8 cache "native f32 copy" is the kernel on that copy too (what the model ran
+before the kernel read those caches in place), "native" the kernel on the cache as stored. The
+variants alternate, medians of 5 rounds. The GB/s column counts the stored bytes of the filled
+part of K and V (and their scales), which is what the native kernel reads; the f32-copy variants
+read and write more. The last column is the largest absolute difference from XLA's output on
+the first layer.
 """
 
 import argparse
@@ -29,6 +36,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from hpllm.kvcache import CACHE_DTYPE_ALIASES, KVCache
 from infer import kernels
 from infer.kernels import NativeDecodeAttention
 
@@ -56,17 +64,38 @@ def baseline_attention(source: str, isa: str):
         target, jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(library).HpllmDecodeAttention),
         platform="cpu")
 
-    def attend(q, k, v, mask):
+    def attend(q, cache, mask):
+        k, v = cache.read(jnp.dtype(jnp.float32))
         return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))(q, k, v, mask)
     return attend
 
 
+def on_float32_copy(attend):
+    """`attend` over an f32 copy of the cache, as `Attention.decode` reads it for XLA."""
+    def attend_copy(q, cache, mask):
+        k, v = cache.read(jnp.dtype(jnp.float32))
+        return attend(q, KVCache(k, v, None, None), mask)
+    return attend_copy
+
+
+def xla_on_cache(q, cache, mask):
+    return xla_attention(q, *cache.read(jnp.dtype(jnp.float32)), mask)
+
+
+def filled_cache(key, batch: int, dtype: str) -> KVCache:
+    """One layer's cache with random keys and values in every slot, stored as `dtype`."""
+    shape = (batch, SLOTS, KV_HEADS, HEAD_DIM)
+    k, v = (jax.random.normal(jax.random.fold_in(key, i), shape) for i in (0, 1))
+    return KVCache.empty(shape, dtype).write(
+        k, v, jnp.broadcast_to(jnp.arange(SLOTS, dtype=jnp.int32), (batch, SLOTS)))
+
+
 def chain(attend, mask):
     @jax.jit
-    def run(q, ks, vs):
+    def run(q, caches):
         def step(_, q):
-            for k, v in zip(ks, vs, strict=True):
-                q = q + attend(q, k, v, mask) * 1e-3
+            for cache in caches:
+                q = q + attend(q, cache, mask) * 1e-3
             return q
         return jax.lax.fori_loop(0, STEPS, step, q)
     return run
@@ -76,40 +105,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--position", type=int, default=160)
+    parser.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
     parser.add_argument("--baseline-source", metavar="FILE",
-                        help="another int8_matvec.cc whose decode attention runs as a third "
+                        help="another int8_matvec.cc whose decode attention runs as one more "
                              "variant")
     args = parser.parse_args()
+    dtype = CACHE_DTYPE_ALIASES[args.kv_cache_dtype]
     isa = kernels.default_isa()
     baseline = baseline_attention(args.baseline_source, isa) if args.baseline_source else None
-    print(f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}, kernel build {isa}")
-    print("| batch | attention | ms per step (12 layers) | filled K+V MB | GB/s "
+    print(f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}, kernel build {isa}, "
+          f"{dtype} cache")
+    print("| batch | attention | ms per step (12 layers) | filled K+V MB (stored) | GB/s "
           "| max diff vs XLA |")
     print("|---|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         key = jax.random.key(batch)
-        shape = (batch, SLOTS, KV_HEADS, HEAD_DIM)
-        ks = [jax.random.normal(jax.random.fold_in(key, i), shape) for i in range(LAYERS)]
-        vs = [jax.random.normal(jax.random.fold_in(key, 100 + i), shape) for i in range(LAYERS)]
+        caches = [filled_cache(jax.random.fold_in(key, 1 + i), batch, dtype)
+                  for i in range(LAYERS)]
         mask = jnp.broadcast_to(jnp.arange(SLOTS)[None, :] <= args.position, (batch, SLOTS))
         q = jax.random.normal(key, (batch, HEADS, HEAD_DIM))
-        attends = {"XLA": xla_attention, "native": NativeDecodeAttention(isa)}
+        native = NativeDecodeAttention(isa)
+        attends = {"XLA": xla_on_cache, "native": native}
+        if dtype != "float32":
+            attends["native f32 copy"] = on_float32_copy(native)
         if baseline is not None:
             attends["baseline"] = baseline
         # One layer's output of each against XLA's: the largest absolute difference.
-        reference = jax.jit(xla_attention)(q, ks[0], vs[0], mask)
-        diffs = {name: float(jnp.abs(jax.jit(attend)(q, ks[0], vs[0], mask) - reference).max())
+        reference = jax.jit(xla_on_cache)(q, caches[0], mask)
+        diffs = {name: float(jnp.abs(jax.jit(attend)(q, caches[0], mask) - reference).max())
                  for name, attend in attends.items()}
         runs = {name: chain(attend, mask) for name, attend in attends.items()}
         for run in runs.values():
-            run(q, ks, vs).block_until_ready()  # compile
+            run(q, caches).block_until_ready()  # compile
         times = {name: [] for name in runs}
         for _ in range(5):
             for name, run in runs.items():
                 start = time.perf_counter()
-                run(q, ks, vs).block_until_ready()
+                run(q, caches).block_until_ready()
                 times[name].append((time.perf_counter() - start) / STEPS)
-        filled = 2 * batch * (args.position + 1) * KV_HEADS * HEAD_DIM * 4 * LAYERS
+        # Bytes per (slot, kv-head): K and V entries, plus their two f32 scales for int8.
+        per_head = 2 * HEAD_DIM * jnp.dtype(dtype).itemsize + (8 if dtype == "int8" else 0)
+        filled = batch * (args.position + 1) * KV_HEADS * per_head * LAYERS
         for name in runs:
             seconds = statistics.median(times[name])
             print(f"| {batch} | {name} | {seconds * 1e3:.2f} | {filled / 1e6:.1f} | "

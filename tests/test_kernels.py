@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from hpllm.config import preset
+from hpllm.kvcache import KVCache
 from hpllm.linear import FloatDot
 from hpllm.model import Transformer
 from hpllm.quant import WITH_HEAD, QuantConfig, W8A8Dot, quantize_for_training
@@ -306,6 +307,27 @@ def test_w8a8_batched_decode_matches_the_fake_quant_model():
 ATTENTION_SHAPES = ((4, 4, 2, 16, 40), (1, 4, 4, 64, 300), (3, 6, 3, 20, 70), (5, 6, 3, 64, 70))
 
 
+CACHE_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def _cache(k: np.ndarray, v: np.ndarray, dtype: str) -> KVCache:
+    """A one-layer cache holding k and v in every slot, stored as `dtype` (int8: quantized per
+    slot and head by `KVCache.write`)."""
+    batch, slots = k.shape[:2]
+    return KVCache.empty(k.shape, dtype).write(
+        jnp.asarray(k), jnp.asarray(v),
+        jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots)))
+
+
+def _stored_values(cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
+    """What the cache holds, in float64: bf16 entries widened (exact), int8 entries times their
+    scales (exact in float64)."""
+    if not cache.quantized:
+        return tuple(np.asarray(a, np.float64) for a in cache.read(jnp.dtype(jnp.float32)))
+    return (np.asarray(cache.k, np.float64) * np.asarray(cache.k_scale, np.float64)[..., None],
+            np.asarray(cache.v, np.float64) * np.asarray(cache.v_scale, np.float64)[..., None])
+
+
 def _attention_reference(q, k, v, mask):
     """One query token's attention in float64 numpy: q.k / sqrt(head_dim) over the visible
     slots, softmax, weighted sum of values; a row that sees no slot weighs every slot equally
@@ -322,9 +344,21 @@ def _attention_reference(q, k, v, mask):
     return np.einsum("bht,bthd->bhd", weights, v)
 
 
+# Largest difference from the float64 reference on these shapes (outputs up to ~3) per cache
+# dtype, measured on the AVX-512 / AVX2 / portable paths: float32 1.6e-6 / 8.7e-7 / 1.4e-6 (the
+# kernel before the vector exp and the runs: 1.9e-6); bfloat16 1.3e-6 / 1.6e-6 / 1.7e-6; int8
+# 2.8e-6 / 2.8e-6 / 4.0e-6 (an int8 slot's scale is one more rounding on its score and its value
+# weight). The bounds are about 3x the largest.
+ATTENTION_TOLERANCE = {"float32": 5e-6, "bfloat16": 5e-6, "int8": 1.2e-5}
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
 @pytest.mark.parametrize("isa", PATHS)
-def test_decode_attention_kernel_matches_a_float64_reference(isa):
+def test_decode_attention_kernel_matches_a_float64_reference(isa, cache_dtype):
+    """The kernel reads the cache as stored (bf16 widened, int8 scaled per slot and head);
+    the reference attends over the same stored values in float64."""
     _kernels_or_skip(isa)
+    attend = jax.jit(NativeDecodeAttention(isa))
     for batch, heads, kv_heads, head_dim, slots in ATTENTION_SHAPES:
         rng = np.random.default_rng(slots)
         # Queries 4x a unit normal: scores spread over ~+-30, so exp sees a wide range.
@@ -334,14 +368,18 @@ def test_decode_attention_kernel_matches_a_float64_reference(isa):
         mask[0] = np.arange(slots) < slots - 10
         mask[1:2] = False
         mask[2:3] = np.arange(slots) == 5
-        got = jax.jit(NativeDecodeAttention(isa))(q, k, v, mask)
-        # Largest difference measured 1.6e-6 (AVX-512; AVX2 8e-7, portable 1.4e-6) on outputs
-        # up to ~4.5; the kernel before the vector exp and the runs: 1.9e-6. Bound: 3x that.
-        np.testing.assert_allclose(got, _attention_reference(q, k, v, mask), rtol=0, atol=5e-6,
-                                   err_msg=f"{isa}, {(batch, heads, kv_heads, head_dim, slots)}")
+        cache = _cache(k, v, cache_dtype)
+        got = attend(q, cache, mask)
+        np.testing.assert_allclose(
+            got, _attention_reference(q, *_stored_values(cache), mask), rtol=0,
+            atol=ATTENTION_TOLERANCE[cache_dtype],
+            err_msg=f"{isa}, {cache_dtype}, {(batch, heads, kv_heads, head_dim, slots)}")
 
 
-def test_native_decode_attention_matches_the_xla_attention():
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+def test_native_decode_attention_matches_the_xla_attention(cache_dtype):
+    """Decode on the native attention, which reads a bf16 or int8 cache in place, against the
+    XLA path (the same model without it) on a cache of the same dtype."""
     built = _kernels_or_skip("native")
     float_model = Transformer(preset("tiny"), key=jax.random.key(0)).unstacked()
     native = use_native_kernels(float_model, built.isa)
@@ -354,7 +392,7 @@ def test_native_decode_attention_matches_the_xla_attention():
 
     @eqx.filter_jit
     def decode_logits(model):
-        cache = model.allocate_cache(batch, 24)
+        cache = model.allocate_cache(batch, 24, cache_dtype)
         positions = starts[:, None] + jnp.arange(prompt + 2, dtype=jnp.int32)[None, :]
         _, cache = model.decode(tokens[:, :prompt], positions[:, :prompt], cache)
         first, cache = model.decode(tokens[:, prompt:prompt + 1], positions[:, prompt:prompt + 1],
@@ -363,7 +401,12 @@ def test_native_decode_attention_matches_the_xla_attention():
                                  active=jnp.array([True, False, True]))
         return jnp.concatenate([first, second], axis=1)
 
+    # The decode steps call the kernel of this cache dtype on the stored arrays.
+    target = {"float32": built.attention_target, "bfloat16": built.attention_bf16_target,
+              "int8": built.attention_int8_target}[cache_dtype]
+    assert f"custom_call @{target}(" in decode_logits.lower(native).as_text()
     # The same arithmetic summed in another order through two layers: largest difference
-    # measured 9e-8 on logits up to ~0.39; the bound is a few times that.
+    # measured 9e-8 (float32 and int8 caches) and 1.2e-7 (bfloat16) on logits up to ~0.39; the
+    # bound is a few times that.
     np.testing.assert_allclose(decode_logits(native), decode_logits(float_model), rtol=0,
                                atol=5e-7)

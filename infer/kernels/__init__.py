@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, BFloat16, Bool, Float, Int8, Int32, Shaped, UInt8
 
+from hpllm.kvcache import KVCache
 from hpllm.linear import FloatDot, Linear, MatmulOp
 from hpllm.model import Attention, DecodeAttention, Transformer
 from hpllm.quant.integer import W8A8Dot, int8_scaled_matmul
@@ -171,8 +172,10 @@ class Kernels:
     int8_target: str
     int4_target: str
     w8a8_target: str
-    attention_target: str
+    attention_target: str  # decode attention over a float32 cache
     bf16_target: str
+    attention_bf16_target: str  # ... over a bfloat16 cache
+    attention_int8_target: str  # ... over an int8 cache with per-slot, per-head scales
 
 
 _loaded: dict[str, Kernels | str] = {}  # isa -> the build, or why it is unavailable
@@ -215,12 +218,15 @@ def _load(isa: str) -> Kernels | str:
                       bool(library.HpllmAmx()),
                       f"hpllm_int8_matvec_{isa}", f"hpllm_int4_matvec_{isa}",
                       f"hpllm_w8a8_matmul_{isa}", f"hpllm_decode_attention_{isa}",
-                      f"hpllm_bf16_matvec_{isa}")
+                      f"hpllm_bf16_matvec_{isa}", f"hpllm_decode_attention_bf16_{isa}",
+                      f"hpllm_decode_attention_int8_{isa}")
     for target, symbol in ((kernels.int8_target, library.HpllmInt8Matvec),
                            (kernels.int4_target, library.HpllmInt4Matvec),
                            (kernels.w8a8_target, library.HpllmW8A8Matmul),
                            (kernels.attention_target, library.HpllmDecodeAttention),
-                           (kernels.bf16_target, library.HpllmBf16Matvec)):
+                           (kernels.bf16_target, library.HpllmBf16Matvec),
+                           (kernels.attention_bf16_target, library.HpllmDecodeAttentionBf16),
+                           (kernels.attention_int8_target, library.HpllmDecodeAttentionInt8)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return kernels
 
@@ -460,20 +466,28 @@ class NativeW8A8Dot(MatmulOp):
 
 class NativeDecodeAttention(DecodeAttention):
     """The attention of a one-token decode step on the native kernel of build `isa`: reads the
-    cache in place (XLA copies it into another layout first) and only the slots the mask
-    shows. Same arithmetic as `Attention._attend`, summed in another order, with a vector exp
-    within 1 ulp of libm's on the SIMD paths."""
+    cache in place as it is stored (float32, bfloat16, or int8 with its scales; XLA makes a
+    float32 copy in another layout first) and only the slots the mask shows. Same arithmetic as
+    `Attention._attend` on `cache.read(float32)`, summed in another order (an int8 slot's scale
+    multiplies its score and its value weight instead of its entries), with a vector exp within
+    1 ulp of libm's on the SIMD paths."""
 
     isa: str = eqx.field(static=True, default="native")
 
-    def __call__(self, q: Float[Array, "batch heads head_dim"],
-                 k: Float[Array, "batch max_len kv_heads head_dim"],
-                 v: Float[Array, "batch max_len kv_heads head_dim"],
+    def reads(self, cache: KVCache) -> bool:
+        return cache.dtype in (jnp.float32, jnp.bfloat16, jnp.int8)
+
+    def __call__(self, q: Float[Array, "batch heads head_dim"], cache: KVCache,
                  mask: Bool[Array, "batch max_len"]) -> Float[Array, "batch heads head_dim"]:
         kernels = load(self.isa)
         assert kernels is not None, "use_native_kernels sets this only where the kernels load"
-        call = jax.ffi.ffi_call(kernels.attention_target, jax.ShapeDtypeStruct(q.shape, q.dtype))
-        return call(q, k, v, mask)
+        out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+        if cache.quantized:
+            call = jax.ffi.ffi_call(kernels.attention_int8_target, out)
+            return call(q, cache.k, cache.k_scale, cache.v, cache.v_scale, mask)
+        target = (kernels.attention_bf16_target if cache.dtype == jnp.bfloat16
+                  else kernels.attention_target)
+        return jax.ffi.ffi_call(target, out)(q, cache.k, cache.v, mask)
 
 
 def use_native_kernels(model: eqx.Module, isa: str | None = None,

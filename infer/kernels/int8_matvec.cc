@@ -1363,6 +1363,13 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
 // - exp is a vector polynomial (attention_exp) instead of one libm call per score.
 // Any head_dim works; the SIMD paths take head_dims that are a multiple of kLanes, others run
 // the portable loops.
+//
+// The cache is read as it is stored: float32, bfloat16 or int8 with one f32 scale per (row,
+// slot, kv-head) (hpllm.kvcache). Each element is widened to f32 in registers where it is used
+// (bf16: a shift into the top half, exact; int8: a convert), as llama.cpp does with its F16 and
+// Q8_0 caches; XLA would first write an f32 copy of the whole cache and read that. An int8
+// slot's key scale multiplies its scores and its value scale the value weights (after the
+// softmax's sum), so the dot products and the value pass never touch a scale.
 
 // Runs of a row's visible slots shorter than this are not worth a task of their own.
 constexpr int64_t kMinRunSlots = 32;
@@ -1383,7 +1390,17 @@ struct AttentionScratch {
   }
 };
 
+// One cache element as f32 (an int8 one before its scale).
+inline float cache_to_f32(float x) { return x; }
+inline float cache_to_f32(uint16_t bf16) { return bf16_to_f32(bf16); }
+inline float cache_to_f32(int8_t x) { return static_cast<float>(x); }
+
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+// kLanes cache elements as f32.
+inline Simd::F widen_cache(const float* p) { return Simd::load(p); }
+inline Simd::F widen_cache(const uint16_t* p) { return widen_bf16(p); }
+inline Simd::F widen_cache(const int8_t* p) { return Simd::widen_int8(p); }
+
 #if defined(HPLLM_PATH_AVX512)
 // Lane l of the result: the sum of the lanes of a[l]. Pairs of vectors are interleaved and
 // added, so each level halves the vectors and doubles the sums each lane holds.
@@ -1485,24 +1502,25 @@ void exp_in_place(float* x, int64_t n) {
 
 // scores[j * H + h] = q_h . k_{slots[j], h / groups} / root for the n slots, kLanes at a time
 // in that (memory) order. D is a multiple of kLanes: Vectors = D / kLanes, or 0 for a loop
-// over any such D (the common head_dims get their dot product unrolled).
-template <int64_t Vectors>
-void attention_scores(const AttentionShape& s, const float* q, const float* k,
+// over any such D (the common head_dims get their dot product unrolled). Cache is the cache's
+// element type (float, uint16_t for bf16, int8_t).
+template <int64_t Vectors, typename Cache>
+void attention_scores(const AttentionShape& s, const float* q, const Cache* k,
                       const int32_t* slots, int64_t n, float root, float* scores) {
   constexpr int64_t L = Simd::kLanes;
   const int64_t H = s.H, D = Vectors ? Vectors * L : s.D, groups = H / s.KV, count = n * H,
                 slot_stride = s.KV * D;
   int64_t j = 0, h = 0, in_group = 0;
-  const float* kh = k + slots[0] * slot_stride;
+  const Cache* kh = k + slots[0] * slot_stride;
   const auto next_dot = [&] {
     const float* qh = q + h * D;
-    Simd::F acc = Simd::mul(Simd::load(qh), Simd::load(kh));
+    Simd::F acc = Simd::mul(Simd::load(qh), widen_cache(kh));
     if (Vectors) {
       for (int64_t i = L; i < Vectors * L; i += L)
-        acc = Simd::fma(Simd::load(qh + i), Simd::load(kh + i), acc);
+        acc = Simd::fma(Simd::load(qh + i), widen_cache(kh + i), acc);
     } else {
       for (int64_t i = L; i < D; i += L)
-        acc = Simd::fma(Simd::load(qh + i), Simd::load(kh + i), acc);
+        acc = Simd::fma(Simd::load(qh + i), widen_cache(kh + i), acc);
     }
     if (++h == H) {  // next slot
       h = in_group = 0;
@@ -1530,9 +1548,9 @@ void attention_scores(const AttentionShape& s, const float* q, const float* k,
   }
 }
 
-template <int64_t Slots>
+template <int64_t Slots, typename Cache>
 inline void add_values(int64_t H, int64_t D, int64_t groups, const float* weights,
-                       const float* const* vt, float* acc) {
+                       const Cache* const* vt, float* acc) {
   for (int64_t h = 0, kv_offset = 0, in_group = 0; h < H; ++h) {
     Simd::F w[Slots];
     for (int64_t j = 0; j < Slots; ++j) w[j] = Simd::set1(weights[j * H + h]);
@@ -1540,7 +1558,7 @@ inline void add_values(int64_t H, int64_t D, int64_t groups, const float* weight
     for (int64_t i = 0; i < D; i += Simd::kLanes) {
       Simd::F a = Simd::load(ah + i);
       for (int64_t j = 0; j < Slots; ++j)
-        a = Simd::fma(w[j], Simd::load(vt[j] + kv_offset + i), a);
+        a = Simd::fma(w[j], widen_cache(vt[j] + kv_offset + i), a);
       Simd::store(ah + i, a);
     }
     if (++in_group == groups) {
@@ -1552,50 +1570,53 @@ inline void add_values(int64_t H, int64_t D, int64_t groups, const float* weight
 
 // acc[h] += weights[j * H + h] * v_{slots[j], h / groups} over the n slots. D is a multiple of
 // kLanes.
-void attention_values(const AttentionShape& s, const float* weights, const float* v,
+template <typename Cache>
+void attention_values(const AttentionShape& s, const float* weights, const Cache* v,
                       const int32_t* slots, int64_t n, float* acc) {
   const int64_t H = s.H, D = s.D, groups = H / s.KV, slot_stride = s.KV * D;
   int64_t j0 = 0;
   for (; j0 + kValueSlots <= n; j0 += kValueSlots) {
-    const float* vt[kValueSlots];
+    const Cache* vt[kValueSlots];
     for (int64_t j = 0; j < kValueSlots; ++j) vt[j] = v + slots[j0 + j] * slot_stride;
     add_values<kValueSlots>(H, D, groups, weights + j0 * H, vt, acc);
   }
   for (; j0 < n; ++j0) {
-    const float* vt = v + slots[j0] * slot_stride;
+    const Cache* vt = v + slots[j0] * slot_stride;
     add_values<1>(H, D, groups, weights + j0 * H, &vt, acc);
   }
 }
 #endif
 
 // The portable loops: one reduction per dot product, std::exp.
-void attention_scores_portable(const AttentionShape& s, const float* q, const float* k,
+template <typename Cache>
+void attention_scores_portable(const AttentionShape& s, const float* q, const Cache* k,
                                const int32_t* slots, int64_t n, float root, float* scores) {
   const int64_t groups = s.H / s.KV, slot_stride = s.KV * s.D;
   for (int64_t j = 0; j < n; ++j) {
-    const float* kt = k + slots[j] * slot_stride;
+    const Cache* kt = k + slots[j] * slot_stride;
     for (int64_t h = 0; h < s.H; ++h) {
       const float* __restrict__ qh = q + h * s.D;
-      const float* __restrict__ kh = kt + (h / groups) * s.D;
+      const Cache* __restrict__ kh = kt + (h / groups) * s.D;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < s.D; ++i) dot += qh[i] * kh[i];
+      for (int64_t i = 0; i < s.D; ++i) dot += qh[i] * cache_to_f32(kh[i]);
       scores[j * s.H + h] = dot / root;
     }
   }
 }
 
-void attention_values_portable(const AttentionShape& s, const float* weights, const float* v,
+template <typename Cache>
+void attention_values_portable(const AttentionShape& s, const float* weights, const Cache* v,
                                const int32_t* slots, int64_t n, float* acc) {
   const int64_t groups = s.H / s.KV, slot_stride = s.KV * s.D;
   for (int64_t j = 0; j < n; ++j) {
-    const float* vt = v + slots[j] * slot_stride;
+    const Cache* vt = v + slots[j] * slot_stride;
     for (int64_t h = 0; h < s.H; ++h) {
       const float weight = weights[j * s.H + h];
-      const float* __restrict__ vh = vt + (h / groups) * s.D;
+      const Cache* __restrict__ vh = vt + (h / groups) * s.D;
       float* __restrict__ ah = acc + h * s.D;
 #pragma omp simd
-      for (int64_t i = 0; i < s.D; ++i) ah[i] += weight * vh[i];
+      for (int64_t i = 0; i < s.D; ++i) ah[i] += weight * cache_to_f32(vh[i]);
     }
   }
 }
@@ -1604,9 +1625,12 @@ void attention_values_portable(const AttentionShape& s, const float* weights, co
 // point at the row's cache [T][KV][D]): for each head h, top[h] = the largest score,
 // total[h] = the sum of exp(score - top[h]) and acc[h][D] = the sum of exp(score - top[h]) * v.
 // `scored` false: every score is 0 (the row whose mask hides everything). n may be 0.
-void attend_run(const AttentionShape& s, const float* q, const float* k, const float* v,
-                const int32_t* slots, int64_t n, bool scored, float* scores, float* top,
-                float* total, float* acc) {
+// k_scale and v_scale (the row's [T][KV], int8 caches only, else null) multiply each slot and
+// key head's scores and value weights.
+template <typename Cache>
+void attend_run(const AttentionShape& s, const float* q, const Cache* k, const Cache* v,
+                const float* k_scale, const float* v_scale, const int32_t* slots, int64_t n,
+                bool scored, float* scores, float* top, float* total, float* acc) {
   const int64_t H = s.H, D = s.D;
   std::fill(acc, acc + H * D, 0.0f);
   std::fill(total, total + H, 0.0f);
@@ -1629,6 +1653,16 @@ void attend_run(const AttentionShape& s, const float* q, const float* k, const f
     attention_scores_portable(s, q, k, slots, n, root, scores);
   else
     std::fill(scores, scores + n * H, 0.0f);
+  const int64_t groups = H / s.KV;
+  const auto scale_by = [&](const float* scale) {  // scores[j * H + h] *= scale[slot, h / groups]
+    for (int64_t j = 0; j < n; ++j) {
+      const float* slot_scale = scale + slots[j] * s.KV;
+      float* slot_scores = scores + j * H;
+      for (int64_t kv = 0; kv < s.KV; ++kv)
+        for (int64_t g = 0; g < groups; ++g) slot_scores[kv * groups + g] *= slot_scale[kv];
+    }
+  };
+  if (scored && k_scale != nullptr) scale_by(k_scale);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t h = 0; h < H; ++h) top[h] = std::max(top[h], scores[j * H + h]);
   for (int64_t j = 0; j < n; ++j)
@@ -1640,6 +1674,7 @@ void attend_run(const AttentionShape& s, const float* q, const float* k, const f
 #endif
   for (int64_t j = 0; j < n; ++j)
     for (int64_t h = 0; h < H; ++h) total[h] += scores[j * H + h];
+  if (v_scale != nullptr) scale_by(v_scale);
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
   if (simd) {
     attention_values(s, scores, v, slots, n, acc);
@@ -1649,23 +1684,22 @@ void attend_run(const AttentionShape& s, const float* q, const float* k, const f
   attention_values_portable(s, scores, v, slots, n, acc);
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || md.size() != 2 || kd[0] != qd[0] ||
-      kd[3] != qd[2] || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || vd[3] != kd[3] ||
-      md[0] != qd[0] || md[1] != kd[1] || kd[2] < 1 || qd[1] % kd[2])
-    return ffi::Error::InvalidArgument(
-        "decode_attention: expects q[B, H, D], k and v[B, T, KV, D] (H a multiple of KV), "
-        "mask[B, T] -> out[B, H, D]");
-  const AttentionShape s{qd[1], qd[2], kd[1], kd[2]};
-  const int64_t B = qd[0], H = s.H, D = s.D, T = s.T, row_size = T * s.KV * D;
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  const bool* mp = mask.typed_data();
-  float* op = out->typed_data();
+// Whether q[B, H, D], k and v[B, T, KV, D] (H a multiple of KV) and mask[B, T] fit together.
+bool attention_shapes_fit(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
+                          ffi::Span<const int64_t> vd, ffi::Span<const int64_t> md) {
+  return qd.size() == 3 && kd.size() == 4 && vd.size() == 4 && md.size() == 2 &&
+         kd[0] == qd[0] && kd[3] == qd[2] && vd[0] == kd[0] && vd[1] == kd[1] &&
+         vd[2] == kd[2] && vd[3] == kd[3] && md[0] == qd[0] && md[1] == kd[1] && kd[2] >= 1 &&
+         qd[1] % kd[2] == 0;
+}
+
+// The attention of every row over a cache of element type Cache; k_scale / v_scale [B, T, KV]
+// for an int8 cache, null otherwise.
+template <typename Cache>
+void decode_attention(ffi::ThreadPool& pool, const AttentionShape& s, int64_t B, const float* qp,
+                      const Cache* kp, const Cache* vp, const float* k_scale,
+                      const float* v_scale, const bool* mp, float* op) {
+  const int64_t H = s.H, D = s.D, T = s.T, row_size = T * s.KV * D, scale_row = T * s.KV;
   // Runs per row: enough tasks for two per thread (a late or busy thread then costs little),
   // none shorter than kMinRunSlots visible slots.
   int64_t most_seen = 0;
@@ -1697,8 +1731,10 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     float* scores = scratch.scores.get();
     float* part = runs > 1 ? parts.get() + task * part_size : scores + (last - first) * H;
     float *top = part, *total = part + H, *acc = part + 2 * H;
-    attend_run(s, qp + b * H * D, kp + b * row_size, vp + b * row_size, slots + first,
-               last - first, seen != 0, scores, top, total, acc);
+    attend_run(s, qp + b * H * D, kp + b * row_size, vp + b * row_size,
+               k_scale ? k_scale + b * scale_row : nullptr,
+               v_scale ? v_scale + b * scale_row : nullptr, slots + first, last - first,
+               seen != 0, scores, top, total, acc);
     if (runs == 1)
       for (int64_t h = 0; h < H; ++h)
         for (int64_t i = 0; i < D; ++i) op[(b * H + h) * D + i] = acc[h * D + i] / total[h];
@@ -1724,6 +1760,54 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       }
     }
   }
+}
+
+constexpr const char* kAttentionShapes =
+    "decode_attention: expects q[B, H, D], k and v[B, T, KV, D] (H a multiple of KV), "
+    "mask[B, T] (and for an int8 cache k_scale and v_scale[B, T, KV]) -> out[B, H, D]";
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  if (!attention_shapes_fit(qd, kd, v.dimensions(), mask.dimensions()))
+    return ffi::Error::InvalidArgument(kAttentionShapes);
+  decode_attention<float>(pool, AttentionShape{qd[1], qd[2], kd[1], kd[2]}, qd[0],
+                          q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr,
+                          mask.typed_data(), out->typed_data());
+  return ffi::Error::Success();
+}
+
+// A bfloat16 cache (its bits as uint16, as hpllm.kvcache holds it), widened exactly in
+// registers.
+ffi::Error DecodeAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                   ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
+                                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  if (!attention_shapes_fit(qd, kd, v.dimensions(), mask.dimensions()))
+    return ffi::Error::InvalidArgument(kAttentionShapes);
+  decode_attention<uint16_t>(pool, AttentionShape{qd[1], qd[2], kd[1], kd[2]}, qd[0],
+                             q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr,
+                             mask.typed_data(), out->typed_data());
+  return ffi::Error::Success();
+}
+
+// An int8 cache with one f32 scale per (row, slot, kv-head) for its keys and its values.
+ffi::Error DecodeAttentionInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                   ffi::Buffer<ffi::S8> k, ffi::Buffer<ffi::F32> k_scale,
+                                   ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> v_scale,
+                                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), ksd = k_scale.dimensions(),
+             vsd = v_scale.dimensions();
+  const auto scales_fit = [&](ffi::Span<const int64_t> sd) {
+    return sd.size() == 3 && sd[0] == kd[0] && sd[1] == kd[1] && sd[2] == kd[2];
+  };
+  if (!attention_shapes_fit(qd, kd, v.dimensions(), mask.dimensions()) || !scales_fit(ksd) ||
+      !scales_fit(vsd))
+    return ffi::Error::InvalidArgument(kAttentionShapes);
+  decode_attention<int8_t>(pool, AttentionShape{qd[1], qd[2], kd[1], kd[2]}, qd[0],
+                           q.typed_data(), k.typed_data(), v.typed_data(), k_scale.typed_data(),
+                           v_scale.typed_data(), mask.typed_data(), out->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1752,6 +1836,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmDecodeAttention, DecodeAttentionImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmDecodeAttentionBf16, DecodeAttentionBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmDecodeAttentionInt8, DecodeAttentionInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

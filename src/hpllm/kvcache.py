@@ -12,7 +12,7 @@ positions (`infer.generate.DecodeState.positions`) and passes them to every writ
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, Int8
+from jaxtyping import Array, Float, Int, Int8, UInt16
 
 from hpllm.config import DTYPE_ALIASES, ModelConfig
 
@@ -20,8 +20,10 @@ from hpllm.config import DTYPE_ALIASES, ModelConfig
 CACHE_DTYPE_ALIASES = {**DTYPE_ALIASES, "int8": "int8"}
 CACHE_DTYPES = tuple(CACHE_DTYPE_ALIASES.values())
 
-CacheArray = Float[Array, "*layers batch max_len kv_heads head_dim"] | Int8[
-    Array, "*layers batch max_len kv_heads head_dim"]
+# float32 entries, bfloat16 ones held as their uint16 bits (see KVCache), or int8 ones.
+CacheArray = (Float[Array, "*layers batch max_len kv_heads head_dim"]
+              | UInt16[Array, "*layers batch max_len kv_heads head_dim"]
+              | Int8[Array, "*layers batch max_len kv_heads head_dim"])
 CacheScale = Float[Array, "*layers batch max_len kv_heads"]
 
 
@@ -49,8 +51,11 @@ class KVCache(eqx.Module):
     with a leading layer axis).
 
     With `dtype="int8"` the values are int8 with one float32 scale per (row, slot, head), which
-    halves the bytes of a bf16 cache that every decode step reads. `k`, `v` and the scales are
-    separate buffers (never one array twice), so every leaf can be donated.
+    halves the bytes of a bf16 cache that every decode step reads. With `dtype="bfloat16"` the
+    buffers hold the bf16 bits as uint16: XLA:CPU scatters into a bf16 buffer by converting all
+    of it to f32 and back, where a uint16 scatter updates it in place (`bench/kv_cache_write.py`,
+    figures in docs/performance.md). `dtype` is the stored values' type either way. `k`, `v`
+    and the scales are separate buffers (never one array twice), so every leaf can be donated.
     """
 
     k: CacheArray
@@ -62,13 +67,18 @@ class KVCache(eqx.Module):
     def allocate(cls, cfg: ModelConfig, batch: int, max_len: int | None = None,
                  dtype: str = "float32", *, n_layers: int | None = None) -> "KVCache":
         """An empty cache of one layer, or of `n_layers` layers stacked along a leading axis."""
-        if dtype not in CACHE_DTYPES:
-            raise ValueError(f"KV-cache dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
         max_len = cfg.max_seq_len if max_len is None else max_len
         layers = () if n_layers is None else (n_layers,)
-        shape = (*layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return cls.empty((*layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim), dtype)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], dtype: str = "float32") -> "KVCache":
+        """An empty cache of `shape` ([*layers, batch, max_len, kv_heads, head_dim])."""
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"KV-cache dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
+        storage = jnp.uint16 if dtype == "bfloat16" else jnp.dtype(dtype)
         quantized = dtype == "int8"
-        return cls(k=jnp.zeros(shape, jnp.dtype(dtype)), v=jnp.zeros(shape, jnp.dtype(dtype)),
+        return cls(k=jnp.zeros(shape, storage), v=jnp.zeros(shape, storage),
                    k_scale=jnp.zeros(shape[:-1], jnp.float32) if quantized else None,
                    v_scale=jnp.zeros(shape[:-1], jnp.float32) if quantized else None)
 
@@ -79,6 +89,11 @@ class KVCache(eqx.Module):
     @property
     def quantized(self) -> bool:
         return self.k.dtype == jnp.int8
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The stored values' type: float32, bfloat16 (held as uint16 bits) or int8."""
+        return jnp.dtype(jnp.bfloat16) if self.k.dtype == jnp.uint16 else self.k.dtype
 
     def write(
         self,
@@ -92,6 +107,8 @@ class KVCache(eqx.Module):
         cache untouched.
         """
         if not self.quantized:
+            if self.dtype == jnp.bfloat16:
+                k, v = (x.astype(jnp.bfloat16).view(jnp.uint16) for x in (k, v))
             return eqx.tree_at(lambda c: (c.k, c.v), self,
                                (_write_slots(self.k, k, slots), _write_slots(self.v, v, slots)))
         qk, sk = _quantize_per_head(k)
@@ -107,6 +124,8 @@ class KVCache(eqx.Module):
                Float[Array, "batch max_len kv_heads head_dim"]]:
         """This layer's keys and values as `dtype` (int8 values are dequantized here)."""
         k, v = self.k, self.v
+        if self.dtype == jnp.bfloat16:
+            k, v = k.view(jnp.bfloat16), v.view(jnp.bfloat16)
         if self.quantized:
             k = k.astype(jnp.float32) * self.k_scale[..., None]
             v = v.astype(jnp.float32) * self.v_scale[..., None]

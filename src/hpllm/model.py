@@ -97,13 +97,17 @@ def cache_mask(positions: Int[Array, "batch seq"], max_len: int
 
 
 class DecodeAttention(eqx.Module):
-    """A replacement for the XLA attention of one-token decode steps over a float32 cache
-    (`infer.kernels` has a native one, which reads only the slots the mask shows). It must
-    compute what `Attention._attend` does before the output projection."""
+    """A replacement for the XLA attention of one-token decode steps with float32 queries,
+    reading one layer's cache as it is stored (`infer.kernels` has a native one, which reads
+    only the slots the mask shows and widens bf16 / int8 entries in registers, where the XLA
+    path first makes a float32 copy of the whole cache). It must compute what
+    `Attention._attend` does on `cache.read(float32)` before the output projection."""
 
-    def __call__(self, q: Float[Array, "batch heads head_dim"],
-                 k: Float[Array, "batch max_len kv_heads head_dim"],
-                 v: Float[Array, "batch max_len kv_heads head_dim"],
+    def reads(self, cache: KVCache) -> bool:
+        """Whether it attends over a cache of this one's storage dtype (else the XLA path)."""
+        raise NotImplementedError
+
+    def __call__(self, q: Float[Array, "batch heads head_dim"], cache: KVCache,
                  mask: Bool[Array, "batch max_len"]) -> Float[Array, "batch heads head_dim"]:
         raise NotImplementedError
 
@@ -174,12 +178,12 @@ class Attention(eqx.Module):
         over the whole cache (masked)."""
         q, k, v = self._project(x, rotary)
         cache = cache.write(k, v, slots)
-        k_all, v_all = cache.read(x.dtype)
         b, s, _, _ = q.shape
-        if (self.decode_attention is not None and s == 1
-                and q.dtype == k_all.dtype == v_all.dtype == jnp.float32):
-            out = self.decode_attention(q[:, 0], k_all, v_all, mask[:, 0])
+        if (self.decode_attention is not None and s == 1 and q.dtype == jnp.float32
+                and self.decode_attention.reads(cache)):
+            out = self.decode_attention(q[:, 0], cache, mask[:, 0])
             return self.wo(out.reshape(b, 1, self.n_heads * self.head_dim)), cache
+        k_all, v_all = cache.read(x.dtype)
         return self._attend(q, k_all, v_all, mask), cache
 
 
