@@ -131,6 +131,12 @@ def test_amx_routes_match_the_xla_ops_and_the_digits_error_bound():
         # (f32 accumulation carries the outlier's rounding too).
         bound = 2.0**-24 * np.abs(outlier).max(1, keepdims=True) * np.abs(dequantized).sum(0)
         assert np.all(np.abs(got - exact) <= bound), np.max(np.abs(got - exact) / bound)
+        # A non-finite activation makes its row's outputs non-finite, never finite numbers.
+        broken = np.array(x[:8])
+        broken[2, 5], broken[5, 1] = np.nan, np.inf
+        got = np.asarray(jax.jit(NativeInt8Dot("native", NEVER))(jnp.asarray(broken), tiled))
+        assert np.all(np.isnan(got[[2, 5]]))
+        assert np.all(np.isfinite(np.delete(got, [2, 5], axis=0)))
     for d_in, d_out in W8A8_SHAPES:  # w8a8 on the unit: exact int32 sums, the op's bits
         weight = Int8Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32))
         tiled = TiledW8A8Weight(weight)

@@ -726,13 +726,22 @@ void activation_digits(const float* x, int64_t M, int64_t K, int64_t rows, int64
   const __m512 base = _mm512_set1_ps(kDigitBase);
   for (int64_t r = 0; r < M; ++r) {
     const float* xr = x + r * K;
-    __m512 top = _mm512_setzero_ps();
+    // x * 0 is NaN exactly for an infinite or NaN x (max alone may drop a NaN).
+    __m512 top = _mm512_setzero_ps(), non_finite = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 valid = K - k >= 16 ? 0xffff : (1u << (K - k)) - 1;
-      top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(valid, xr + k)));
+      const __m512 v = _mm512_maskz_loadu_ps(valid, xr + k);
+      top = _mm512_max_ps(top, _mm512_abs_ps(v));
+      non_finite = _mm512_add_ps(non_finite, _mm512_mul_ps(v, _mm512_setzero_ps()));
+    }
+    if (std::isnan(_mm512_reduce_add_ps(non_finite))) {
+      // A non-finite activation: the row's outputs are NaN (digits zero, scale NaN), as the
+      // f32 routes give NaN or infinities there, never finite numbers.
+      row_scale[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
     }
     const float largest = _mm512_reduce_max_ps(top);
-    if (!(largest > 0.0f)) continue;  // zero row (or NaN: left to the f32 routes' behaviour)
+    if (largest == 0.0f) continue;  // an all-zero row: zero outputs
     row_scale[r] = largest / 127.0f;
     const __m512 inverse = _mm512_set1_ps(127.0f / largest);
     for (int64_t k = 0; k < K; k += 16) {
