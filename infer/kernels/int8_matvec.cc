@@ -59,6 +59,24 @@ constexpr int64_t kTile = 128;  // must equal infer.kernels.TILE
 // Activation rows that share one pass over a tile. In the SIMD paths the tile is walked in
 // k-blocks that stay in L1 while every column pass and every row chunk uses them.
 constexpr int64_t kRowChunk = 4;
+
+// Per-thread scratch arrays, one per use, grown to the largest size asked for and kept (64-byte
+// aligned): the kernels run ~85 times per decode step, and a heap block per call would be
+// allocated and freed as often. A pointer stays valid until the same thread asks again for the
+// same use.
+enum class Scratch { kInt4Factors, kAmxDigits, kAmxRowScale, kAmxOperands, kAmxActivations };
+
+template <typename T, Scratch Use>
+T* thread_scratch(int64_t count) {
+  thread_local std::unique_ptr<T[], decltype(&std::free)> buffer{nullptr, std::free};
+  thread_local int64_t capacity = 0;
+  if (count > capacity) {
+    const size_t bytes = (count * sizeof(T) + 63) / 64 * 64;  // aligned_alloc wants a multiple
+    buffer.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    capacity = count;
+  }
+  return buffer.get();
+}
 // Activation rows per slab of the w8a8 kernel (its int32 output tile: 64 x 128 x 4 bytes =
 // 32 KiB on the stack); a larger M runs slab by slab.
 constexpr int64_t kSlabRows = 64;
@@ -282,12 +300,10 @@ void int4_tile_simd(const float* x, int64_t ldx, const uint8_t* packed, const fl
   constexpr int64_t kVectors = vectors_per_pass(Rows), kWidth = kVectors * Simd::kLanes;
   // The two factors of every k-pair, once per tile (not per column pass), so the loop below
   // broadcasts them straight from memory: (x0 - x1 / 16, x1 / 16) at [k], [k + 1].
-  thread_local std::unique_ptr<float[]> factors;
-  thread_local int64_t capacity = 0;
-  if (Rows * K > capacity) factors.reset(new float[capacity = Rows * K]);
+  float* factors = thread_scratch<float, Scratch::kInt4Factors>(Rows * K);
   for (int64_t r = 0; r < Rows; ++r) {
     const float* xr = x + r * ldx;
-    float* fr = factors.get() + r * K;
+    float* fr = factors + r * K;
 #pragma omp simd
     for (int64_t p = 0; p < K / 2; ++p) {
       const float x1 = xr[2 * p + 1] * 0.0625f;
@@ -830,19 +846,15 @@ void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
                       const int8_t* w, const float* scale, float* y) {
   const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
   const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK;
-  std::unique_ptr<int8_t[]> digits(new int8_t[kDigits * rows * k_pad]);
-  std::unique_ptr<float[]> row_scale(new float[rows]);
-  activation_digits(x, M, K, rows, k_pad, digits.get(), row_scale.get());
+  // The caller's scratch: the helpers read it only while the caller waits for their tiles.
+  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(kDigits * rows * k_pad);
+  float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(rows);
+  activation_digits(x, M, K, rows, k_pad, digits, row_scale);
   const int64_t tiles = (N + kTile - 1) / kTile;
   parallel_tiles(pool, tiles, [&](int64_t t) {
-    // Per thread, grown to the largest tile seen: k_pad x 128 bytes (base's 2048: 256 KiB).
-    thread_local std::unique_ptr<int8_t[], decltype(&std::free)> operands{nullptr, std::free};
-    thread_local int64_t capacity = 0;
-    if (capacity < k_pad * kTile) {
-      operands.reset(static_cast<int8_t*>(std::aligned_alloc(64, k_pad * kTile)));
-      capacity = k_pad * kTile;
-    }
-    amx_weight_operands(w + t * K * kTile, K, k_pad, operands.get());
+    // k_pad x 128 bytes (base's 2048: 256 KiB).
+    int8_t* operands = thread_scratch<int8_t, Scratch::kAmxOperands>(k_pad * kTile);
+    amx_weight_operands(w + t * K * kTile, K, k_pad, operands);
     static const AmxConfig config;
     _tile_loadconfig(&config);
     const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
@@ -851,8 +863,8 @@ void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
     for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
       for (int64_t step0 = 0; step0 < steps; step0 += kAmxBlockSteps)
         for (int64_t g = 0; g < kTile / kAmxCols; ++g)
-          amx_column_group(digits.get() + m0 * k_pad, rows, k_pad, step0,
-                           std::min(kAmxBlockSteps, steps - step0), operands.get(), g,
+          amx_column_group(digits + m0 * k_pad, rows, k_pad, step0,
+                           std::min(kAmxBlockSteps, steps - step0), operands, g,
                            group_sums[g]);
       for (int64_t h = 0; h < 2 && 64 * h < width; ++h) {
         const int32_t(*sums)[kDigits * 256] = group_sums + 4 * h;
@@ -1238,8 +1250,9 @@ void amx_w8a8_product(ffi::ThreadPool& pool, const int8_t* qx, int64_t M, int64_
   const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
   const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK, quads = K / 4;
   const int64_t full_steps = K / kAmxK, steps = k_pad / kAmxK;
-  std::unique_ptr<int8_t[]> activations(new int8_t[rows * k_pad]());
-  for (int64_t r = 0; r < M; ++r) std::memcpy(activations.get() + r * k_pad, qx + r * K, K);
+  int8_t* activations = thread_scratch<int8_t, Scratch::kAmxActivations>(rows * k_pad);
+  std::memset(activations, 0, rows * k_pad);
+  for (int64_t r = 0; r < M; ++r) std::memcpy(activations + r * k_pad, qx + r * K, K);
   const int64_t tiles = (N + kTile - 1) / kTile;
   parallel_tiles(pool, tiles, [&](int64_t t) {
     const int8_t* wt = w + t * quads * kTile * 4;
@@ -1259,7 +1272,7 @@ void amx_w8a8_product(ffi::ThreadPool& pool, const int8_t* qx, int64_t M, int64_
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t step = 0; step < steps; ++step) {
-          _tile_loadd(4, activations.get() + m0 * k_pad + step * kAmxK, k_pad);
+          _tile_loadd(4, activations + m0 * k_pad + step * kAmxK, k_pad);
 #define HPLLM_AMX_W8A8_GROUP(j)                                                            \
           if (step < full_steps)                                                           \
             _tile_loadd(5, wt + (step * (kAmxK / 4) * kTile + (4 * h + j) * kAmxCols) * 4,  \
