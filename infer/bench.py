@@ -248,11 +248,10 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def native_path(scheme: str) -> str:
     """The instruction path the native kernel of `scheme` runs (kernels loaded); "+amx" where
-    its batched products (5 rows and up) run on the AMX tile unit."""
+    its batched products (5 rows and up) run on the AMX tile unit (int8 weights, w8a8)."""
     kernels = load_native_kernels()
-    if scheme == "w8a8":
-        return kernels.w8a8_path
-    return kernels.path + ("+amx" if kernels.amx and scheme == "int8" else "")
+    path = kernels.w8a8_path if scheme == "w8a8" else kernels.path
+    return path + ("+amx" if kernels.amx and scheme in ("int8", "w8a8") else "")
 
 
 def _cpu_vector_flags() -> list[str]:
