@@ -799,8 +799,9 @@ void amx_weight_operands(const int8_t* w, int64_t K, int64_t k_pad, int8_t* out)
 
 // k-steps per block: every column group runs a block of steps (its three digit sums loaded
 // from and stored to `sums` around it) before the next block, so the block's activation digits
-// (12 KiB at 16 rows) stay in L1 across the eight groups. In a scratch run (one thread, 16
-// rows, 768 x 2048) this took 6.6 us per tile where whole-k passes per group took 8.1-8.4.
+// (12 KiB at 16 rows) stay in L1 across the eight groups, where a whole-k pass per group
+// streams them from L2 eight times. Chosen in a scratch harness on a loaded machine, not kept:
+// no figure is quoted for it.
 constexpr int64_t kAmxBlockSteps = 4;
 
 // sums[kDigits][16][16] (+)= the three digit sums of one 16-row group and one column group over
