@@ -15,7 +15,10 @@ converted as `python -m infer convert --quantize-head` does:
 - int8 / int4 (group 128) weights, the XLA weight-only ops (`Int8WeightOnlyDot`: convert,
   then f32 dot; `Int4WeightOnlyDot`: unpack, then f32 dot);
 - bf16, int8 and int4 weights on the native kernels of `infer.kernels` (`use_native_kernels`:
-  tiled layout), and int8 weights with int8 activations (w8a8) on its integer kernel.
+  tiled layout; int8 in the AMX tile unit's layout where the native build has AMX), and int8
+  weights with int8 activations (w8a8) on its integer kernel;
+- int8 weights on the forced `avx512` build (FMA kernels, their tiled layout): on an AMX CPU
+  the comparison for "int8 native".
 
 It prints ms per step, the weight bytes a step reads and the GB/s that makes, against the
 machine's copy bandwidth measured as `python -m infer bench` does. Formats are timed
@@ -71,6 +74,10 @@ FORMATS = {
     "int4 XLA": lambda model: quantize(model, "int4", 128, WITH_HEAD),
     "bf16 native": lambda model: use_native_kernels(quantize(model, "bf16", targets=WITH_HEAD)),
     "int8 native": lambda model: use_native_kernels(quantize(model, "int8", targets=WITH_HEAD)),
+    # The FMA kernels' tiled layout and routes: what "int8 native" runs on a CPU without AMX
+    # (on an AMX CPU the native build takes the tile unit's layout and kernel instead).
+    "int8 avx512": lambda model: use_native_kernels(quantize(model, "int8", targets=WITH_HEAD),
+                                                    "avx512"),
     "int4 native": lambda model: use_native_kernels(quantize(model, "int4", 128, WITH_HEAD)),
     "w8a8 native": lambda model: use_native_kernels(quantize(model, "w8a8", targets=WITH_HEAD)),
 }
@@ -92,7 +99,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     row_counts = [int(rows) for rows in args.rows.split(",")]
-    kinds = [kind for kind in args.formats.split(",") if "native" not in kind or available()]
+    kinds = [kind for kind in args.formats.split(",")
+             if ("native" not in kind or available()) and ("avx512" not in kind
+                                                           or available("avx512"))]
     model = random_model("base")
     runs = {}
     for kind in kinds:

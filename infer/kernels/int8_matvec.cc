@@ -681,23 +681,27 @@ void with_rows(int64_t rows, const F& f) {
   }
 }
 
-// ---- AMX (Intel Advanced Matrix Extensions): batched int8 products on the tile unit ----
+// ---- AMX (Intel Advanced Matrix Extensions): int8 products on the tile unit ----
 //
-// From kBatchRows rows up the FMA routes above are compute-bound: at 16 rows a base decode
-// step's int8 products ran at ~165 GFLOP/s on two cores (docs/performance.md), well short of
-// what the weight stream allows. CPUs with AMX-INT8 (Xeon from Sapphire Rapids) multiply
-// 16 x 64 int8 by 64 x 16 int8 into 16 x 16 int32 in one instruction (TDPBSSD), 16x the
-// multiply-adds per cycle of the AVX-512 FMA units, and the int8 weights feed it as they are.
+// CPUs with AMX-INT8 (Xeon from Sapphire Rapids) multiply 16 x 64 int8 by 64 x 16 int8 into
+// 16 x 16 int32 in one instruction (TDPBSSD), 16x the multiply-adds per cycle of the AVX-512
+// FMA units: from kBatchRows rows up the FMA routes above are compute-bound (at 16 rows a base
+// decode step's int8 products ran at ~165 GFLOP/s on two cores, docs/performance.md), and one
+// TDPBSSD per 1 KiB weight operand outpaces the memory even at one row.
 // The activations are f32, so they enter as three int8 digits: per row, s = max|x| / 127 and
 // x / s = d0 + d1 / 254 + d2 / 254^2 with every digit in [-127, 127] (each digit rounds the
 // remainder of the last, scaled by 254). Each digit's product with the weights is an exact
 // int32 sum; y = s * w_scale * (C0 + C1 / 254 + C2 / 254^2) in f32. What is lost is the rest
 // after the third digit: at most s / 2 / 254^2 per activation, 2^-24 of the row's largest
-// magnitude (f32 keeps 2^-24 of each value's own): the products agree with the f32 route to
-// float32 rounding on rows without extreme outliers (tests/test_kernels.py measures it).
-// Per 128-column weight tile: its rows are shuffled once into the unit's layout (the four k of
-// a column adjacent: byte unpacks, no arithmetic), then each 16-row group and 16-column group
-// runs the k-steps with its three digit accumulators in tile registers.
+// magnitude (f32 keeps 2^-24 of each value's own): |error| <= 2^-24 * max|x_row| *
+// sum|w_col|, and the products agree with the f32 route to float32 rounding on rows without
+// extreme outliers (tests/test_kernels.py measures it). A non-finite row gives NaN outputs.
+// int8 weight-only products (AmxInt8MatmulImpl, every row count) read their weights in the
+// unit's layout, made once at load (TiledAmxInt8Weight), so each operand is one tile load
+// straight from the weight array; the (row, digit) pairs of up to five rows are the rows of
+// one digits operand, so batch 1 runs one TDPBSSD per weight operand and is memory-bound.
+// w8a8 products (amx_w8a8_product, from kBatchRows rows) load their weights as w8a8 stores
+// them, already four k of a column adjacent.
 // Compiled where the target has AMX-INT8 (HPLLM_KERNEL_ISA=native on such a CPU, or avx512amx);
 // used only if the kernel lets this process use the tile registers (Linux >= 5.16 grants them
 // on request).
@@ -848,12 +852,10 @@ void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
     std::memset(a + kDigits * rows * k_pad, 0, (chunk_pairs - kDigits * rows) * k_pad);
   }
   const int64_t tiles = (N + kTile - 1) / kTile;
-  parallel_tiles(pool, 2 * tiles, [&](int64_t half) {
+  const auto run_half = [&](int64_t half) {
     const int64_t c0 = half * kAmxHalf, width = std::min(kAmxHalf, N - c0);
     if (width <= 0) return;  // the padding half of the last tile
     const int8_t* wh = w + half * steps * kAmxStepBytes;
-    const AmxConfig config(slab_pairs, 5);
-    _tile_loadconfig(&config);
     alignas(64) int32_t sums[kDigits * kAmxRows][kAmxHalf];
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       const int64_t m0 = chunk * chunk_rows, rows = std::min(chunk_rows, M - m0);
@@ -877,6 +879,16 @@ void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
         }
       }
     }
+  };
+  // One task per thread, each taking halves until none are left: a thread configures the tile
+  // registers once per call, where a configuration and a release per half measured slower at
+  // one row (bench command and figures in docs/performance.md).
+  const int64_t halves = 2 * tiles;
+  std::atomic<int64_t> next{0};
+  parallel_tiles(pool, std::min<int64_t>(pool.num_threads(), halves), [&](int64_t) {
+    const AmxConfig config(slab_pairs, 5);
+    _tile_loadconfig(&config);
+    for (int64_t half; (half = next.fetch_add(1)) < halves;) run_half(half);
     _tile_release();
   });
 }
@@ -1926,8 +1938,9 @@ extern "C" const char* HpllmKernelPath() {
 }
 
 
-// Whether the batched f32 products (from kBatchRows rows) run on the AMX tile unit: compiled
-// with AMX-BF16 and granted the tile registers by the OS.
+// Whether the AMX tile unit runs int8-weight products (HpllmAmxInt8Matmul, every row count)
+// and w8a8 ones (from kBatchRows rows): compiled with AMX-INT8 and granted the tile registers
+// by the OS.
 extern "C" int HpllmAmx() {
 #if defined(HPLLM_AMX)
   return amx_permitted() ? 1 : 0;
