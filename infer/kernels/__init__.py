@@ -34,9 +34,14 @@ on a dequantized copy of the weight at every row count up to 2048 (`bench/prefil
 docs/performance.md). `prefill_rows` switches a product with that many rows or more to the XLA
 route (the bench and the tests use it; `PREFILL_ROWS` is None: never).
 
-On a CPU with AMX-INT8 whose OS grants the tile registers (`Kernels.amx`), int8-weight and
-w8a8 products of 5 rows and up run on the AMX tile unit instead (`int8_matvec.cc` explains the
-int8 weights' three-digit activations and their error bound; w8a8 keeps the XLA op's bits).
+On a CPU with AMX-INT8 whose OS grants the tile registers (`Kernels.amx`, asked once when the
+build loads), `use_native_kernels` tiles int8 weight-only linears into the tile unit's layout
+instead (`TiledAmxInt8Weight`: the four k of a column adjacent, 1 KiB operands the unit loads
+straight from the array) and every row count of theirs runs on the unit (`NativeAmxInt8Dot`;
+`int8_matvec.cc` explains the activations' three int8 digits and their error bound,
+|error| <= 2^-24 x max|x_row| x sum|w_column|); w8a8 products of 5 rows and up run there too,
+keeping the XLA op's bits. Without AMX, int8 weights keep `TiledInt8Weight` and the FMA
+kernels.
 """
 
 import ctypes
@@ -561,8 +566,8 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
                        prefill_rows: int | None = PREFILL_ROWS, attention: bool = True
                        ) -> eqx.Module:
     """`model` with every int8 / int4 weight-only op, w8a8 op and `FloatDot` on a bf16 weight
-    swapped for its native twin (build `isa`, default `HPLLM_KERNEL_ISA`) and its weight retiled
-    for it, and (`attention`) the decode steps' attention over the cache on the native kernel,
+    swapped for its native twin (build `isa`, default `HPLLM_KERNEL_ISA`; int8 weight-only on
+    the AMX tile unit where that build has it) and its weight retiled for it, and (`attention`) the decode steps' attention over the cache on the native kernel,
     if that build is available. bf16 weights of a model that computes in bfloat16 stay as they
     are: the kernel takes f32 activations, and the XLA op would then untile the weight per call.
     Works in either layer layout: `lax.scan` hands the ops of stacked blocks one layer's tiles,
