@@ -567,8 +567,9 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
                        ) -> eqx.Module:
     """`model` with every int8 / int4 weight-only op, w8a8 op and `FloatDot` on a bf16 weight
     swapped for its native twin (build `isa`, default `HPLLM_KERNEL_ISA`; int8 weight-only on
-    the AMX tile unit where that build has it) and its weight retiled for it, and (`attention`) the decode steps' attention over the cache on the native kernel,
-    if that build is available. bf16 weights of a model that computes in bfloat16 stay as they
+    the AMX tile unit where that build has it) and its weight retiled for it, and
+    (`attention`) the decode steps' attention over the cache on the native kernel, if that
+    build is available. bf16 weights of a model that computes in bfloat16 stay as they
     are: the kernel takes f32 activations, and the XLA op would then untile the weight per call.
     Works in either layer layout: `lax.scan` hands the ops of stacked blocks one layer's tiles,
     as the unstacked blocks hold them."""

@@ -699,7 +699,8 @@ void with_rows(int64_t rows, const F& f) {
 // int8 weight-only products (AmxInt8MatmulImpl, every row count) read their weights in the
 // unit's layout, made once at load (TiledAmxInt8Weight), so each operand is one tile load
 // straight from the weight array; the (row, digit) pairs of up to five rows are the rows of
-// one digits operand, so batch 1 runs one TDPBSSD per weight operand and is memory-bound.
+// one digits operand, so batch 1 runs one TDPBSSD per weight operand and is memory-bound; more
+// rows go 16 at a time, each weight operand loaded once for the three digits' operands.
 // w8a8 products (amx_w8a8_product, from kBatchRows rows) load their weights as w8a8 stores
 // them, already four k of a column adjacent.
 // Compiled where the target has AMX-INT8 (HPLLM_KERNEL_ISA=native on such a CPU, or avx512amx);
@@ -728,8 +729,8 @@ constexpr float kDigitBase = 254.0f;
 
 // Tile register shapes, every row 64 bytes. Default: registers 0-6 of 16 rows (w8a8's four
 // accumulators, activations and weights). AmxConfig(rows, short_tiles): registers 0 ..
-// short_tiles - 1 of `rows` rows (the int8 route's sums and digits of a slab of fewer than 16
-// (row, digit) pairs), the rest of 16 (its weight operands).
+// short_tiles - 1 of `rows` rows (the int8 route's sums and digits when a few rows make fewer
+// than 16 (row, digit) pairs), the rest of 16 (its weight operands).
 struct alignas(64) AmxConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t bytes_per_row[16] = {};
@@ -793,27 +794,26 @@ constexpr int64_t kAmxHalf = kAmxGroups * kAmxCols;  // columns per half
 constexpr int64_t kAmxOperandBytes = kAmxRows * 64;
 constexpr int64_t kAmxStepBytes = kAmxGroups * kAmxOperandBytes;
 // Up to this many activation rows all (row, digit) pairs are the rows of one digits operand
-// (3 x 5 = 15 <= 16), so each weight operand takes one TDPBSSD; above it, 16 rows at a time
-// (48 pairs: three operands, one per digit).
+// (3 x 5 = 15 <= 16), so each weight operand takes one TDPBSSD (amx_half_pairs); above it, 16
+// rows at a time, one digits operand per digit (amx_half_group).
 constexpr int64_t kAmxFewRows = 5;
 // How many k-steps (4 KiB each) ahead the weight stream is prefetched; see kPrefetchRows for
 // why a core needs it.
 constexpr int64_t kAmxPrefetchSteps = 2;
 
-// sums[pair][64] = one slab of (row, digit) pairs (`a`: the slab's first pair's digits, rows
-// k_pad bytes apart, as many pairs as the tile registers were configured with) times the
-// half's weight operands `w` over every k-step. Tile registers: 0-3 the four column groups'
-// sums, 4 the digits, 5-7 the weight operands in turn. Only the first slab that reads a half
-// prefetches it; later slabs find it in cache.
-void amx_half_slab(const int8_t* a, int64_t k_pad, const int8_t* w, int64_t steps,
-                   bool prefetch, int32_t (*sums)[kAmxHalf]) {
+// sums[pair][64] = the (row, digit) pairs of up to kAmxFewRows rows (`a`: the first pair's
+// digits, pairs k_pad bytes apart, as many as the tile registers were configured with) times
+// the half's weight operands `w` over every k-step. Tile registers: 0-3 the four column
+// groups' sums, 4 the digits, 5-7 the weight operands in turn.
+void amx_half_pairs(const int8_t* a, int64_t k_pad, const int8_t* w, int64_t steps,
+                    int32_t (*sums)[kAmxHalf]) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t step = 0; step < steps; ++step) {
     const int8_t* b = w + step * kAmxStepBytes;
-    if (prefetch) prefetch_ahead(b + kAmxPrefetchSteps * kAmxStepBytes, kAmxStepBytes);
+    prefetch_ahead(b + kAmxPrefetchSteps * kAmxStepBytes, kAmxStepBytes);
     _tile_loadd(4, a + step * kAmxK, k_pad);
     _tile_loadd(5, b, 64);
     _tile_dpbssd(0, 4, 5);
@@ -830,17 +830,47 @@ void amx_half_slab(const int8_t* a, int64_t k_pad, const int8_t* w, int64_t step
   _tile_stored(3, sums[0] + 3 * kAmxCols, kAmxHalf * 4);
 }
 
+// sums[d x 16 + r][16 g ..] = digit d of 16 rows (`a`: digit 0's first row; rows k_pad bytes
+// apart, digits `digit_bytes` apart) times column group g of the half, over every k-step: the
+// three digits' sums stay in tile registers 0-2 and each weight operand, loaded once (register
+// 6), serves all three (digits in 3-5). Per three TDPBSSD: three digits loads (from cache) and
+// one weight load. Only the first chunk of rows prefetches; later ones find the half in cache.
+// Chosen over running amx_half_pairs' loop once per digit (fewer tile loads, 15 against 16 per
+// twelve TDPBSSD, but each weight operand read three times) by a side-by-side timing of the
+// two on base's matrices at 16 rows, not kept: no figure is quoted for it.
+void amx_half_group(const int8_t* a, int64_t k_pad, int64_t digit_bytes, const int8_t* w,
+                    int64_t steps, int64_t g, bool prefetch, int32_t (*sums)[kAmxHalf]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int8_t* b = w + step * kAmxStepBytes + g * kAmxOperandBytes;
+    if (prefetch) prefetch_ahead(b + kAmxPrefetchSteps * kAmxStepBytes, kAmxOperandBytes);
+    _tile_loadd(6, b, 64);
+    _tile_loadd(3, a + step * kAmxK, k_pad);
+    _tile_dpbssd(0, 3, 6);
+    _tile_loadd(4, a + digit_bytes + step * kAmxK, k_pad);
+    _tile_dpbssd(1, 4, 6);
+    _tile_loadd(5, a + 2 * digit_bytes + step * kAmxK, k_pad);
+    _tile_dpbssd(2, 5, 6);
+  }
+  _tile_stored(0, sums[0] + g * kAmxCols, kAmxHalf * 4);
+  _tile_stored(1, sums[kAmxRows] + g * kAmxCols, kAmxHalf * 4);
+  _tile_stored(2, sums[2 * kAmxRows] + g * kAmxCols, kAmxHalf * 4);
+}
+
 // y[M, N] = x[M, K] @ (int8 operands w[N / 128][2][k_pad / 64][4][16][64]) * scale[N], every
 // row count on the tile unit. The rows go in chunks (all of them up to kAmxFewRows, else 16),
 // a chunk's digits stored [kDigits][rows][k_pad]: pair (row r, digit d) is digits row
-// d x rows + r, so consecutive pairs are one strided operand whatever the row count.
+// d x rows + r, so a few rows' pairs are one strided operand, and a 16-row chunk's digit d
+// another (a shorter last chunk's operands run on into the next digit's rows and the zeros
+// after the last: sums rows no output reads).
 void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
                       const int8_t* w, const float* scale, float* y) {
   const int64_t steps = (K + kAmxK - 1) / kAmxK, k_pad = steps * kAmxK;
-  const int64_t chunk_rows = M <= kAmxFewRows ? M : kAmxRows;
-  const int64_t slab_pairs = std::min(kAmxRows, kDigits * chunk_rows);
-  // A chunk's pairs rounded up to whole slabs (zero digits past the last row's).
-  const int64_t chunk_pairs = (kDigits * chunk_rows + slab_pairs - 1) / slab_pairs * slab_pairs;
+  const bool few = M <= kAmxFewRows;
+  const int64_t chunk_rows = few ? M : kAmxRows;
+  const int64_t operand_rows = few ? kDigits * M : kAmxRows, chunk_pairs = kDigits * chunk_rows;
   const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
   // The caller's scratch: the helpers read it only while the caller waits for their tasks.
   int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(chunks * chunk_pairs * k_pad);
@@ -860,16 +890,21 @@ void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       const int64_t m0 = chunk * chunk_rows, rows = std::min(chunk_rows, M - m0);
       const int8_t* a = digits + chunk * chunk_pairs * k_pad;
-      for (int64_t p0 = 0; p0 < kDigits * rows; p0 += slab_pairs)
-        amx_half_slab(a + p0 * k_pad, k_pad, wh, steps, chunk == 0 && p0 == 0, sums + p0);
+      // The sums row of pair (r, d): d x digit_rows + r.
+      const int64_t digit_rows = few ? rows : kAmxRows;
+      if (few)
+        amx_half_pairs(a, k_pad, wh, steps, sums);
+      else
+        for (int64_t g = 0; g < kAmxGroups; ++g)
+          amx_half_group(a, k_pad, rows * k_pad, wh, steps, g, chunk == 0, sums);
       const __m512 inverse_base = _mm512_set1_ps(1.0f / kDigitBase);
       for (int64_t r = 0; r < rows; ++r) {
         const __m512 s = _mm512_set1_ps(row_scale[m0 + r]);
         for (int64_t L = 0; L < kAmxGroups && kAmxCols * L < width; ++L) {
           const int64_t c = kAmxCols * L;
           const __m512 d0 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[r] + c));
-          const __m512 d1 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[rows + r] + c));
-          const __m512 d2 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[2 * rows + r] + c));
+          const __m512 d1 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[digit_rows + r] + c));
+          const __m512 d2 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[2 * digit_rows + r] + c));
           // C0 + C1 / 254 + C2 / 254^2, then the row's and the columns' scales.
           const __m512 v = _mm512_fmadd_ps(_mm512_fmadd_ps(d2, inverse_base, d1), inverse_base, d0);
           const __mmask16 valid = width - c >= 16 ? 0xffff : (1u << (width - c)) - 1;
@@ -880,13 +915,13 @@ void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
       }
     }
   };
-  // One task per thread, each taking halves until none are left: a thread configures the tile
-  // registers once per call, where a configuration and a release per half measured slower at
-  // one row (bench command and figures in docs/performance.md).
+  // One task per thread, each taking halves until none are left, so a thread configures the
+  // tile registers once per call: a configuration and a release per half timed slower at one
+  // row side by side (not kept; no figure quoted).
   const int64_t halves = 2 * tiles;
   std::atomic<int64_t> next{0};
   parallel_tiles(pool, std::min<int64_t>(pool.num_threads(), halves), [&](int64_t) {
-    const AmxConfig config(slab_pairs, 5);
+    const AmxConfig config(operand_rows, 5);
     _tile_loadconfig(&config);
     for (int64_t half; (half = next.fetch_add(1)) < halves;) run_half(half);
     _tile_release();
