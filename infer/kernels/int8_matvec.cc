@@ -959,32 +959,37 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // plus the f32 rounding of the per-group flushes.
 
 // Packed int4 tile rows [K / 2][128] (offset binary) as the unit's weight operands,
-// [k_pad / 64][8 column groups][16][64] int8 as amx_column_group reads them. Row i of column
-// group g's operand holds q at k = 4i .. 4i + 3 of columns 16g .. 16g + 15 (in order: no
-// permutation to undo), built from packed rows 2i (k 4i, 4i + 1) and 2i + 1 (k 4i + 2, 4i + 3):
-// each column's two bytes zero-extended to one 32-bit lane as b0 + b1 << 16 put its four
-// nibbles at bits 0, 4, 16, 20, and (v | v << 4) & 0x0f0f0f0f moves them to bytes 0-3.
+// [k_pad / 64][8 column groups][16][64] int8 as amx_column_group reads them: row i of column
+// group g's operand holds q at k = 4i .. 4i + 3 of columns 16g .. 16g + 15, in order. Packed
+// rows 2i (k 4i, 4i + 1) and 2i + 1 (k 4i + 2, 4i + 3) give four rows of nibbles (AND, shift),
+// which amx_weight_operands' byte unpacks interleave. Those unpacks work within 128-bit lanes
+// (output group o, lane L holds source columns 16L + 4o .. + 3); a dword permutation of each
+// 64-column source row first (source dword 4L + o <- column group 4o + L) makes that the
+// natural order, so the scales and the output need no permutation.
 // Rows past K are zero (q = 0).
 void amx_int4_operands(const uint8_t* packed, int64_t K, int64_t k_pad, int8_t* out) {
-  const __m512i nibbles = _mm512_set1_epi32(0x0f0f0f0f), eight = _mm512_set1_epi8(8);
-  const __m128i zero_q = _mm_set1_epi8(static_cast<char>(0x88));  // two q = 0 nibbles
+  const __m512i low = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+  const __m512i zero_q = _mm512_set1_epi8(static_cast<char>(0x88));  // two q = 0 nibbles
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   const int64_t half = K / 2;
   for (int64_t p = 0; p < k_pad / 2; p += 2) {
     prefetch_ahead(packed + (p + kPrefetchRows) * kTile, 2 * kTile);
     const int64_t k = 2 * p, step = k / kAmxK, quad = (k % kAmxK) / 4;
-    for (int64_t g = 0; g < kTile / kAmxCols; ++g) {
-      const uint8_t* at = packed + p * kTile + g * kAmxCols;
-      const __m128i b0 = p < half ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(at))
-                                  : zero_q;
-      const __m128i b1 = p + 1 < half
-                             ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(at + kTile))
-                             : zero_q;
-      const __m512i v = _mm512_or_si512(_mm512_cvtepu8_epi32(b0),
-                                        _mm512_slli_epi32(_mm512_cvtepu8_epi32(b1), 16));
-      // 0xa8: (v | v << 4) & nibbles in one instruction.
-      const __m512i q = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 4), nibbles, 0xa8);
-      _mm512_store_si512(out + ((step * 8 + g) * kAmxRows + quad) * 64,
-                         _mm512_sub_epi8(q, eight));
+    for (int64_t h = 0; h < 2; ++h) {
+      __m512i b[2];
+      for (int64_t i = 0; i < 2; ++i)
+        b[i] = _mm512_permutexvar_epi32(
+            order, p + i < half ? _mm512_loadu_si512(packed + (p + i) * kTile + 64 * h) : zero_q);
+      const __m512i r[4] = {_mm512_sub_epi8(_mm512_and_si512(b[0], low), eight),
+                            _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(b[0], 4), low), eight),
+                            _mm512_sub_epi8(_mm512_and_si512(b[1], low), eight),
+                            _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(b[1], 4), low), eight)};
+      const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
+      const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
+      const __m512i quads[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                                _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+      for (int64_t o = 0; o < 4; ++o)
+        _mm512_store_si512(out + ((step * 8 + 4 * h + o) * kAmxRows + quad) * 64, quads[o]);
     }
   }
 }
