@@ -956,16 +956,20 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // multiplies the total. Taken where a group is whole k-steps of the unit (a multiple of 64) or
 // the weight has one group (per channel, k zero-padded to whole steps); other group sizes keep
 // the FMA routes. The digits' bound is int8's: |error| <= 2^-24 max|x_row| sum_k |w[k, n]|,
-// plus the f32 rounding of the per-group flushes.
+// plus the f32 rounding of the per-group flushes (tests/test_kernels.py measures it). Each
+// weight tile is unpacked once per call into per-thread scratch (k_pad x 128 bytes, as the
+// int8 shuffle) and reused by every 16-row group. Against the FMA routes on the same CPU
+// (bench/decode_matmuls.py, "int4 native" against "int4 native avx512"; docs/performance.md)
+// it was ahead at every row count from 5, so it takes over from kBatchRows like int8's route.
 
 // Packed int4 tile rows [K / 2][128] (offset binary) as the unit's weight operands,
 // [k_pad / 64][8 column groups][16][64] int8 as amx_column_group reads them: row i of column
 // group g's operand holds q at k = 4i .. 4i + 3 of columns 16g .. 16g + 15, in order. Packed
 // rows 2i (k 4i, 4i + 1) and 2i + 1 (k 4i + 2, 4i + 3) give four rows of nibbles (AND, shift),
 // which amx_weight_operands' byte unpacks interleave. Those unpacks work within 128-bit lanes
-// (output group o, lane L holds source columns 16L + 4o .. + 3); a dword permutation of each
-// 64-column source row first (source dword 4L + o <- column group 4o + L) makes that the
-// natural order, so the scales and the output need no permutation.
+// (output group o, lane L holds source columns 16L + 4o .. + 3); permuting the dwords of each
+// 64-column source row first (dword 4L + o <- dword 4o + L, columns 16o + 4L .. + 3) makes
+// that the natural order, so the scales and the output need no permutation.
 // Rows past K are zero (q = 0).
 void amx_int4_operands(const uint8_t* packed, int64_t K, int64_t k_pad, int8_t* out) {
   const __m512i low = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
