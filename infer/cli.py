@@ -405,8 +405,8 @@ def run_serve(args: argparse.Namespace) -> None:
                     kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype],
                     stop_ids=stop_ids_of(tokenizer, chat=True))
     started = time.perf_counter()
-    print(f"compiling {len(engine.buckets)} prefill lengths and the decode chunk...",
-          file=sys.stderr, flush=True)
+    print(f"compiling {len(engine.prefill_shapes)} prefills (rows x padded length) and "
+          f"{len(engine.row_buckets)} decode chunks...", file=sys.stderr, flush=True)
     engine.warm_up()
     print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     name = args.model_name or Path(args.checkpoint).resolve().name
