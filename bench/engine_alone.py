@@ -12,6 +12,11 @@ Prints, per concurrency, the median and p99 time per output token after the firs
 `serve_load.py`'s TPOT counts it; set against its figure, the difference is what the server
 adds) and where the engine's time went: decode chunks (the chunk, and the host's sync and
 bookkeeping after it), prefills (the admission of queued requests), and the rest of a round.
+
+`--row-counts` then times decode chunks over the first 1, 2, 4, ... rows of the 16 slots, every
+slot busy (medians of 6 chunks, the row counts alternated), and one row of a 1-slot engine: the
+difference between the two one-row figures is what cutting a row out of the 16-row state and
+back costs a step.
 """
 
 import argparse
@@ -19,9 +24,11 @@ import os
 import statistics
 import time
 
+import jax
+
 from hpllm.kvcache import CACHE_DTYPE_ALIASES
 from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
-from infer.engine import Engine, Request
+from infer.engine import Engine, Request, decode_first_rows
 from infer.loading import quantize, random_model
 
 PROMPT_LEN, OUTPUT_LEN = 64, 64
@@ -80,6 +87,33 @@ def run(engine: Engine, concurrency: int, n_requests: int) -> dict:
             "other_s": elapsed - spent["decode"] - spent["admit"], "elapsed_s": elapsed}
 
 
+def row_counts(engine: Engine, one_slot: Engine) -> dict[str, float]:
+    """ms per decode step of a chunk over the first rows of `engine` (every slot busy), by row
+    count, and of `one_slot`'s only row."""
+    engines = {f"{rows} of {engine.max_batch}": (engine, rows) for rows in engine.row_buckets}
+    engines["1 of 1"] = (one_slot, 1)
+    for e in (engine, one_slot):
+        for i in range(e.max_batch):
+            # 16-token prompts: row 0 runs in every row count's chunks and must not reach the
+            # end of the cache (a finished row would end its chunks early).
+            e.submit(Request(prompt=[1 + (i + j) % 300 for j in range(16)],
+                             max_tokens=10**6, on_tokens=lambda ids, finish: None))
+        e._admit()
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for round_ in range(4):
+        for name, (e, rows) in engines.items():
+            for _ in range(2):
+                started = time.perf_counter()
+                e.state, emitted = decode_first_rows(e.model, e.state, rows, e.chunk_size,
+                                                     e.stop_ids)
+                jax.device_get((emitted, e.state.done))
+                if round_:  # the first round warms up
+                    times[name].append((time.perf_counter() - started) / e.chunk_size)
+    for e in (engine, one_slot):
+        e.reset()
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantize-head", action="store_true",
@@ -90,11 +124,14 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1", help="comma-separated (default 1)")
     parser.add_argument("--requests", type=int, default=5,
                         help="per concurrency, at least the concurrency (default 5)")
+    parser.add_argument("--row-counts", action="store_true",
+                        help="also time decode chunks by row count (see above)")
     args = parser.parse_args()
     targets = WITH_HEAD if args.quantize_head else DEFAULT_TARGETS
-    engine = Engine(quantize(random_model("base"), "int8", 128, targets), max_batch=16,
-                    context=256, chunk_size=args.chunk_size,
+    model = quantize(random_model("base"), "int8", 128, targets)
+    settings = dict(context=256, chunk_size=args.chunk_size,
                     kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype])
+    engine = Engine(model, max_batch=16, **settings)
     started = time.perf_counter()
     engine.warm_up()
     warm_up_s = time.perf_counter() - started
@@ -111,6 +148,13 @@ def main() -> None:
         print(f"| {concurrency} | {max(args.requests, concurrency)} | {r['tokens_per_s']:.1f} "
               f"| {r['tpot_p50_ms']:.2f} / {r['tpot_p99_ms']:.2f} | {r['rounds']} | "
               f"{r['decode_s']:.2f} | {r['admit_s']:.2f} | {r['other_s']:.2f} |", flush=True)
+    if args.row_counts:
+        one_slot = Engine(model, max_batch=1, **settings)
+        one_slot.warm_up()
+        steps = row_counts(engine, one_slot)
+        print("decode ms per step by busy rows of the slots: " + ", ".join(
+            f"{name}: {ms:.2f}" for name, ms in steps.items()) +
+            f"; load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
