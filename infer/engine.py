@@ -313,7 +313,7 @@ class Engine:
     # --- called from the engine's thread only ----------------------------------------------
 
     def warm_up(self) -> None:
-        """Compile every prefill bucket and decode chunk now, so no request pays for it."""
+        """Compile every prefill shape and decode chunk now, so no request pays for it."""
         for rows, bucket in self.prefill_shapes:
             self.state, _ = prefill_slots(
                 self.model, self.state, jnp.arange(rows, dtype=jnp.int32),
