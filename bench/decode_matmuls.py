@@ -15,7 +15,9 @@ converted as `python -m infer convert --quantize-head` does:
 - int8 / int4 (group 128) weights, the XLA weight-only ops (`Int8WeightOnlyDot`: convert,
   then f32 dot; `Int4WeightOnlyDot`: unpack, then f32 dot);
 - bf16, int8 and int4 weights on the native kernels of `infer.kernels` (`use_native_kernels`:
-  tiled layout), and int8 weights with int8 activations (w8a8) on its integer kernel.
+  tiled layout), and int8 weights with int8 activations (w8a8) on its integer kernel;
+- int8 and int4 weights on the forced `avx512` build (`... native avx512`): on a CPU with AMX,
+  the FMA routes beside the `native` build's AMX routes (5 rows and up) in the same rounds.
 
 It prints ms per step, the weight bytes a step reads and the GB/s that makes, against the
 machine's copy bandwidth measured as `python -m infer bench` does. Formats are timed
@@ -73,6 +75,12 @@ FORMATS = {
     "int8 native": lambda model: use_native_kernels(quantize(model, "int8", targets=WITH_HEAD)),
     "int4 native": lambda model: use_native_kernels(quantize(model, "int4", 128, WITH_HEAD)),
     "w8a8 native": lambda model: use_native_kernels(quantize(model, "w8a8", targets=WITH_HEAD)),
+    # The forced avx512 build: the FMA routes only, so on an AMX CPU the batched products' two
+    # routes can be timed in the same rounds.
+    "int8 native avx512": lambda model: use_native_kernels(
+        quantize(model, "int8", targets=WITH_HEAD), "avx512"),
+    "int4 native avx512": lambda model: use_native_kernels(
+        quantize(model, "int4", 128, WITH_HEAD), "avx512"),
 }
 
 
@@ -92,7 +100,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     row_counts = [int(rows) for rows in args.rows.split(",")]
-    kinds = [kind for kind in args.formats.split(",") if "native" not in kind or available()]
+    kinds = [kind for kind in args.formats.split(",")
+             if "native" not in kind or available("avx512" if "avx512" in kind else None)]
     model = random_model("base")
     runs = {}
     for kind in kinds:

@@ -29,8 +29,10 @@ from hpllm.errors import UserError
 from hpllm.kvcache import CACHE_DTYPE_ALIASES
 from hpllm.model import ModelCache, Transformer
 from hpllm.quant import DEFAULT_TARGETS, WITH_HEAD
+from hpllm.quant.weight_only import Int4Weight
 from infer.generate import Generator, decode_chunk
 from infer.kernels import available as native_kernels_available
+from infer.kernels import int4_on_amx
 from infer.kernels import load as load_native_kernels
 from infer.loading import load, quantize, random_model
 
@@ -228,7 +230,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
             # Which instruction path the native kernels were built with (avx512 / avx2 /
             # portable; w8a8: avx512_vnni / avx2 / portable), and the CPU's vector flags:
             # figures differ a lot between them.
-            "native_kernel_path": (native_path(name) if native_kernels_available() else None),
+            "native_kernel_path": (native_path(name, m) if native_kernels_available()
+                                   else None),
             # Decode steps attend over the cache (read in place as stored) with the native
             # kernel, which reads only the filled slots; bytes_per_step counts the whole cache.
             "native_attention": bool(not args.no_native_kernels and native_kernels_available()
@@ -250,12 +253,17 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def native_path(scheme: str) -> str:
+def native_path(scheme: str, model: eqx.Module) -> str:
     """The instruction path the native kernel of `scheme` runs (kernels loaded); "+amx" where
-    its batched products (5 rows and up) run on the AMX tile unit (int8 weights, w8a8)."""
+    its batched products (5 rows and up) run on the AMX tile unit (int8 weights, w8a8, and
+    int4 weights whose groups are whole k-steps of the unit or one per channel)."""
     kernels = load_native_kernels()
     path = kernels.w8a8_path if scheme == "w8a8" else kernels.path
-    return path + ("+amx" if kernels.amx and scheme in ("int8", "w8a8") else "")
+    int4_groups = {leaf.group_size for leaf in jax.tree.leaves(
+        model, is_leaf=lambda x: isinstance(x, Int4Weight)) if isinstance(leaf, Int4Weight)}
+    on_amx = scheme in ("int8", "w8a8") or (
+        scheme == "int4" and bool(int4_groups) and all(map(int4_on_amx, int4_groups)))
+    return path + ("+amx" if kernels.amx and on_amx else "")
 
 
 def _cpu_vector_flags() -> list[str]:

@@ -104,56 +104,80 @@ def test_int8_kernel_matches_the_xla_op(isa):
     _check_int8_kernel_against_the_xla_op(isa)
 
 
+# The int4 AMX route's shapes (group a multiple of 64, or per channel): 3 groups of 128 (odd)
+# and 5 of 64 (odd), both with a padded last tile; per channel with d_in 200 zero-padded to
+# 256 (whole k-steps of the unit) inside the kernel. Group 32 keeps the FMA routes.
+INT4_AMX_SHAPES = ((384, 300, 128), (320, 130, 64), (200, 130, 0), (96, 300, 32))
+AMX_ROWS = (5, 7, 8, 16, 33, 200)  # 5: the route's first row count (kBatchRows)
+
+
 def test_amx_routes_match_the_xla_ops_and_the_digits_error_bound():
-    """The AMX routes (5 rows and up) where this CPU and OS run them: int8 weights (activations
-    as three int8 digits of a per-row scale) against the XLA op on the usual shapes and a
-    float64 reference on rows with a 1000x outlier channel, where the digits' bound bites
-    hardest; w8a8 equal to the XLA op bit for bit."""
+    """The AMX routes (5 rows and up) where this CPU and OS run them: int8 and int4 weights
+    (activations as three int8 digits of a per-row scale) against the XLA ops on the usual
+    shapes and a float64 reference on rows with a 1000x outlier channel, where the digits'
+    bound bites hardest; w8a8 equal to the XLA op bit for bit."""
     built = _kernels_or_skip("native")
     if not built.amx:
         pytest.skip("no AMX-INT8 here (CPU or OS): the native build runs the FMA routes")
     _check_int8_kernel_against_the_xla_op("native")
+    _check_int4_kernel_against_the_xla_op("native", INT4_AMX_SHAPES, AMX_ROWS)
     _check_w8a8_kernel_against_the_xla_op("native")
+    cases = []
     for d_in, d_out in INT8_SHAPES:
         weight = Int8Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32))
-        tiled = TiledInt8Weight(weight)
+        dequantized = np.asarray(weight.values, np.float64) * np.asarray(weight.scales)[None, :]
+        cases.append((d_in, NativeInt8Dot("native", NEVER), TiledInt8Weight(weight), dequantized))
+    for d_in, d_out, group in INT4_AMX_SHAPES[:3]:
+        weight = Int4Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32),
+                            group)
+        cases.append((d_in, NativeInt4Dot("native", NEVER), TiledInt4Weight(weight),
+                      np.asarray(weight.dequantize(), np.float64)))
+    for d_in, dot, tiled, dequantized in cases:
         x = _activations(d_in)
         outlier = np.array(x[:16], np.float64)
         outlier[::2, 3] *= 1000.0
-        dequantized = np.asarray(weight.values, np.float64) * np.asarray(weight.scales)[None, :]
         exact = outlier @ dequantized
-        got = np.asarray(jax.jit(NativeInt8Dot("native", NEVER))(
-            jnp.asarray(outlier, jnp.float32), tiled), np.float64)
+        got = np.asarray(jax.jit(dot)(jnp.asarray(outlier, jnp.float32), tiled), np.float64)
         # Three base-254 digits keep each activation to within 2^-24 of its row's largest
         # magnitude, so |error| <= 2^-24 x max|x_row| x sum|w_column| (plus f32 rounding of the
-        # digit sums, far smaller). Measured: 0.16 of it here; the FMA routes reach 0.78 of it
-        # (f32 accumulation carries the outlier's rounding too).
+        # digit sums and, for int4, of the per-group flushes, far smaller). Measured: int8 0.16
+        # of it here, int4 0.17 (group 128), 0.22 (group 64), 0.25 (per channel); the FMA
+        # routes reach 0.78 (int8) and 0.53-0.81 (int4) of it (f32 accumulation carries the
+        # outlier's rounding too).
         bound = 2.0**-24 * np.abs(outlier).max(1, keepdims=True) * np.abs(dequantized).sum(0)
-        assert np.all(np.abs(got - exact) <= bound), np.max(np.abs(got - exact) / bound)
+        assert np.all(np.abs(got - exact) <= bound), (type(dot).__name__, d_in,
+                                                      np.max(np.abs(got - exact) / bound))
         # A non-finite activation makes its row's outputs non-finite, never finite numbers.
         broken = np.array(x[:8])
         broken[2, 5], broken[5, 1] = np.nan, np.inf
-        got = np.asarray(jax.jit(NativeInt8Dot("native", NEVER))(jnp.asarray(broken), tiled))
+        got = np.asarray(jax.jit(dot)(jnp.asarray(broken), tiled))
         assert np.all(np.isnan(got[[2, 5]]))
         assert np.all(np.isfinite(np.delete(got, [2, 5], axis=0)))
 
 
-@pytest.mark.parametrize("isa", PATHS)
-def test_int4_kernel_matches_the_xla_op(isa):
-    _kernels_or_skip(isa)
-    for d_in, d_out, group in INT4_SHAPES:
+def _check_int4_kernel_against_the_xla_op(
+        isa: str, shapes: tuple[tuple[int, int, int], ...] = INT4_SHAPES,
+        row_counts: tuple[int, ...] = ROWS) -> None:
+    for d_in, d_out, group in shapes:
         w = jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32)
         weight = Int4Weight(w, group)
         tiled = TiledInt4Weight(weight)
         x = _activations(d_in)
         reference = jax.jit(Int4WeightOnlyDot())(x, weight)
-        for rows in ROWS:
+        for rows in row_counts:
             got = jax.jit(NativeInt4Dot(isa, NEVER))(x[:rows], tiled)
             # Per-group scaling and the offset-binary correction (8 x the group's activation
             # sum) reorder the float32 arithmetic: largest difference measured 5.7e-5 on
-            # outputs up to ~76 (any path), against a bound of 2e-4 + 1e-5 x |output|.
+            # outputs up to ~76 (any path; the AMX route: 2.7e-5 on outputs up to ~81), against
+            # a bound of 2e-4 + 1e-5 x |output|.
             np.testing.assert_allclose(got, reference[:rows], rtol=1e-5,
                                        atol=2e-4, err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}")
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_int4_kernel_matches_the_xla_op(isa):
+    _kernels_or_skip(isa)
+    _check_int4_kernel_against_the_xla_op(isa)
 
 
 @pytest.mark.parametrize("isa", PATHS)

@@ -17,8 +17,8 @@ build:
 - `native` (default): `-march=native`, the best path this CPU runs;
 - `avx512` / `avx2`: `-march=x86-64-v4` / `-march=x86-64-v3` (for tests and comparisons);
 - `avx512vnni`: `-march=x86-64-v4 -mavx512vnni` (the w8a8 kernel's `vpdpbusd` path);
-- `avx512amx`: AVX-512 plus AMX-INT8 (batched int8-weight products on the tile unit; `native`
-  has it on CPUs that do);
+- `avx512amx`: AVX-512 plus AMX-INT8 (batched int8-, w8a8 and int4-weight products on the tile
+  unit; `native` has it on CPUs that do);
 - `portable`: the plain loops (`-DHPLLM_PORTABLE`), the path of non-x86 machines.
 
 The cached library's name is a hash of the source, the flags, the JAX version and the target
@@ -34,9 +34,12 @@ on a dequantized copy of the weight at every row count up to 2048 (`bench/prefil
 docs/performance.md). `prefill_rows` switches a product with that many rows or more to the XLA
 route (the bench and the tests use it; `PREFILL_ROWS` is None: never).
 
-On a CPU with AMX-INT8 whose OS grants the tile registers (`Kernels.amx`), int8-weight and
-w8a8 products of 5 rows and up run on the AMX tile unit instead (`int8_matvec.cc` explains the
-int8 weights' three-digit activations and their error bound; w8a8 keeps the XLA op's bits).
+On a CPU with AMX-INT8 whose OS grants the tile registers (`Kernels.amx`), int8-weight, w8a8
+and int4-weight products of 5 rows and up run on the AMX tile unit instead (`int8_matvec.cc`
+explains the int8 and int4 weights' three-digit activations and their error bound; w8a8 keeps
+the XLA op's bits). int4 takes it where each scale group is whole 64-row k-steps of the unit
+(group size a multiple of 64, or one group per channel: `int4_on_amx`); other group sizes keep
+the FMA routes.
 """
 
 import ctypes
@@ -78,7 +81,8 @@ ISA_FLAGS = {
     "avx2": ("-march=x86-64-v3",),
     # AVX-512 plus VNNI: the w8a8 kernel's vpdpbusd path (x86-64-v4 alone runs its AVX2 path).
     "avx512vnni": ("-march=x86-64-v4", "-mavx512vnni"),
-    # AVX-512 plus AMX-INT8: batched int8 products on the tile unit (Sapphire Rapids on).
+    # AVX-512 plus AMX-INT8: batched int8, w8a8 and int4 products on the tile unit (Sapphire
+    # Rapids on).
     "avx512amx": ("-march=x86-64-v4", "-mamx-tile", "-mamx-int8"),
     "portable": ("-march=native", "-DHPLLM_PORTABLE"),
 }
@@ -168,7 +172,9 @@ class Kernels:
     isa: str
     path: str  # "avx512" | "avx2" | "portable", as the library reports it
     w8a8_path: str  # "avx512_vnni" | "avx2" | "portable"
-    amx: bool  # batched int8-weight products (5 rows and up) on the AMX tile unit
+    # Batched products (5 rows and up) on the AMX tile unit: int8 weights, w8a8, and int4
+    # weights in groups of a multiple of 64 or one per channel (`int4_on_amx`).
+    amx: bool
     int8_target: str
     int4_target: str
     w8a8_target: str
@@ -237,6 +243,14 @@ def available(isa: str | None = None) -> bool:
 
 
 TILE = 128  # output columns per tile; must equal kTile in int8_matvec.cc
+AMX_K = 64  # k of one AMX multiply; must equal kAmxK in int8_matvec.cc
+
+
+def int4_on_amx(group_size: int) -> bool:
+    """Whether int4 weights in groups of `group_size` (0: one per channel) take the AMX route
+    where the build has it (`Kernels.amx`): each group whole k-steps of the unit. Other group
+    sizes keep the FMA routes."""
+    return group_size % AMX_K == 0
 OFFSET_BINARY = jnp.uint8(0x88)  # flips the sign bit of both nibbles: q -> q + 8
 
 

@@ -946,6 +946,113 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+#if defined(HPLLM_AMX)
+// ---- AMX for int4 weights: the nibbles unpacked into the unit's layout, scaled per group ----
+//
+// The same three activation digits and TDPBSSD sums as amx_int8_product, with q = nibble - 8
+// (in [-8, 7], an int8) as the weight operand. The scales change every `group` rows of k, so
+// each quantization group's digit sums are flushed on their own: to f32 (C0 + C1 / 254 +
+// C2 / 254^2), times the group's column scales, added to an f32 accumulator; the row's scale s
+// multiplies the total. Taken where a group is whole k-steps of the unit (a multiple of 64) or
+// the weight has one group (per channel, k zero-padded to whole steps); other group sizes keep
+// the FMA routes. The digits' bound is int8's: |error| <= 2^-24 max|x_row| sum_k |w[k, n]|,
+// plus the f32 rounding of the per-group flushes (tests/test_kernels.py measures it). Each
+// weight tile is unpacked once per call into per-thread scratch (k_pad x 128 bytes, as the
+// int8 shuffle) and reused by every 16-row group. Against the FMA routes on the same CPU
+// (bench/decode_matmuls.py, "int4 native" against "int4 native avx512"; docs/performance.md)
+// it was ahead at every row count from 5, so it takes over from kBatchRows like int8's route.
+
+// Packed int4 tile rows [K / 2][128] (offset binary) as the unit's weight operands,
+// [k_pad / 64][8 column groups][16][64] int8 as amx_column_group reads them: row i of column
+// group g's operand holds q at k = 4i .. 4i + 3 of columns 16g .. 16g + 15, in order. Packed
+// rows 2i (k 4i, 4i + 1) and 2i + 1 (k 4i + 2, 4i + 3) give four rows of nibbles (AND, shift),
+// which amx_weight_operands' byte unpacks interleave. Those unpacks work within 128-bit lanes
+// (output group o, lane L holds source columns 16L + 4o .. + 3); permuting the dwords of each
+// 64-column source row first (dword 4L + o <- dword 4o + L, columns 16o + 4L .. + 3) makes
+// that the natural order, so the scales and the output need no permutation.
+// Rows past K are zero (q = 0).
+void amx_int4_operands(const uint8_t* packed, int64_t K, int64_t k_pad, int8_t* out) {
+  const __m512i low = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+  const __m512i zero_q = _mm512_set1_epi8(static_cast<char>(0x88));  // two q = 0 nibbles
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const int64_t half = K / 2;
+  for (int64_t p = 0; p < k_pad / 2; p += 2) {
+    prefetch_ahead(packed + (p + kPrefetchRows) * kTile, 2 * kTile);
+    const int64_t k = 2 * p, step = k / kAmxK, quad = (k % kAmxK) / 4;
+    for (int64_t h = 0; h < 2; ++h) {
+      __m512i b[2];
+      for (int64_t i = 0; i < 2; ++i)
+        b[i] = _mm512_permutexvar_epi32(
+            order, p + i < half ? _mm512_loadu_si512(packed + (p + i) * kTile + 64 * h) : zero_q);
+      const __m512i r[4] = {_mm512_sub_epi8(_mm512_and_si512(b[0], low), eight),
+                            _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(b[0], 4), low), eight),
+                            _mm512_sub_epi8(_mm512_and_si512(b[1], low), eight),
+                            _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(b[1], 4), low), eight)};
+      const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
+      const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
+      const __m512i quads[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                                _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+      for (int64_t o = 0; o < 4; ++o)
+        _mm512_store_si512(out + ((step * 8 + 4 * h + o) * kAmxRows + quad) * 64, quads[o]);
+    }
+  }
+}
+
+// y[M, N] = x[M, K] @ dequantize(packed int4 tiles [N / 128][K / 2][128], scale[K / group,
+// ld_scale]) on the tile unit; group % 64 == 0 or group == K.
+void amx_int4_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
+                      const uint8_t* packed, const float* scale, int64_t ld_scale,
+                      int64_t group, float* y) {
+  const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
+  const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK;
+  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(kDigits * rows * k_pad);
+  float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(rows);
+  activation_digits(x, M, K, rows, k_pad, digits, row_scale);
+  const int64_t tiles = (N + kTile - 1) / kTile, steps = k_pad / kAmxK;
+  // k-steps per quantization group (per channel: all of them).
+  const int64_t group_steps = group == K ? steps : group / kAmxK;
+  parallel_tiles(pool, tiles, [&](int64_t t) {
+    int8_t* operands = thread_scratch<int8_t, Scratch::kAmxOperands>(k_pad * kTile);
+    amx_int4_operands(packed + t * (K / 2) * kTile, K, k_pad, operands);
+    static const AmxConfig config;
+    _tile_loadconfig(&config);
+    const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+    alignas(64) int32_t group_sums[kTile / kAmxCols][kDigits * 256];
+    alignas(64) float acc[kAmxRows][kTile];
+    for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
+      const int64_t valid_rows = std::min(kAmxRows, M - m0);
+      for (int64_t s0 = 0; s0 < steps; s0 += group_steps) {
+        // The group's steps in blocks (see kAmxBlockSteps), each block over all column
+        // groups; amx_column_group starts the sums at zero on the group's first step.
+        for (int64_t b0 = 0; b0 < group_steps; b0 += kAmxBlockSteps)
+          for (int64_t g = 0; g < kTile / kAmxCols; ++g)
+            amx_column_group(digits + m0 * k_pad + s0 * kAmxK, rows, k_pad, b0,
+                             std::min(kAmxBlockSteps, group_steps - b0),
+                             operands + s0 * 8 * kAmxRows * 64, g, group_sums[g]);
+        const float* s = scale + (s0 / group_steps) * ld_scale + n0;
+        for (int64_t g = 0; g < kTile / kAmxCols; ++g) {
+          const __m512 column_scale = _mm512_loadu_ps(s + 16 * g);
+          for (int64_t r = 0; r < valid_rows; ++r) {
+            float* a = acc[r] + 16 * g;
+            const __m512 part = _mm512_mul_ps(combine_digits(group_sums[g], r), column_scale);
+            _mm512_store_ps(a, s0 == 0 ? part : _mm512_add_ps(part, _mm512_load_ps(a)));
+          }
+        }
+      }
+      for (int64_t r = 0; r < valid_rows; ++r) {
+        const __m512 row = _mm512_set1_ps(row_scale[m0 + r]);
+        for (int64_t c = 0; c < width; c += 16) {
+          const __mmask16 valid = width - c >= 16 ? 0xffff : (1u << (width - c)) - 1;
+          _mm512_mask_storeu_ps(y + (m0 + r) * N + n0 + c, valid,
+                                _mm512_mul_ps(_mm512_load_ps(acc[r] + c), row));
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> scale,
                           ffi::ResultBuffer<ffi::F32> y) {
@@ -964,6 +1071,12 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
   const int64_t tiles = (N + kTile - 1) / kTile;
+#if defined(HPLLM_AMX)
+  if (M >= kBatchRows && (group % kAmxK == 0 || group == K) && amx_permitted()) {
+    amx_int4_product(pool, xp, M, K, N, pp, sp, ld_scale, group, yp);
+    return ffi::Error::Success();
+  }
+#endif
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
   if (M >= kBatchRows && M < kGemmRows) {
     parallel_tiles(pool, tiles, [&](int64_t t) {
