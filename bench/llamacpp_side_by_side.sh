@@ -2,6 +2,8 @@
 # hpllm `bench` and llama.cpp `llama-bench` on the same shape, interleaved in one run: batch-1
 # decode (tg128) and 128-token prefill (pp128) of f32, bf16, int8 and int4 against llama.cpp's
 # F32, F16, Q8_0 and Q4_0 (random weights of the same shape; the head quantized on both sides).
+# KV cache: hpllm's bf16 (`infer bench`'s default; --kv-cache-dtype in the extra args changes
+# it) against llama.cpp's f16 (llama-bench's default, given explicitly); the table says both.
 #
 #   flock /tmp/hpllm-bench.lock bench/llamacpp_side_by_side.sh [base] [extra args for infer bench]
 #
@@ -21,11 +23,11 @@ echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) | flags: $(grep
 echo "hpllm kernels: HPLLM_KERNEL_ISA=${HPLLM_KERNEL_ISA:-native} XLA_FLAGS=${XLA_FLAGS:-} | llama.cpp: $LLAMA_BUILD"
 run_llama() { for m in f32 f16 q8_0 q4_0; do
   "$LLAMA_BUILD/bin/llama-bench" -m "$P/models/$shape-$m.gguf" -t "$(nproc)" -p 128 -n 128 -r 3 \
-    -o json >"$out/llama-$m-$1.json" 2>/dev/null; done; }
+    -ctk f16 -ctv f16 -o json >"$out/llama-$m-$1.json" 2>/dev/null; done; }
 run_ours() { local tag=$1; shift
   .venv/bin/python -m infer bench --preset "$shape" --json --to f32,bf16,int8,int4 --quantize-head \
-    --batch-sizes 1 --prompt-len 128 --new-tokens 128 --repeats 3 "$@" >"$out/ours-$tag.json" \
-    2>"$out/ours-$tag.err" \
+    --batch-sizes 1 --prompt-len 128 --new-tokens 128 --repeats 3 --kv-cache-dtype bf16 "$@" \
+    >"$out/ours-$tag.json" 2>"$out/ours-$tag.err" \
     || { echo "python -m infer bench failed: $(tail -n 1 "$out/ours-$tag.err")"; exit 1; }; }
 run_ours 1 "$@"; run_llama 1; run_ours 2 "$@"; run_llama 2
 .venv/bin/python - "$out" <<'PY'
@@ -36,17 +38,19 @@ for f in glob.glob(f"{d}/llama-*.json"):
     fmt = f.split("llama-")[1].rsplit("-", 1)[0]
     for r in json.load(open(f)):
         theirs_runs.setdefault((fmt, "tg" if r["n_gen"] else "pp"), []).append(r["avg_ts"])
-path = ""
+path, kv = "", set()
 for f in glob.glob(f"{d}/ours-*.json"):
     report = json.load(open(f))
     for rep in report["reports"]:
         path = rep.get("native_kernel_path") or path
+        kv.add(rep["kv_cache_dtype"])
         for row in rep["results"]:
             ours_runs.setdefault((rep["weights"], "tg"), []).append(row["decode_tokens_per_s"])
             ours_runs.setdefault((rep["weights"], "pp"), []).append(row["prefill_tokens_per_s"])
 median = lambda runs, key: statistics.median(runs.get(key) or [0])
 ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
-print(f"hpllm native kernel path: {path or 'none'}; medians of two interleaved rounds")
+print(f"hpllm native kernel path: {path or 'none'}; KV cache: hpllm {', '.join(sorted(kv))}, "
+      "llama.cpp f16; medians of two interleaved rounds")
 print("| hpllm / llama.cpp | hpllm decode tok/s | llama.cpp tg128 | ratio "
       "| hpllm prefill tok/s | llama.cpp pp128 | ratio |")
 print("|---|---|---|---|---|---|---|")

@@ -7,7 +7,8 @@ prompt length and a fixed number of output tokens (end tokens are not expected f
 weights; a request that ends early is counted with the tokens it got). Reports requests/s,
 output tokens/s, p50/p99 time to the first token and p50/p99 time per output token after the
 first (TPOT: (last - first) / (n - 1) per request; tokens arrive a decode chunk at a time, so
-per-token gaps are not meaningful).
+per-token gaps are not meaningful). The server runs with `--kv-cache-dtype` (default bf16, the
+server's own default); the table's first line says which.
 
     flock /tmp/hpllm-bench.lock python bench/serve_load.py --concurrency 1,4,16,32
 """
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--kv-cache-dtype", choices=("bf16", "f32", "int8"), default="bf16",
+                        help="the server's KV cache (default %(default)s, as `infer serve`'s)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import openai
@@ -101,7 +104,8 @@ def main() -> None:
         server = subprocess.Popen(
             [sys.executable, "-m", "infer", "serve", str(checkpoint), "--port", str(port),
              "--max-batch", str(args.max_batch), "--max-queue", "1024", "--max-seq-len",
-             str(args.max_seq_len), "--model-name", "bench"],
+             str(args.max_seq_len), "--kv-cache-dtype", args.kv_cache_dtype,
+             "--model-name", "bench"],
             cwd=REPO, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
@@ -125,8 +129,9 @@ def main() -> None:
         print(json.dumps({"args": vars(args), "results": rows}, indent=1))
         return
     head = ", head too" if args.quantize_head else ", head float32"
-    print(f"{args.preset} {args.to}{head}, prompt {args.prompt_len} tokens, output "
-          f"{args.output_len}, --max-batch {args.max_batch}")
+    print(f"{args.preset} {args.to}{head}, {args.kv_cache_dtype} KV cache, prompt "
+          f"{args.prompt_len} tokens, output {args.output_len}, --max-batch {args.max_batch}, "
+          f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print("| concurrency | requests/s | output tokens/s | TTFT p50 / p99 ms | "
           "TPOT p50 / p99 ms |")
     print("|---|---|---|---|---|")

@@ -7,7 +7,8 @@ copy reaches on this machine (measured here, not taken from a data sheet).
 
 Bytes per step count what one decode step must read: every weight of the layers, the final norm
 and the LM head, one embedding row per sequence, and the whole KV cache (attention runs over
-all its slots, masked). Times are medians of `--repeats` runs after a warm-up that compiles.
+all its slots, masked), in the dtype `--kv-cache-dtype` stores it (bf16 unless told). Times are
+medians of `--repeats` runs after a warm-up that compiles.
 """
 
 import argparse
@@ -36,6 +37,7 @@ from infer.kernels import load as load_native_kernels
 from infer.loading import load, quantize, random_model
 
 COPY_BYTES = 512 * 2**20
+SHORT_DTYPE_NAMES = {dtype: short for short, dtype in CACHE_DTYPE_ALIASES.items()}
 
 
 def measure_bandwidth(n_bytes: int = COPY_BYTES, repeats: int = 7, threads: int = 2) -> float:
@@ -193,6 +195,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth = measure_bandwidth()
     print(f"  {bandwidth / 1e9:.1f} GB/s (read + write)", file=log, flush=True)
     interleave = len(models) > 1
+    if not args.json:
+        print(f"{source}, {args.kv_cache_dtype} KV cache, layout {args.layout}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
     for batch in batch_sizes:
         print(f"batch {batch}...", file=log, flush=True)
@@ -228,8 +232,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
             # figures differ a lot between them.
             "native_kernel_path": (native_path(name, m) if native_kernels_available()
                                    else None),
-            # Decode steps attend over the cache (read as float32) with the native kernel,
-            # which reads only the filled slots; bytes_per_step still counts the whole cache.
+            # Decode steps attend over the cache (read in place as stored) with the native
+            # kernel, which reads only the filled slots; bytes_per_step counts the whole cache.
             "native_attention": bool(not args.no_native_kernels and native_kernels_available()
                                      and m.cfg.compute_dtype == "float32"),
             "cpu_vector_flags": _cpu_vector_flags(),
@@ -274,9 +278,10 @@ def _cpu_vector_flags() -> list[str]:
 
 def markdown_table(reports: list[dict[str, Any]]) -> str:
     """The rows of several `--json` reports as one Markdown table (for docs/performance.md)."""
-    lines = ["| weights | LM head | kernel | layout | batch | prefill tokens/s | decode ms/step | "
-             "decode tokens/s | MB/step | GB/s | % of measured BW | BW GB/s | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| weights | LM head | kernel | layout | KV cache | batch | prefill tokens/s | "
+             "decode ms/step | decode tokens/s | MB/step | GB/s | % of measured BW | BW GB/s | "
+             "load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
         head = "quantized" if report.get("lm_head_quantized") else "f32"
         kernel = "native" if report["native_kernel"] else "XLA"
@@ -285,9 +290,11 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
         weights = report["weights"] + (" (bf16 compute)" if report["compute_dtype"] == "bfloat16"
                                        else "")
         load = "/".join(f"{x:.1f}" for x in report.get("load_average_1min_before_after", []))
+        cache = SHORT_DTYPE_NAMES.get(report["kv_cache_dtype"], report["kv_cache_dtype"])
         for row in report["results"]:
             lines.append(
-                f"| {weights} | {head} | {kernel} | {report['layout']} | {row['batch_size']} | "
+                f"| {weights} | {head} | {kernel} | {report['layout']} | {cache} | "
+                f"{row['batch_size']} | "
                 f"{row['prefill_tokens_per_s']:,.0f} | {row['decode_ms_per_step']:.2f} | "
                 f"{row['decode_tokens_per_s']:,.1f} | {row['bytes_per_step'] / 1e6:,.0f} | "
                 f"{row['achieved_GB_per_s']:.1f} | {row['percent_of_measured_bandwidth']:.0f}% | "

@@ -29,6 +29,13 @@ from infer.sampling import SamplingConfig
 COMMANDS = ("convert", "generate", "chat", "bench", "serve", "export")
 MAX_SEED = 2**32 - 1
 MAX_BATCH = 4096  # bench batch sizes: beyond this a KV cache alone outgrows any CPU's memory
+# The commands' KV cache: bf16 halves the bytes every decode step reads from the cache, which
+# the attention of a batch is bound by (llama.cpp's default cache is f16, vLLM's the model's
+# dtype). The library's classes keep float32, the exact reference; accuracy against it in
+# docs/performance.md ("bf16 KV cache by default").
+KV_CACHE_DTYPE = "bf16"
+KV_CACHE_HELP = ("KV cache storage (default %(default)s): bf16 reads half the bytes of f32 at "
+                 "each decode step, f32 is exact, int8 has one scale per token and head")
 
 
 class UsageError(UserError):
@@ -132,7 +139,8 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, metavar="N",
                         help=f"random seed, 0 to {MAX_SEED}")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
-    parser.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
+    parser.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES),
+                        default=KV_CACHE_DTYPE, help=KV_CACHE_HELP)
 
 
 def build_parser() -> Parser:
@@ -199,7 +207,8 @@ def build_parser() -> Parser:
     bench.add_argument("--prompt-len", type=_positive_int, default=128, metavar="N")
     bench.add_argument("--new-tokens", type=_positive_int, default=128, metavar="N")
     bench.add_argument("--repeats", type=_positive_int, default=3, metavar="N")
-    bench.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
+    bench.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES),
+                       default=KV_CACHE_DTYPE, help=KV_CACHE_HELP)
     bench.add_argument("--layout", choices=LAYOUTS, default="unrolled")
     bench.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
                        help="activation dtype (--preset only; default: the preset's)")
@@ -217,7 +226,8 @@ def build_parser() -> Parser:
                        help="requests decoded together (default %(default)s)")
     serve.add_argument("--max-queue", type=int, default=64, metavar="N",
                        help="requests waiting for a slot before 429 (default %(default)s)")
-    serve.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32")
+    serve.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES),
+                       default=KV_CACHE_DTYPE, help=KV_CACHE_HELP)
     serve.add_argument("--max-seq-len", type=_positive_int, default=None, metavar="N",
                        help="cache slots per request (default: the model's context)")
     serve.add_argument("--chunk-size", type=_positive_int, default=4, metavar="N",
@@ -395,8 +405,8 @@ def run_serve(args: argparse.Namespace) -> None:
                     kv_cache_dtype=CACHE_DTYPE_ALIASES[args.kv_cache_dtype],
                     stop_ids=stop_ids_of(tokenizer, chat=True))
     started = time.perf_counter()
-    print(f"compiling {len(engine.buckets)} prefill lengths and the decode chunk...",
-          file=sys.stderr, flush=True)
+    print(f"compiling {len(engine.prefill_shapes)} prefills (rows x padded length) and "
+          f"{len(engine.row_buckets)} decode chunks...", file=sys.stderr, flush=True)
     engine.warm_up()
     print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     name = args.model_name or Path(args.checkpoint).resolve().name

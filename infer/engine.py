@@ -6,8 +6,11 @@ cache (`DecodeState`: the row's position, budget, sampling settings and random k
 
 1. requests cancelled since the last round leave their slots (the row is marked done, so it
    never writes into the cache again);
-2. queued requests are prefilled, one at a time, into free slots (`prefill_slot`: the row's
-   cache is cut out, `prefill_rows` writes the new tokens, the row goes back) and join the batch;
+2. queued requests take free slots and are prefilled together (`prefill_slots`: the rows'
+   caches are gathered, `prefill_rows` writes the new tokens, the rows go back), as few calls
+   as their padded lengths allow (`Engine.prefill_groups`), and join the batch: a burst of
+   requests costs one prefill of many rows rather than one stall of the running requests per
+   request (vLLM and llama.cpp's server batch waiting prompts the same way);
 3. one decode chunk (`infer.generate.decode_chunk`) runs over the first slots, up to the last
    busy one, rounded up to a power of two (`row_buckets`): a lone request decodes as a batch of
    one, not of `max_batch` (each row costs a pass over the weights in the matmul kernels and
@@ -17,8 +20,8 @@ cache (`DecodeState`: the row's position, budget, sampling settings and random k
 
 Nobody waits for the longest request: a request joins between two chunks and leaves as soon as
 it is done. Shapes never change (the cache is allocated once; prompts are padded to a few
-bucket lengths, decode chunks to a few row counts), so `warm_up()` compiles every program the
-engine will run, once.
+bucket lengths, prefills and decode chunks run over a few row counts), so `warm_up()` compiles
+every program the engine will run, once.
 
 A free slot keeps the tokens whose keys/values its row holds. A new request goes to the free
 slot whose tokens share the longest prefix with its prompt, and only the rest of the prompt is
@@ -110,27 +113,28 @@ def _batch_axis(cache: ModelCache) -> int:
 
 
 @eqx.filter_jit(donate="all-except-first")
-def prefill_slot(
+def prefill_slots(
     model: Transformer,
     state: DecodeState,
-    slot: Int[Array, ""],
-    tokens: Int[Array, "1 bucket"],
-    start: Int[Array, " 1"],
-    length: Int[Array, " 1"],
-    budget: Int[Array, " 1"],
-    keys: Key[Array, " 1"],
+    slots: Int[Array, " rows"],
+    tokens: Int[Array, "rows bucket"],
+    starts: Int[Array, " rows"],
+    lengths: Int[Array, " rows"],
+    budget: Int[Array, " rows"],
+    keys: Key[Array, " rows"],
     sampling: RowSampling,
     stop_ids: tuple[int, ...],
-) -> tuple[DecodeState, Int[Array, " 1"]]:
-    """Prefill one request into row `slot` of the shared state; the other rows are untouched.
+) -> tuple[DecodeState, Int[Array, " rows"]]:
+    """Prefill one request into each of the (distinct) rows `slots` of the shared state; the
+    other rows are untouched.
 
-    The row's cache is cut out, `prefill_rows` writes the new tokens at `start`, ... (the slots
-    before `start` keep what they hold), and the row goes back in place.
+    The rows' caches are gathered, `prefill_rows` writes each one's new tokens at its `starts`
+    entry on (the slots before it keep what they hold), and the rows are scattered back.
     """
-    row_cache = _take_rows(state, slot, 1).cache
-    row, first = prefill_rows(model, tokens, start, length, budget, row_cache, keys, sampling,
-                              stop_ids)
-    return _put_rows(state, row, slot), first
+    rows_cache = _gather_rows(state.cache, slots)
+    rows, first = prefill_rows(model, tokens, starts, lengths, budget, rows_cache, keys,
+                               sampling, stop_ids)
+    return _scatter_rows(state, rows, slots), first
 
 
 @eqx.filter_jit(donate="all-except-first")
@@ -169,6 +173,27 @@ def _put_rows(state: DecodeState, part: DecodeState, start: Int[Array, ""] | int
            for name in _ROW_FIELDS})
 
 
+def _gather_rows(cache: ModelCache, slots: Int[Array, " rows"]) -> ModelCache:
+    """The cache rows `slots`, in that order."""
+    axis = _batch_axis(cache)
+    return jax.tree.map(lambda c: jnp.take(c, slots, axis=axis, unique_indices=True), cache)
+
+
+def _scatter_rows(state: DecodeState, part: DecodeState, slots: Int[Array, " rows"]
+                  ) -> DecodeState:
+    """`state` with `part`'s row i written to row `slots[i]` of every per-row leaf."""
+    axis = _batch_axis(state.cache)
+
+    def put(whole: Array, rows: Array, axis: int) -> Array:
+        index = (slice(None),) * axis + (slots,)
+        return whole.at[index].set(rows, unique_indices=True)
+
+    return DecodeState(
+        cache=jax.tree.map(lambda w, p: put(w, p, axis), state.cache, part.cache),
+        **{name: jax.tree.map(lambda w, p: put(w, p, 0), getattr(state, name),
+                              getattr(part, name)) for name in _ROW_FIELDS})
+
+
 def row_buckets(max_batch: int) -> list[int]:
     """The row counts a decode chunk runs over: powers of two below `max_batch`, and it."""
     buckets = [1]
@@ -183,6 +208,19 @@ def prefill_buckets(context: int) -> list[int]:
     while buckets[-1] < context:
         buckets.append(min(buckets[-1] * 2, context))
     return buckets
+
+
+# At most this many padded tokens in a prefill of several rows (one row takes a whole context):
+# past a few hundred tokens a prefill is compute-bound, so bigger calls gain nothing and only
+# add programs to compile. llama.cpp's server batches prompts up to 2048 tokens (`n_batch`).
+PREFILL_TOKENS = 1024
+
+
+def prefill_shapes(context: int, max_batch: int) -> list[tuple[int, int]]:
+    """Every (rows, padded length) a prefill runs at: each length bucket alone, and several
+    rows of it where they hold at most `PREFILL_TOKENS` padded tokens."""
+    return [(rows, bucket) for bucket in prefill_buckets(context)
+            for rows in row_buckets(max_batch) if rows == 1 or rows * bucket <= PREFILL_TOKENS]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -219,6 +257,7 @@ class Engine:
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.buckets = prefill_buckets(self.context)
         self.row_buckets = row_buckets(max_batch)
+        self.prefill_shapes = prefill_shapes(self.context, max_batch)
         self._lock = threading.Lock()
         self._pending: collections.deque[Request] = collections.deque()
         self.wakeup = threading.Event()  # set by submit / cancel, for a waiting engine thread
@@ -274,13 +313,14 @@ class Engine:
     # --- called from the engine's thread only ----------------------------------------------
 
     def warm_up(self) -> None:
-        """Compile every prefill bucket and decode chunk now, so no request pays for it."""
-        for bucket in self.buckets:
-            self.state, _ = prefill_slot(
-                self.model, self.state, jnp.int32(0), jnp.zeros((1, bucket), jnp.int32),
-                jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32),
-                jnp.zeros((1,), jnp.int32), jax.random.split(jax.random.key(0), 1),
-                RowSampling.of([GREEDY]), self.stop_ids)
+        """Compile every prefill shape and decode chunk now, so no request pays for it."""
+        for rows, bucket in self.prefill_shapes:
+            self.state, _ = prefill_slots(
+                self.model, self.state, jnp.arange(rows, dtype=jnp.int32),
+                jnp.zeros((rows, bucket), jnp.int32), jnp.zeros((rows,), jnp.int32),
+                jnp.ones((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
+                jax.random.split(jax.random.key(0), rows), RowSampling.of([GREEDY] * rows),
+                self.stop_ids)
         for rows in self.row_buckets:
             self.state, emitted = decode_first_rows(self.model, self.state, rows,
                                                     self.chunk_size, self.stop_ids)
@@ -351,31 +391,57 @@ class Engine:
                 best, best_shared = i, shared
         return best, best_shared
 
+    def prefill_groups(self, lengths: Sequence[int]) -> list[list[int]]:
+        """How to prefill requests of `lengths` new tokens: lists of their indices, each one
+        prefill call. Requests padded to the same length share calls, as many rows as
+        `prefill_shapes` has for it (no row is padding)."""
+        by_bucket: dict[int, list[int]] = {}
+        for i, length in enumerate(lengths):
+            by_bucket.setdefault(bucket_length(length, self.context), []).append(i)
+        groups = []
+        for bucket, members in sorted(by_bucket.items()):
+            sizes = [rows for rows, b in self.prefill_shapes if b == bucket]
+            while members:
+                size = max(n for n in sizes if n <= len(members))
+                groups.append(members[:size])
+                members = members[size:]
+        return groups
+
     def _admit(self) -> None:
-        while True:
-            with self._lock:
-                if not self._pending or all(s.request is not None for s in self.slots):
-                    return
-                request = self._pending.popleft()
+        with self._lock:
+            free = sum(s.request is None for s in self.slots)
+            admitted = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+        placed = []  # (slot index, request, new tokens)
+        for request in admitted:
             index, shared = self._choose_slot(request.prompt)
-            slot = self.slots[index]
-            slot.request, request.cached = request, shared
-            new = request.prompt[shared:]
-            bucket = bucket_length(len(new), self.context)
-            self.state, first = prefill_slot(
-                self.model, self.state, jnp.int32(index),
-                jnp.asarray([new + [0] * (bucket - len(new))], jnp.int32),
-                jnp.asarray([shared], jnp.int32), jnp.asarray([len(new)], jnp.int32),
-                jnp.asarray([request.max_tokens], jnp.int32),
-                jax.random.split(jax.random.key(request.seed), 1),
-                RowSampling.of([request.sampling]), self.stop_ids)
-            first_id, done, position = jax.device_get(
-                (first[0], self.state.done[index], self.state.positions[index]))
-            if first_id != NO_TOKEN:
-                request.generated.append(int(first_id))
-                request.on_tokens([int(first_id)], None)
-            if done:
-                self._finish(index, self._reason(request, int(position)), int(position))
+            self.slots[index].request, request.cached = request, shared
+            placed.append((index, request, request.prompt[shared:]))
+        for group in self.prefill_groups([len(new) for _, _, new in placed]):
+            self._prefill([placed[i] for i in group])
+
+    def _prefill(self, placed: list[tuple[int, Request, list[int]]]) -> None:
+        """One prefill call over `placed` (slot, request, new tokens), of a `prefill_shapes`
+        row count and one padded length."""
+        bucket = bucket_length(max(len(new) for _, _, new in placed), self.context)
+        indices = [index for index, _, _ in placed]
+        self.state, first = prefill_slots(
+            self.model, self.state, jnp.asarray(indices, jnp.int32),
+            jnp.asarray([new + [0] * (bucket - len(new)) for _, _, new in placed], jnp.int32),
+            jnp.asarray([r.cached for _, r, _ in placed], jnp.int32),
+            jnp.asarray([len(new) for _, _, new in placed], jnp.int32),
+            jnp.asarray([r.max_tokens for _, r, _ in placed], jnp.int32),
+            # Each row's key as a lone request's in `Generator.start`, so a seed draws the same.
+            jnp.concatenate([jax.random.split(jax.random.key(r.seed), 1) for _, r, _ in placed]),
+            RowSampling.of([r.sampling for _, r, _ in placed]), self.stop_ids)
+        first, done, positions = jax.device_get(
+            (first, self.state.done, self.state.positions))
+        for row, (index, request, _) in enumerate(placed):
+            if first[row] != NO_TOKEN:
+                request.generated.append(int(first[row]))
+                request.on_tokens([int(first[row])], None)
+            if done[index]:
+                self._finish(index, self._reason(request, int(positions[index])),
+                             int(positions[index]))
 
     def _reason(self, request: Request, position: int) -> str:
         if len(request.generated) >= request.max_tokens or position >= self.context:

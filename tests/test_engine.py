@@ -32,10 +32,16 @@ def _prompt(seed: int, length: int) -> list[int]:
 
 def test_slots_join_and_leave_without_recompiling_and_match_each_request_alone(
         model, monkeypatch):
-    buckets = len(engine_module.prefill_buckets(CONTEXT))
-    monkeypatch.setattr(engine_module, "prefill_slot", eqx.filter_jit(
-        eqx.debug.assert_max_traces(engine_module.prefill_slot.__wrapped__,
-                                    max_traces=buckets), donate="all-except-first"))
+    prefill = eqx.filter_jit(eqx.debug.assert_max_traces(
+        engine_module.prefill_slots.__wrapped__, max_traces=len(
+            engine_module.prefill_shapes(CONTEXT, 3))), donate="all-except-first")
+    prefilled_rows = []
+
+    def counted_prefill(model, state, slots, *args):
+        prefilled_rows.append(len(slots))
+        return prefill(model, state, slots, *args)
+
+    monkeypatch.setattr(engine_module, "prefill_slots", counted_prefill)
     decode = eqx.filter_jit(eqx.debug.assert_max_traces(
         engine_module.decode_first_rows.__wrapped__, max_traces=len(
             engine_module.row_buckets(3))), donate="all-except-first")
@@ -61,7 +67,10 @@ def test_slots_join_and_leave_without_recompiling_and_match_each_request_alone(
                                                                         strict=True)]
     for request in requests:
         engine.submit(request)
+    prefilled_rows.clear()
     engine.run_until_idle()
+    # The first three (all padded to 16 tokens) fill the three slots in one prefill.
+    assert prefilled_rows[0] == 3
     alone = Generator(model, context=CONTEXT)
     for request, prompt, budget in zip(requests, prompts, budgets, strict=True):
         assert request.generated == alone.generate([prompt], max_new_tokens=budget)[0]
@@ -109,3 +118,16 @@ def test_chat_with_cache_reuse_replies_as_a_fresh_prefill_of_the_whole_conversat
     assert cached[0] == 0
     assert all(c > 0 for c in cached[1:]) and cached == sorted(cached)
     assert chats[1].last_cached == 0
+
+
+def test_queued_requests_prefill_together_as_their_padded_lengths_allow(model):
+    engine = Engine(model, max_batch=8, context=128)
+    # Lengths 5..16 pad to 16, 17..32 to 32, ...; several rows of one length share a call of
+    # at most `PREFILL_TOKENS` padded tokens, and no call has a padding row.
+    assert engine.prefill_groups([5, 40, 16, 3, 9, 100, 7, 30]) == [
+        [0, 2, 3, 4], [6], [7], [1], [5]]
+    # 16 rows of 128 would be 2048 tokens: 8 rows at most.
+    wide = Engine(model, max_batch=16, context=128)
+    assert wide.prefill_groups([100] * 17) == [list(range(8)), list(range(8, 16)), [16]]
+    assert all(rows == 1 or rows * bucket <= engine_module.PREFILL_TOKENS
+               for rows, bucket in engine.prefill_shapes)

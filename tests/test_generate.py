@@ -50,7 +50,8 @@ def _prompt(seed: int, length: int) -> list[int]:
 @pytest.mark.parametrize("layout", ["unrolled", "scanned"])
 def test_greedy_with_cache_equals_recomputation(model, layout):
     prompt = _prompt(0, 11)
-    generator = Generator(model, chunk_size=5, layout=layout)
+    # The float32 cache (the library's default, pinned): bit-exact against the full forward.
+    generator = Generator(model, chunk_size=5, layout=layout, kv_cache_dtype="float32")
     got = generator.generate([prompt], max_new_tokens=17)[0]
     assert got == greedy_by_recomputation(model, prompt, 17)
 
@@ -61,7 +62,7 @@ def test_greedy_with_cache_equals_recomputation_for_quantized_weights(model, sch
 
     quantized = quantize(model, scheme, group_size=32)
     prompt = _prompt(1, 9)
-    generator = Generator(quantized, chunk_size=4)
+    generator = Generator(quantized, chunk_size=4, kv_cache_dtype="float32")
     if available():  # the unstacked blocks run the native kernels
         # int8: the tile unit's op where the build has AMX, else the FMA kernels' op
         native = (NativeInt8Dot, NativeAmxInt8Dot) if scheme == "int8" else NativeInt4Dot
@@ -113,7 +114,7 @@ def test_rows_stop_at_their_own_end_token(model):
     prompts = [_prompt(5, 6), _prompt(6, 6)]
     reference = greedy_by_recomputation(model, prompts[0], 10)
     stop = reference[4]  # row 0 stops before its 5th token; row 1 likely runs on
-    generator = Generator(model, stop_ids=[stop], chunk_size=3)
+    generator = Generator(model, stop_ids=[stop], chunk_size=3, kv_cache_dtype="float32")
     got = generator.generate(prompts, max_new_tokens=10)
     assert got[0] == reference[:reference.index(stop)]
     assert got[1] == greedy_by_recomputation(model, prompts[1], 10, stop_ids=(stop,))
@@ -143,7 +144,7 @@ def test_prompt_longer_than_the_context_is_an_error(model):
 
 def test_generation_stops_at_the_end_of_the_context(model):
     prompt = _prompt(7, TINY.max_seq_len - 3)
-    got = Generator(model).generate([prompt], max_new_tokens=50)[0]
+    got = Generator(model, kv_cache_dtype="float32").generate([prompt], max_new_tokens=50)[0]
     # 3 free slots hold 3 tokens fed back; the token sampled after the last one is emitted too.
     assert got == greedy_by_recomputation(model, prompt, 4)
 

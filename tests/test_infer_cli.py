@@ -178,6 +178,7 @@ def test_bench_json_has_the_plainly_named_keys(run_dir, capsys):
     assert [report["weights"] for report in reports] == ["int8", "bf16"]
     for report in reports:
         assert report["measured_bandwidth_GB_per_s"] > 0
+        assert report["kv_cache_dtype"] == "bfloat16"  # the command's default
         # Both formats run on a native kernel where one can be built, and say which path.
         assert report["native_kernel"] == available()
         assert (report["native_kernel_path"] is not None) == available()
@@ -226,6 +227,11 @@ def test_sampling_help_shows_the_defaults_that_apply(command, capsys):
     assert f"with a note; default {args.max_new_tokens})" in help_text
     if command == "chat":
         assert (args.max_new_tokens, args.temperature, args.top_k) == (256, 0.8, 50)
+    # The commands' KV cache is bf16 unless told (the library's classes keep float32).
+    assert args.kv_cache_dtype == "bf16"
+    assert "--kv-cache-dtype {f32,bf16,int8} KV cache storage (default bf16)" in help_text
+    for other in (["bench", "--preset", "tiny"], ["serve", "CKPT"]):
+        assert parser.parse_args(other).kv_cache_dtype == "bf16"
 
 
 def test_convert_notes_a_trained_setting_no_inference_op_computes():
