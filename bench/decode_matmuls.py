@@ -15,9 +15,11 @@ converted as `python -m infer convert --quantize-head` does:
 - int8 / int4 (group 128) weights, the XLA weight-only ops (`Int8WeightOnlyDot`: convert,
   then f32 dot; `Int4WeightOnlyDot`: unpack, then f32 dot);
 - bf16, int8 and int4 weights on the native kernels of `infer.kernels` (`use_native_kernels`:
-  tiled layout), and int8 weights with int8 activations (w8a8) on its integer kernel;
+  tiled layout; int8 in the AMX tile unit's layout where the native build has AMX), and int8
+  weights with int8 activations (w8a8) on its integer kernel;
 - int8 and int4 weights on the forced `avx512` build (`... native avx512`): on a CPU with AMX,
-  the FMA routes beside the `native` build's AMX routes (5 rows and up) in the same rounds.
+  the FMA routes beside the `native` build's AMX routes (int8: every row count; int4: 5 rows
+  and up) in the same rounds.
 
 It prints ms per step, the weight bytes a step reads and the GB/s that makes, against the
 machine's copy bandwidth measured as `python -m infer bench` does. Formats are timed

@@ -58,13 +58,14 @@ def test_greedy_with_cache_equals_recomputation(model, layout):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_greedy_with_cache_equals_recomputation_for_quantized_weights(model, scheme):
-    from infer.kernels import NativeInt4Dot, NativeInt8Dot, available
+    from infer.kernels import NativeAmxInt8Dot, NativeInt4Dot, NativeInt8Dot, available
 
     quantized = quantize(model, scheme, group_size=32)
     prompt = _prompt(1, 9)
     generator = Generator(quantized, chunk_size=4, kv_cache_dtype="float32")
     if available():  # the unstacked blocks run the native kernels
-        native = NativeInt8Dot if scheme == "int8" else NativeInt4Dot
+        # int8: the tile unit's op where the build has AMX, else the FMA kernels' op
+        native = (NativeInt8Dot, NativeAmxInt8Dot) if scheme == "int8" else NativeInt4Dot
         assert all(isinstance(block.mlp.w_up.op, native) for block in generator.model.blocks)
     got = generator.generate([prompt], max_new_tokens=12)[0]
     assert got == greedy_by_recomputation(quantized, prompt, 12)

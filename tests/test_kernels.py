@@ -26,11 +26,13 @@ from hpllm.quant import WITH_HEAD, QuantConfig, W8A8Dot, quantize_for_training
 from hpllm.quant.weight_only import Int4Weight, Int4WeightOnlyDot, Int8Weight, Int8WeightOnlyDot
 from infer import kernels
 from infer.kernels import (
+    NativeAmxInt8Dot,
     NativeBf16Dot,
     NativeDecodeAttention,
     NativeInt4Dot,
     NativeInt8Dot,
     NativeW8A8Dot,
+    TiledAmxInt8Weight,
     TiledBf16Weight,
     TiledInt4Weight,
     TiledInt8Weight,
@@ -81,19 +83,25 @@ def _activations(d_in: int) -> jax.Array:
     return jnp.asarray(rng.standard_normal((max(ROWS), d_in), np.float32))
 
 
-def _check_int8_kernel_against_the_xla_op(isa: str) -> None:
+def _check_int8_kernel_against_the_xla_op(isa: str, amx: bool = False) -> None:
+    """The FMA kernels' layout and op, or (`amx`) the tile unit's layout and op."""
+    tiled_weight, op = (TiledAmxInt8Weight, NativeAmxInt8Dot) if amx else (TiledInt8Weight,
+                                                                          NativeInt8Dot)
     for d_in, d_out in INT8_SHAPES:
         w = jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32)
         weight = Int8Weight(w)
-        tiled = TiledInt8Weight(weight)
+        tiled = tiled_weight(weight)
+        plain_values, plain_scales = tiled.plain()  # the layout round-trips (the XLA route)
+        np.testing.assert_array_equal(plain_values, weight.values)
+        np.testing.assert_array_equal(plain_scales, weight.scales)
         x = _activations(d_in)
         reference = jax.jit(Int8WeightOnlyDot())(x, weight)
         for rows in ROWS:
-            got = jax.jit(NativeInt8Dot(isa, NEVER))(x[:rows], tiled)
+            got = jax.jit(op(isa, NEVER))(x[:rows], tiled)
             # Same products of exactly representable values in float32, summed in another
             # order: on outputs up to ~72 the largest difference measured was 4.6e-5 on every
-            # FMA path (1.7e-5 at d_in 96) and 1.9e-5 on the AMX route, so this only admits
-            # reordering.
+            # FMA path (1.7e-5 at d_in 96) and 1.9e-5 on the AMX route (8.1e-6 at d_in 96;
+            # 1.2e-5 at 1-5 rows), so this only admits reordering.
             np.testing.assert_allclose(got, reference[:rows], rtol=1e-5,
                                        atol=1e-4, err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}")
 
@@ -112,47 +120,82 @@ AMX_ROWS = (5, 7, 8, 16, 33, 200)  # 5: the route's first row count (kBatchRows)
 
 
 def test_amx_routes_match_the_xla_ops_and_the_digits_error_bound():
-    """The AMX routes (5 rows and up) where this CPU and OS run them: int8 and int4 weights
-    (activations as three int8 digits of a per-row scale) against the XLA ops on the usual
-    shapes and a float64 reference on rows with a 1000x outlier channel, where the digits'
-    bound bites hardest; w8a8 equal to the XLA op bit for bit."""
+    """The AMX routes where this CPU and OS run them: int8 weights in the tile unit's layout,
+    every row count (up to 5 rows all (row, digit) pairs in one digits operand, more 16 at a
+    time), and int4 weights from 5 rows up (activations as three int8 digits of a per-row
+    scale) against the XLA ops on the usual shapes and a float64 reference on rows with a 1000x
+    outlier channel, where the digits' bound bites hardest; w8a8 (5 rows and up) equal to the
+    XLA op bit for bit."""
     built = _kernels_or_skip("native")
     if not built.amx:
         pytest.skip("no AMX-INT8 here (CPU or OS): the native build runs the FMA routes")
-    _check_int8_kernel_against_the_xla_op("native")
+    _check_int8_kernel_against_the_xla_op("native", amx=True)
     _check_int4_kernel_against_the_xla_op("native", INT4_AMX_SHAPES, AMX_ROWS)
     _check_w8a8_kernel_against_the_xla_op("native")
+    # (d_in, op, weight, dequantized weight, row counts for the bound, for the non-finite rows)
     cases = []
     for d_in, d_out in INT8_SHAPES:
         weight = Int8Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32))
         dequantized = np.asarray(weight.values, np.float64) * np.asarray(weight.scales)[None, :]
-        cases.append((d_in, NativeInt8Dot("native", NEVER), TiledInt8Weight(weight), dequantized))
+        tiled = TiledAmxInt8Weight(weight)
+        cases.append((d_in, NativeAmxInt8Dot("native", NEVER), tiled, dequantized, (3, 16),
+                      (3, 8)))
+        # bf16 activations take the XLA op on the untiled weight: exactly the reference.
+        x16 = _activations(d_in)[:4].astype(jnp.bfloat16)
+        np.testing.assert_array_equal(NativeAmxInt8Dot("native", NEVER)(x16, tiled),
+                                      Int8WeightOnlyDot()(x16, weight))
     for d_in, d_out, group in INT4_AMX_SHAPES[:3]:
         weight = Int4Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32),
                             group)
         cases.append((d_in, NativeInt4Dot("native", NEVER), TiledInt4Weight(weight),
-                      np.asarray(weight.dequantize(), np.float64)))
-    for d_in, dot, tiled, dequantized in cases:
+                      np.asarray(weight.dequantize(), np.float64), (16,), (8,)))
+    for d_in, dot, tiled, dequantized, bound_rows, broken_rows in cases:
         x = _activations(d_in)
         outlier = np.array(x[:16], np.float64)
         outlier[::2, 3] *= 1000.0
         exact = outlier @ dequantized
-        got = np.asarray(jax.jit(dot)(jnp.asarray(outlier, jnp.float32), tiled), np.float64)
         # Three base-254 digits keep each activation to within 2^-24 of its row's largest
         # magnitude, so |error| <= 2^-24 x max|x_row| x sum|w_column| (plus f32 rounding of the
-        # digit sums and, for int4, of the per-group flushes, far smaller). Measured: int8 0.16
-        # of it here, int4 0.17 (group 128), 0.22 (group 64), 0.25 (per channel); the FMA
-        # routes reach 0.78 (int8) and 0.53-0.81 (int4) of it (f32 accumulation carries the
-        # outlier's rounding too).
+        # digit sums and, for int4, of the per-group flushes, far smaller). Measured: int8 at
+        # most 0.32 of it at 3 rows and 0.44 at 16 (the int8 FMA routes, avx512 build, 0.87);
+        # int4 0.17 (group 128), 0.22 (group 64), 0.25 (per channel), its FMA routes 0.53-0.81
+        # (f32 accumulation carries the outlier's rounding too).
         bound = 2.0**-24 * np.abs(outlier).max(1, keepdims=True) * np.abs(dequantized).sum(0)
-        assert np.all(np.abs(got - exact) <= bound), (type(dot).__name__, d_in,
-                                                      np.max(np.abs(got - exact) / bound))
+        for rows in bound_rows:
+            got = np.asarray(jax.jit(dot)(jnp.asarray(outlier[:rows], jnp.float32), tiled),
+                             np.float64)
+            error = np.abs(got - exact[:rows])
+            assert np.all(error <= bound[:rows]), (type(dot).__name__, d_in, rows,
+                                                   np.max(error / bound[:rows]))
         # A non-finite activation makes its row's outputs non-finite, never finite numbers.
         broken = np.array(x[:8])
         broken[2, 5], broken[5, 1] = np.nan, np.inf
-        got = np.asarray(jax.jit(dot)(jnp.asarray(broken), tiled))
-        assert np.all(np.isnan(got[[2, 5]]))
-        assert np.all(np.isfinite(np.delete(got, [2, 5], axis=0)))
+        for rows in broken_rows:
+            bad = [r for r in (2, 5) if r < rows]
+            got = np.asarray(jax.jit(dot)(jnp.asarray(broken[:rows]), tiled))
+            assert np.all(np.isnan(got[bad]))
+            assert np.all(np.isfinite(np.delete(got, bad, axis=0)))
+
+
+def test_amx_int8_model_logits_match_the_xla_model():
+    """A tiny int8 model (head quantized too) on the AMX route against the same model on the
+    XLA ops: a 3-token prompt (one digits operand) and two 24-token ones (48 rows)."""
+    built = _kernels_or_skip("native")
+    if not built.amx:
+        pytest.skip("no AMX-INT8 here (CPU or OS): the native build runs the FMA routes")
+    model = quantize(Transformer(preset("tiny"), key=jax.random.key(0)).unstacked(), "int8",
+                     targets=WITH_HEAD)
+    native = use_native_kernels(model, built.isa)
+    for linear in (native.blocks[0].mlp.w_up, native.lm_head):
+        assert isinstance(linear.op, NativeAmxInt8Dot)
+        assert isinstance(linear.weight, TiledAmxInt8Weight)
+    forward = eqx.filter_jit(lambda model, tokens: model(tokens))
+    for shape in ((1, 3), (2, 24)):
+        tokens = jax.random.randint(jax.random.key(1), shape, 0, 512)
+        # The digits' error and another summation order through two layers and the head:
+        # largest difference measured 1.5e-7 on logits up to ~0.4 (the FMA kernels: the same).
+        np.testing.assert_allclose(forward(native, tokens), forward(model, tokens), rtol=0,
+                                   atol=1e-6, err_msg=str(shape))
 
 
 def _check_int4_kernel_against_the_xla_op(

@@ -34,12 +34,16 @@ on a dequantized copy of the weight at every row count up to 2048 (`bench/prefil
 docs/performance.md). `prefill_rows` switches a product with that many rows or more to the XLA
 route (the bench and the tests use it; `PREFILL_ROWS` is None: never).
 
-On a CPU with AMX-INT8 whose OS grants the tile registers (`Kernels.amx`), int8-weight, w8a8
-and int4-weight products of 5 rows and up run on the AMX tile unit instead (`int8_matvec.cc`
-explains the int8 and int4 weights' three-digit activations and their error bound; w8a8 keeps
-the XLA op's bits). int4 takes it where each scale group is whole 64-row k-steps of the unit
-(group size a multiple of 64, or one group per channel: `int4_on_amx`); other group sizes keep
-the FMA routes.
+On a CPU with AMX-INT8 whose OS grants the tile registers (`Kernels.amx`, asked once when the
+build loads), `use_native_kernels` tiles int8 weight-only linears into the tile unit's layout
+instead (`TiledAmxInt8Weight`: the four k of a column adjacent, 1 KiB operands the unit loads
+straight from the array) and every row count of theirs runs on the unit (`NativeAmxInt8Dot`;
+`int8_matvec.cc` explains the activations' three int8 digits and their error bound,
+|error| <= 2^-24 x max|x_row| x sum|w_column|). Without AMX, int8 weights keep
+`TiledInt8Weight` and the FMA kernels. w8a8 and int4-weight products of 5 rows and up run on
+the unit too (w8a8 keeps the XLA op's bits; int4 has the same three-digit activations). int4
+takes it where each scale group is whole 64-row k-steps of the unit (group size a multiple of
+64, or one group per channel: `int4_on_amx`); other group sizes keep the FMA routes.
 """
 
 import ctypes
@@ -172,8 +176,9 @@ class Kernels:
     isa: str
     path: str  # "avx512" | "avx2" | "portable", as the library reports it
     w8a8_path: str  # "avx512_vnni" | "avx2" | "portable"
-    # Batched products (5 rows and up) on the AMX tile unit: int8 weights, w8a8, and int4
-    # weights in groups of a multiple of 64 or one per channel (`int4_on_amx`).
+    # Products on the AMX tile unit: int8 weights (every row count, `TiledAmxInt8Weight`),
+    # and from 5 rows up w8a8 and int4 weights in groups of a multiple of 64 or one per
+    # channel (`int4_on_amx`).
     amx: bool
     int8_target: str
     int4_target: str
@@ -182,6 +187,7 @@ class Kernels:
     bf16_target: str
     attention_bf16_target: str  # ... over a bfloat16 cache
     attention_int8_target: str  # ... over an int8 cache with per-slot, per-head scales
+    amx_int8_target: str  # int8 weights in the tile unit's layout (only where `amx`)
 
 
 _loaded: dict[str, Kernels | str] = {}  # isa -> the build, or why it is unavailable
@@ -225,14 +231,15 @@ def _load(isa: str) -> Kernels | str:
                       f"hpllm_int8_matvec_{isa}", f"hpllm_int4_matvec_{isa}",
                       f"hpllm_w8a8_matmul_{isa}", f"hpllm_decode_attention_{isa}",
                       f"hpllm_bf16_matvec_{isa}", f"hpllm_decode_attention_bf16_{isa}",
-                      f"hpllm_decode_attention_int8_{isa}")
+                      f"hpllm_decode_attention_int8_{isa}", f"hpllm_amx_int8_matmul_{isa}")
     for target, symbol in ((kernels.int8_target, library.HpllmInt8Matvec),
                            (kernels.int4_target, library.HpllmInt4Matvec),
                            (kernels.w8a8_target, library.HpllmW8A8Matmul),
                            (kernels.attention_target, library.HpllmDecodeAttention),
                            (kernels.bf16_target, library.HpllmBf16Matvec),
                            (kernels.attention_bf16_target, library.HpllmDecodeAttentionBf16),
-                           (kernels.attention_int8_target, library.HpllmDecodeAttentionInt8)):
+                           (kernels.attention_int8_target, library.HpllmDecodeAttentionInt8),
+                           (kernels.amx_int8_target, library.HpllmAmxInt8Matmul)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return kernels
 
@@ -358,6 +365,71 @@ class NativeInt8Dot(MatmulOp):
         if x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None:
             return int8_weight_only_matmul(x, *weight.plain())
         return _kernel_product(kernels.int8_target, x.reshape(rows, d_in), x.shape[:-1],
+                               weight.d_out, weight.values, weight.scales)
+
+
+AMX_K = 64  # k per tile-unit step: TiledAmxInt8Weight pads d_in to a multiple of it
+AMX_GROUP = 16  # output columns per weight operand of the tile unit
+
+
+class TiledAmxInt8Weight(eqx.Module):
+    """An `Int8Weight` in the AMX tile unit's layout (`Kernels.amx`): values [d_out / TILE, 2,
+    ceil(d_in / 64), 4, 16, 64]: per 128-column tile two halves of 64 columns, each a
+    contiguous stream of k-steps of four 1 KiB weight operands, row i of an operand holding
+    k = 4i .. 4i + 3 of its 16 columns (the four k of a column adjacent, as TDPBSSD reads them).
+    d_in is zero-padded to whole steps of 64, d_out to whole tiles; scales padded to whole
+    tiles. The kernel tile-loads the operands straight from this array."""
+
+    values: Int8[Array, "*layers tiles 2 steps 4 16 64"]
+    scales: Float[Array, "*layers padded_d_out"]
+    d_in: int = eqx.field(static=True)
+    d_out: int = eqx.field(static=True)
+
+    def __init__(self, weight: Int8Weight):
+        self.d_in, self.d_out = weight.values.shape[-2:]
+        values = pad_columns(weight.values)
+        values = jnp.pad(values, [(0, 0)] * (values.ndim - 2) + [(0, -self.d_in % AMX_K), (0, 0)])
+        *layers, rows, cols = values.shape
+        # [k-step, quad, k in quad, tile, half, group, column in group] ->
+        # [tile, half, k-step, group, quad, column in group, k in quad]
+        split = values.reshape(*layers, rows // AMX_K, AMX_K // 4, 4, cols // TILE, 2,
+                               TILE // 2 // AMX_GROUP, AMX_GROUP)
+        n = len(layers)
+        order = tuple(range(n)) + tuple(n + axis for axis in (3, 4, 0, 5, 1, 6, 2))
+        self.values = jnp.transpose(split, order).reshape(
+            *layers, cols // TILE, 2, rows // AMX_K, TILE // 2 // AMX_GROUP, AMX_K // 4,
+            4 * AMX_GROUP)
+        self.scales = pad_columns(weight.scales)
+
+    def plain(self) -> tuple[Int8[Array, "*layers d_in d_out"], Float[Array, "*layers d_out"]]:
+        """values and scales in the plain [d_in, d_out] layout (for the XLA op)."""
+        *layers, tiles, halves, steps, groups, quads, _ = self.values.shape
+        split = self.values.reshape(*layers, tiles, halves, steps, groups, quads, AMX_GROUP, 4)
+        n = len(layers)
+        # the inverse of __init__'s transpose
+        order = tuple(range(n)) + tuple(n + axis for axis in (2, 4, 6, 0, 1, 3, 5))
+        values = jnp.transpose(split, order).reshape(*layers, steps * AMX_K, tiles * TILE)
+        return values[..., :self.d_in, :self.d_out], self.scales[..., :self.d_out]
+
+
+class NativeAmxInt8Dot(MatmulOp):
+    """`Int8WeightOnlyDot` on the AMX tile unit (build `isa`, where `Kernels.amx`), every row
+    count: the f32 activations enter as three int8 digits of a per-row scale, each digit's
+    product with the weights is an exact int32 sum (`int8_matvec.cc` gives the error bound,
+    2^-24 x max|x_row| x sum|w_column|). From `prefill_rows` rows up (None: never), for bf16
+    activations, or where the build has no AMX, the XLA op on the untiled weight runs."""
+
+    isa: str = eqx.field(static=True, default="native")
+    prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
+
+    def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledAmxInt8Weight
+                 ) -> Float[Array, "*batch d_out"]:
+        rows, d_in = _rows(x), x.shape[-1]
+        kernels = load(self.isa)
+        if (x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None
+                or not kernels.amx):
+            return int8_weight_only_matmul(x, *weight.plain())
+        return _kernel_product(kernels.amx_int8_target, x.reshape(rows, d_in), x.shape[:-1],
                                weight.d_out, weight.values, weight.scales)
 
 
@@ -508,19 +580,24 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
                        prefill_rows: int | None = PREFILL_ROWS, attention: bool = True
                        ) -> eqx.Module:
     """`model` with every int8 / int4 weight-only op, w8a8 op and `FloatDot` on a bf16 weight
-    swapped for its native twin (build `isa`, default `HPLLM_KERNEL_ISA`) and its weight retiled
-    for it, and (`attention`) the decode steps' attention over the cache on the native kernel,
-    if that build is available. bf16 weights of a model that computes in bfloat16 stay as they
+    swapped for its native twin (build `isa`, default `HPLLM_KERNEL_ISA`; int8 weight-only on
+    the AMX tile unit where that build has it) and its weight retiled for it, and
+    (`attention`) the decode steps' attention over the cache on the native kernel, if that
+    build is available. bf16 weights of a model that computes in bfloat16 stay as they
     are: the kernel takes f32 activations, and the XLA op would then untile the weight per call.
     Works in either layer layout: `lax.scan` hands the ops of stacked blocks one layer's tiles,
     as the unstacked blocks hold them."""
     isa = isa or default_isa()
-    if not available(isa):
+    built = load(isa)
+    if built is None:
         return model
     float_activations = (not isinstance(model, Transformer)
                          or model.compute_dtype == jnp.float32)
 
     def swap(x):
+        if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot) and built.amx:
+            return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
+                               (TiledAmxInt8Weight(x.weight), NativeAmxInt8Dot(isa, prefill_rows)))
         if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledInt8Weight(x.weight), NativeInt8Dot(isa, prefill_rows)))

@@ -681,23 +681,28 @@ void with_rows(int64_t rows, const F& f) {
   }
 }
 
-// ---- AMX (Intel Advanced Matrix Extensions): batched int8 products on the tile unit ----
+// ---- AMX (Intel Advanced Matrix Extensions): int8 products on the tile unit ----
 //
-// From kBatchRows rows up the FMA routes above are compute-bound: at 16 rows a base decode
-// step's int8 products ran at ~165 GFLOP/s on two cores (docs/performance.md), well short of
-// what the weight stream allows. CPUs with AMX-INT8 (Xeon from Sapphire Rapids) multiply
-// 16 x 64 int8 by 64 x 16 int8 into 16 x 16 int32 in one instruction (TDPBSSD), 16x the
-// multiply-adds per cycle of the AVX-512 FMA units, and the int8 weights feed it as they are.
+// CPUs with AMX-INT8 (Xeon from Sapphire Rapids) multiply 16 x 64 int8 by 64 x 16 int8 into
+// 16 x 16 int32 in one instruction (TDPBSSD), 16x the multiply-adds per cycle of the AVX-512
+// FMA units: from kBatchRows rows up the FMA routes above are compute-bound (at 16 rows a base
+// decode step's int8 products ran at ~165 GFLOP/s on two cores, docs/performance.md), and one
+// TDPBSSD per 1 KiB weight operand outpaces the memory even at one row.
 // The activations are f32, so they enter as three int8 digits: per row, s = max|x| / 127 and
 // x / s = d0 + d1 / 254 + d2 / 254^2 with every digit in [-127, 127] (each digit rounds the
 // remainder of the last, scaled by 254). Each digit's product with the weights is an exact
 // int32 sum; y = s * w_scale * (C0 + C1 / 254 + C2 / 254^2) in f32. What is lost is the rest
 // after the third digit: at most s / 2 / 254^2 per activation, 2^-24 of the row's largest
-// magnitude (f32 keeps 2^-24 of each value's own): the products agree with the f32 route to
-// float32 rounding on rows without extreme outliers (tests/test_kernels.py measures it).
-// Per 128-column weight tile: its rows are shuffled once into the unit's layout (the four k of
-// a column adjacent: byte unpacks, no arithmetic), then each 16-row group and 16-column group
-// runs the k-steps with its three digit accumulators in tile registers.
+// magnitude (f32 keeps 2^-24 of each value's own): |error| <= 2^-24 * max|x_row| *
+// sum|w_col|, and the products agree with the f32 route to float32 rounding on rows without
+// extreme outliers (tests/test_kernels.py measures it). A non-finite row gives NaN outputs.
+// int8 weight-only products (AmxInt8MatmulImpl, every row count) read their weights in the
+// unit's layout, made once at load (TiledAmxInt8Weight), so each operand is one tile load
+// straight from the weight array; the (row, digit) pairs of up to five rows are the rows of
+// one digits operand, so batch 1 runs one TDPBSSD per weight operand and is memory-bound; more
+// rows go 16 at a time, each weight operand loaded once for the three digits' operands.
+// w8a8 products (amx_w8a8_product, from kBatchRows rows) load their weights as w8a8 stores
+// them, already four k of a column adjacent.
 // Compiled where the target has AMX-INT8 (HPLLM_KERNEL_ISA=native on such a CPU, or avx512amx);
 // used only if the kernel lets this process use the tile registers (Linux >= 5.16 grants them
 // on request).
@@ -722,14 +727,20 @@ constexpr int64_t kAmxRows = 16, kAmxK = 64, kAmxCols = 16;  // one TDPBSSD
 constexpr int64_t kDigits = 3;
 constexpr float kDigitBase = 254.0f;
 
-// Every tile register 16 rows x 64 bytes: 0-2 the digit accumulators of one 16-column group,
-// 3-5 the activations' digits, 6 the weights.
+// Tile register shapes, every row 64 bytes. Default: registers 0-6 of 16 rows (w8a8's four
+// accumulators, activations and weights). AmxConfig(rows, short_tiles): registers 0 ..
+// short_tiles - 1 of `rows` rows (the int8 route's sums and digits when a few rows make fewer
+// than 16 (row, digit) pairs), the rest of 16 (its weight operands).
 struct alignas(64) AmxConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t bytes_per_row[16] = {};
   uint8_t rows[16] = {};
   AmxConfig() {
     for (int i = 0; i < 7; ++i) bytes_per_row[i] = 64, rows[i] = 16;
+  }
+  AmxConfig(int64_t short_rows, int short_tiles) {
+    for (int i = 0; i < 8; ++i)
+      bytes_per_row[i] = 64, rows[i] = static_cast<uint8_t>(i < short_tiles ? short_rows : 16);
   }
 };
 
@@ -773,30 +784,8 @@ void activation_digits(const float* x, int64_t M, int64_t K, int64_t rows, int64
   }
 }
 
-// Tile rows [K][128] (int8) in the unit's layout: [k_pad / 64][8 column groups][16][64] bytes,
-// row i of a group's operand holding the four k (4i .. 4i + 3) of each of its 16 columns. The
-// byte unpacks work within 128-bit lanes, so a group's 16 columns are not consecutive: operand
-// column 4L + j of group 4h + o is tile column 64h + 16L + 4o + j (amx_int8_product undoes it).
-// Rows past K are zero.
-void amx_weight_operands(const int8_t* w, int64_t K, int64_t k_pad, int8_t* out) {
-  const __m512i zero = _mm512_setzero_si512();
-  for (int64_t k = 0; k < k_pad; k += 4) {
-    prefetch_ahead(w + (k + kPrefetchRows) * kTile, 4 * kTile);
-    const int64_t step = k / kAmxK, quad = (k % kAmxK) / 4;
-    for (int64_t h = 0; h < 2; ++h) {
-      __m512i r[4];
-      for (int64_t j = 0; j < 4; ++j)
-        r[j] = k + j < K ? _mm512_loadu_si512(w + (k + j) * kTile + 64 * h) : zero;
-      const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
-      const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
-      const __m512i quads[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
-                                _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
-      for (int64_t o = 0; o < 4; ++o)
-        _mm512_store_si512(out + ((step * 8 + 4 * h + o) * kAmxRows + quad) * 64, quads[o]);
-    }
-  }
-}
-
+// For the int4 route (amx_int4_product), whose operands are unpacked per call in a layout of
+// [k_pad / 64][8 column groups][16][64]:
 // k-steps per block: every column group runs a block of steps (its three digit sums loaded
 // from and stored to `sums` around it) before the next block, so the block's activation digits
 // (12 KiB at 16 rows) stay in L1 across the eight groups, where a whole-k pass per group
@@ -842,53 +831,146 @@ inline __m512 combine_digits(const int32_t* sums, int64_t r) {
                          _mm512_set1_ps(1.0f / kDigitBase), c0);
 }
 
-// y[M, N] = x[M, K] @ (int8 tiles w[N / 128][K][128]) * scale[N], on the tile unit.
+// The int8 weights in the unit's layout, made once at load (infer.kernels.TiledAmxInt8Weight):
+// per 128-column tile two 64-column halves, each [k_pad / 64 steps][4 column groups][16][64]
+// bytes: one TDPBSSD weight operand (1 KiB) per step and group, its row i holding k = 4i ..
+// 4i + 3 of the group's 16 columns (column c at bytes 4c .. 4c + 3), K zero-padded to whole
+// steps. A half is one task and its operands one contiguous stream.
+constexpr int64_t kAmxGroups = 4;                    // column groups per half
+constexpr int64_t kAmxHalf = kAmxGroups * kAmxCols;  // columns per half
+constexpr int64_t kAmxOperandBytes = kAmxRows * 64;
+constexpr int64_t kAmxStepBytes = kAmxGroups * kAmxOperandBytes;
+// Up to this many activation rows all (row, digit) pairs are the rows of one digits operand
+// (3 x 5 = 15 <= 16), so each weight operand takes one TDPBSSD (amx_half_pairs); above it, 16
+// rows at a time, one digits operand per digit (amx_half_group).
+constexpr int64_t kAmxFewRows = 5;
+// How many k-steps (4 KiB each) ahead the weight stream is prefetched; see kPrefetchRows for
+// why a core needs it.
+constexpr int64_t kAmxPrefetchSteps = 2;
+
+// sums[pair][64] = the (row, digit) pairs of up to kAmxFewRows rows (`a`: the first pair's
+// digits, pairs k_pad bytes apart, as many as the tile registers were configured with) times
+// the half's weight operands `w` over every k-step. Tile registers: 0-3 the four column
+// groups' sums, 4 the digits, 5-7 the weight operands in turn.
+void amx_half_pairs(const int8_t* a, int64_t k_pad, const int8_t* w, int64_t steps,
+                    int32_t (*sums)[kAmxHalf]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int8_t* b = w + step * kAmxStepBytes;
+    prefetch_ahead(b + kAmxPrefetchSteps * kAmxStepBytes, kAmxStepBytes);
+    _tile_loadd(4, a + step * kAmxK, k_pad);
+    _tile_loadd(5, b, 64);
+    _tile_dpbssd(0, 4, 5);
+    _tile_loadd(6, b + kAmxOperandBytes, 64);
+    _tile_dpbssd(1, 4, 6);
+    _tile_loadd(7, b + 2 * kAmxOperandBytes, 64);
+    _tile_dpbssd(2, 4, 7);
+    _tile_loadd(5, b + 3 * kAmxOperandBytes, 64);
+    _tile_dpbssd(3, 4, 5);
+  }
+  _tile_stored(0, sums[0], kAmxHalf * 4);
+  _tile_stored(1, sums[0] + kAmxCols, kAmxHalf * 4);
+  _tile_stored(2, sums[0] + 2 * kAmxCols, kAmxHalf * 4);
+  _tile_stored(3, sums[0] + 3 * kAmxCols, kAmxHalf * 4);
+}
+
+// sums[d x 16 + r][16 g ..] = digit d of 16 rows (`a`: digit 0's first row; rows k_pad bytes
+// apart, digits `digit_bytes` apart) times column group g of the half, over every k-step: the
+// three digits' sums stay in tile registers 0-2 and each weight operand, loaded once (register
+// 6), serves all three (digits in 3-5). Per three TDPBSSD: three digits loads (from cache) and
+// one weight load. Only the first chunk of rows prefetches; later ones find the half in cache.
+// Chosen over running amx_half_pairs' loop once per digit (fewer tile loads, 15 against 16 per
+// twelve TDPBSSD, but each weight operand read three times) by a side-by-side timing of the
+// two on base's matrices at 16 rows, not kept: no figure is quoted for it.
+void amx_half_group(const int8_t* a, int64_t k_pad, int64_t digit_bytes, const int8_t* w,
+                    int64_t steps, int64_t g, bool prefetch, int32_t (*sums)[kAmxHalf]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int8_t* b = w + step * kAmxStepBytes + g * kAmxOperandBytes;
+    if (prefetch) prefetch_ahead(b + kAmxPrefetchSteps * kAmxStepBytes, kAmxOperandBytes);
+    _tile_loadd(6, b, 64);
+    _tile_loadd(3, a + step * kAmxK, k_pad);
+    _tile_dpbssd(0, 3, 6);
+    _tile_loadd(4, a + digit_bytes + step * kAmxK, k_pad);
+    _tile_dpbssd(1, 4, 6);
+    _tile_loadd(5, a + 2 * digit_bytes + step * kAmxK, k_pad);
+    _tile_dpbssd(2, 5, 6);
+  }
+  _tile_stored(0, sums[0] + g * kAmxCols, kAmxHalf * 4);
+  _tile_stored(1, sums[kAmxRows] + g * kAmxCols, kAmxHalf * 4);
+  _tile_stored(2, sums[2 * kAmxRows] + g * kAmxCols, kAmxHalf * 4);
+}
+
+// y[M, N] = x[M, K] @ (int8 operands w[N / 128][2][k_pad / 64][4][16][64]) * scale[N], every
+// row count on the tile unit. The rows go in chunks (all of them up to kAmxFewRows, else 16),
+// a chunk's digits stored [kDigits][rows][k_pad]: pair (row r, digit d) is digits row
+// d x rows + r, so a few rows' pairs are one strided operand, and a 16-row chunk's digit d
+// another (a shorter last chunk's operands run on into the next digit's rows and the zeros
+// after the last: sums rows no output reads).
 void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
                       const int8_t* w, const float* scale, float* y) {
-  const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
-  const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK;
-  // The caller's scratch: the helpers read it only while the caller waits for their tiles.
-  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(kDigits * rows * k_pad);
-  float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(rows);
-  activation_digits(x, M, K, rows, k_pad, digits, row_scale);
+  const int64_t steps = (K + kAmxK - 1) / kAmxK, k_pad = steps * kAmxK;
+  const bool few = M <= kAmxFewRows;
+  const int64_t chunk_rows = few ? M : kAmxRows;
+  const int64_t operand_rows = few ? kDigits * M : kAmxRows, chunk_pairs = kDigits * chunk_rows;
+  const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
+  // The caller's scratch: the helpers read it only while the caller waits for their tasks.
+  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(chunks * chunk_pairs * k_pad);
+  float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(M);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t m0 = chunk * chunk_rows, rows = std::min(chunk_rows, M - m0);
+    int8_t* a = digits + chunk * chunk_pairs * k_pad;
+    activation_digits(x + m0 * K, rows, K, rows, k_pad, a, row_scale + m0);
+    std::memset(a + kDigits * rows * k_pad, 0, (chunk_pairs - kDigits * rows) * k_pad);
+  }
   const int64_t tiles = (N + kTile - 1) / kTile;
-  parallel_tiles(pool, tiles, [&](int64_t t) {
-    // k_pad x 128 bytes (base's 2048: 256 KiB).
-    int8_t* operands = thread_scratch<int8_t, Scratch::kAmxOperands>(k_pad * kTile);
-    amx_weight_operands(w + t * K * kTile, K, k_pad, operands);
-    static const AmxConfig config;
-    _tile_loadconfig(&config);
-    const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
-    alignas(64) int32_t group_sums[kTile / kAmxCols][kDigits * 256];
-    const int64_t steps = k_pad / kAmxK;
-    for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
-      for (int64_t step0 = 0; step0 < steps; step0 += kAmxBlockSteps)
-        for (int64_t g = 0; g < kTile / kAmxCols; ++g)
-          amx_column_group(digits + m0 * k_pad, rows, k_pad, step0,
-                           std::min(kAmxBlockSteps, steps - step0), operands, g,
-                           group_sums[g]);
-      for (int64_t h = 0; h < 2 && 64 * h < width; ++h) {
-        const int32_t(*sums)[kDigits * 256] = group_sums + 4 * h;
-        // Operand lane L of group o holds columns 16L + 4o .. + 3: a 4 x 4 transpose of
-        // 128-bit lanes puts columns 16L .. 16L + 15 in vector L.
-        const int64_t c0 = n0 + 64 * h, cols = std::min<int64_t>(64, width - 64 * h);
-        for (int64_t r = 0; r < std::min(kAmxRows, M - m0); ++r) {
-          const __m512 s = _mm512_set1_ps(row_scale[m0 + r]);
-          const __m512 v0 = combine_digits(sums[0], r), v1 = combine_digits(sums[1], r);
-          const __m512 v2 = combine_digits(sums[2], r), v3 = combine_digits(sums[3], r);
-          const __m512 t0 = _mm512_shuffle_f32x4(v0, v1, 0x44), t1 = _mm512_shuffle_f32x4(v0, v1, 0xEE);
-          const __m512 t2 = _mm512_shuffle_f32x4(v2, v3, 0x44), t3 = _mm512_shuffle_f32x4(v2, v3, 0xEE);
-          const __m512 lanes[4] = {_mm512_shuffle_f32x4(t0, t2, 0x88), _mm512_shuffle_f32x4(t0, t2, 0xDD),
-                                   _mm512_shuffle_f32x4(t1, t3, 0x88), _mm512_shuffle_f32x4(t1, t3, 0xDD)};
-          for (int64_t L = 0; L < 4 && 16 * L < cols; ++L) {
-            const __mmask16 valid = cols - 16 * L >= 16 ? 0xffff : (1u << (cols - 16 * L)) - 1;
-            const __m512 column_scale = _mm512_maskz_loadu_ps(valid, scale + c0 + 16 * L);
-            _mm512_mask_storeu_ps(y + (m0 + r) * N + c0 + 16 * L, valid,
-                                  _mm512_mul_ps(_mm512_mul_ps(lanes[L], s), column_scale));
-          }
+  const auto run_half = [&](int64_t half) {
+    const int64_t c0 = half * kAmxHalf, width = std::min(kAmxHalf, N - c0);
+    if (width <= 0) return;  // the padding half of the last tile
+    const int8_t* wh = w + half * steps * kAmxStepBytes;
+    alignas(64) int32_t sums[kDigits * kAmxRows][kAmxHalf];
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const int64_t m0 = chunk * chunk_rows, rows = std::min(chunk_rows, M - m0);
+      const int8_t* a = digits + chunk * chunk_pairs * k_pad;
+      // The sums row of pair (r, d): d x digit_rows + r.
+      const int64_t digit_rows = few ? rows : kAmxRows;
+      if (few)
+        amx_half_pairs(a, k_pad, wh, steps, sums);
+      else
+        for (int64_t g = 0; g < kAmxGroups; ++g)
+          amx_half_group(a, k_pad, rows * k_pad, wh, steps, g, chunk == 0, sums);
+      const __m512 inverse_base = _mm512_set1_ps(1.0f / kDigitBase);
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 s = _mm512_set1_ps(row_scale[m0 + r]);
+        for (int64_t L = 0; L < kAmxGroups && kAmxCols * L < width; ++L) {
+          const int64_t c = kAmxCols * L;
+          const __m512 d0 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[r] + c));
+          const __m512 d1 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[digit_rows + r] + c));
+          const __m512 d2 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[2 * digit_rows + r] + c));
+          // C0 + C1 / 254 + C2 / 254^2, then the row's and the columns' scales.
+          const __m512 v = _mm512_fmadd_ps(_mm512_fmadd_ps(d2, inverse_base, d1), inverse_base, d0);
+          const __mmask16 valid = width - c >= 16 ? 0xffff : (1u << (width - c)) - 1;
+          const __m512 column_scale = _mm512_maskz_loadu_ps(valid, scale + c0 + c);
+          _mm512_mask_storeu_ps(y + (m0 + r) * N + c0 + c, valid,
+                                _mm512_mul_ps(_mm512_mul_ps(v, s), column_scale));
         }
       }
     }
+  };
+  // One task per thread, each taking halves until none are left, so a thread configures the
+  // tile registers once per call: a configuration and a release per half timed slower at one
+  // row side by side (not kept; no figure quoted).
+  const int64_t halves = 2 * tiles;
+  std::atomic<int64_t> next{0};
+  parallel_tiles(pool, std::min<int64_t>(pool.num_threads(), halves), [&](int64_t) {
+    const AmxConfig config(operand_rows, 5);
+    _tile_loadconfig(&config);
+    for (int64_t half; (half = next.fetch_add(1)) < halves;) run_half(half);
     _tile_release();
   });
 }
@@ -908,12 +990,6 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
   const int64_t tiles = (N + kTile - 1) / kTile;
-#if defined(HPLLM_AMX)
-  if (M >= kBatchRows && amx_permitted()) {
-    amx_int8_product(pool, xp, M, K, N, wp, sp, yp);
-    return ffi::Error::Success();
-  }
-#endif
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
   if (M >= kBatchRows && M < kGemmRows) {
     parallel_tiles(pool, tiles, [&](int64_t t) {
@@ -946,6 +1022,31 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+// y[M, N] = x[M, K] @ int8 weights in the tile unit's layout (TiledAmxInt8Weight) * scale[N]:
+// made only where Kernels.amx is true (compiled with AMX-INT8 and granted the tile registers).
+ffi::Error AmxInt8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
+                             ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 6 || yd.size() != 2 || wd[1] != 2 || wd[3] != 4 ||
+      wd[4] != 16 || wd[5] != 64 || (xd[1] + 63) / 64 != wd[2] || yd[0] != xd[0] ||
+      (yd[1] + kTile - 1) / kTile != wd[0] ||
+      static_cast<int64_t>(scale.element_count()) != wd[0] * kTile)
+    return ffi::Error::InvalidArgument(
+        "amx_int8_matmul: expects x[M, K], w[tiles, 2, ceil(K / 64), 4, 16, 64], "
+        "scale[tiles * 128] -> y[M, N]");
+#if defined(HPLLM_AMX)
+  if (amx_permitted()) {
+    if (xd[0] > 0)
+      amx_int8_product(pool, x.typed_data(), xd[0], xd[1], yd[1], w.typed_data(),
+                       scale.typed_data(), y->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
+  return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                    "amx_int8_matmul: this build or this process has no AMX-INT8");
+}
+
 #if defined(HPLLM_AMX)
 // ---- AMX for int4 weights: the nibbles unpacked into the unit's layout, scaled per group ----
 //
@@ -957,8 +1058,8 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // the weight has one group (per channel, k zero-padded to whole steps); other group sizes keep
 // the FMA routes. The digits' bound is int8's: |error| <= 2^-24 max|x_row| sum_k |w[k, n]|,
 // plus the f32 rounding of the per-group flushes (tests/test_kernels.py measures it). Each
-// weight tile is unpacked once per call into per-thread scratch (k_pad x 128 bytes, as the
-// int8 shuffle) and reused by every 16-row group. Against the FMA routes on the same CPU
+// weight tile is unpacked once per call into per-thread scratch (k_pad x 128 bytes) and
+// reused by every 16-row group. Against the FMA routes on the same CPU
 // (bench/decode_matmuls.py, "int4 native" against "int4 native avx512"; docs/performance.md)
 // it was ahead at every row count from 5, so it takes over from kBatchRows like int8's route.
 
@@ -966,7 +1067,8 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // [k_pad / 64][8 column groups][16][64] int8 as amx_column_group reads them: row i of column
 // group g's operand holds q at k = 4i .. 4i + 3 of columns 16g .. 16g + 15, in order. Packed
 // rows 2i (k 4i, 4i + 1) and 2i + 1 (k 4i + 2, 4i + 3) give four rows of nibbles (AND, shift),
-// which amx_weight_operands' byte unpacks interleave. Those unpacks work within 128-bit lanes
+// which byte unpacks interleave
+// (the int8 route's per-call shuffle did the same before its weights took the unit's layout). Those unpacks work within 128-bit lanes
 // (output group o, lane L holds source columns 16L + 4o .. + 3); permuting the dwords of each
 // 64-column source row first (dword 4L + o <- dword 4o + L, columns 16o + 4L .. + 3) makes
 // that the natural order, so the scales and the output need no permutation.
@@ -2004,6 +2106,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt8Matvec, Int8MatvecImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmAmxInt8Matmul, AmxInt8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmBf16Matvec, Bf16MatvecImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -2024,8 +2134,9 @@ extern "C" const char* HpllmKernelPath() {
 }
 
 
-// Whether the batched f32 products (from kBatchRows rows) run on the AMX tile unit: compiled
-// with AMX-BF16 and granted the tile registers by the OS.
+// Whether the AMX tile unit runs int8-weight products (HpllmAmxInt8Matmul, every row count)
+// and w8a8 ones (from kBatchRows rows): compiled with AMX-INT8 and granted the tile registers
+// by the OS.
 extern "C" int HpllmAmx() {
 #if defined(HPLLM_AMX)
   return amx_permitted() ? 1 : 0;
