@@ -4,7 +4,8 @@
 
 For int8 and int4 (group 128) weights (bf16 with `--schemes bf16`) of `base`'s MLP shapes
 (768 x 2048 and 2048 x 768), and row counts from 1 to 2048 (a bench batch of 16 prompts of 128
-tokens is 2048 rows), it times one product through `NativeInt8Dot` / `NativeInt4Dot` /
+tokens is 2048 rows), it times one product through `NativeInt8Dot` (`NativeAmxInt8Dot` on its
+layout where the build has AMX, as `use_native_kernels` chooses) / `NativeInt4Dot` /
 `NativeBf16Dot` with the kernel forced (`prefill_rows` None) and with the XLA op forced
 (`prefill_rows=0`: dequantize the whole weight to f32 per call, then XLA's dot), interleaved
 round by round with XLA's plain f32 dot on the float weight (what f32 prefill runs), and prints
@@ -24,9 +25,11 @@ import jax.numpy as jnp
 
 from hpllm.quant.weight_only import Int4Weight, Int8Weight
 from infer.kernels import (
+    NativeAmxInt8Dot,
     NativeBf16Dot,
     NativeInt4Dot,
     NativeInt8Dot,
+    TiledAmxInt8Weight,
     TiledBf16Weight,
     TiledInt4Weight,
     TiledInt8Weight,
@@ -50,7 +53,7 @@ def main() -> None:
     kernels = load()
     if kernels is None:
         raise SystemExit("error: the native kernels are unavailable here")
-    print(f"kernel build {default_isa()} (path {kernels.path}), load "
+    print(f"kernel build {default_isa()} (path {kernels.path}, AMX {kernels.amx}), load "
           f"{os.getloadavg()[0]:.1f} before")
     print("| weights | d_in x d_out | rows | kernel us | XLA dequant + dot us | f32 dot us "
           "| kernel / XLA | kernel / f32 |")
@@ -58,7 +61,9 @@ def main() -> None:
     for scheme in args.schemes.split(","):
         for d_in, d_out in SHAPES:
             w = jax.random.normal(jax.random.key(0), (d_in, d_out), jnp.float32) / d_in**0.5
-            if scheme == "int8":
+            if scheme == "int8" and kernels.amx:
+                tiled, op = TiledAmxInt8Weight(Int8Weight(w)), NativeAmxInt8Dot
+            elif scheme == "int8":
                 tiled, op = TiledInt8Weight(Int8Weight(w)), NativeInt8Dot
             elif scheme == "int4":
                 tiled, op = TiledInt4Weight(Int4Weight(w, 128)), NativeInt4Dot
