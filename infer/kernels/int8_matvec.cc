@@ -727,18 +727,14 @@ constexpr int64_t kAmxRows = 16, kAmxK = 64, kAmxCols = 16;  // one TDPBSSD
 constexpr int64_t kDigits = 3;
 constexpr float kDigitBase = 254.0f;
 
-// Tile register shapes, every row 64 bytes. Default: registers 0-6 of 16 rows (w8a8's four
-// accumulators, activations and weights). AmxConfig(rows, short_tiles): registers 0 ..
-// short_tiles - 1 of `rows` rows (the int8 route's sums and digits when a few rows make fewer
-// than 16 (row, digit) pairs), the rest of 16 (its weight operands).
+// Tile register shapes: all eight registers of 64-byte rows; registers 0 .. short_tiles - 1
+// of `short_rows` rows (the int8 route's sums and digits when a few rows make fewer than 16
+// (row, digit) pairs), the rest of 16 (by default all of them).
 struct alignas(64) AmxConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t bytes_per_row[16] = {};
   uint8_t rows[16] = {};
-  AmxConfig() {
-    for (int i = 0; i < 7; ++i) bytes_per_row[i] = 64, rows[i] = 16;
-  }
-  AmxConfig(int64_t short_rows, int short_tiles) {
+  explicit AmxConfig(int64_t short_rows = kAmxRows, int short_tiles = 0) {
     for (int i = 0; i < 8; ++i)
       bytes_per_row[i] = 64, rows[i] = static_cast<uint8_t>(i < short_tiles ? short_rows : 16);
   }
@@ -822,13 +818,14 @@ void amx_column_group(const int8_t* digits, int64_t rows, int64_t k_pad, int64_t
   _tile_stored(2, sums + 512, 64);
 }
 
-// One digit sum set (sums[kDigits][16][16] of row r) as f32: C0 + C1 / 254 + C2 / 254^2.
-inline __m512 combine_digits(const int32_t* sums, int64_t r) {
-  const __m512 c0 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + r * 16));
-  const __m512 c1 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 256 + r * 16));
-  const __m512 c2 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 512 + r * 16));
-  return _mm512_fmadd_ps(_mm512_fmadd_ps(c2, _mm512_set1_ps(1.0f / kDigitBase), c1),
-                         _mm512_set1_ps(1.0f / kDigitBase), c0);
+// Sixteen columns' digit sums as f32, C0 + C1 / 254 + C2 / 254^2: C0 at `sums` (64-byte
+// aligned), C1 and C2 `digit_stride` and twice that many int32 after it.
+inline __m512 combine_digits(const int32_t* sums, int64_t digit_stride) {
+  const __m512 c0 = _mm512_cvtepi32_ps(_mm512_load_si512(sums));
+  const __m512 c1 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + digit_stride));
+  const __m512 c2 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 2 * digit_stride));
+  const __m512 inverse_base = _mm512_set1_ps(1.0f / kDigitBase);
+  return _mm512_fmadd_ps(_mm512_fmadd_ps(c2, inverse_base, c1), inverse_base, c0);
 }
 
 // The int8 weights in the unit's layout, made once at load (infer.kernels.TiledAmxInt8Weight):
@@ -944,16 +941,12 @@ void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
       else
         for (int64_t g = 0; g < kAmxGroups; ++g)
           amx_half_group(a, k_pad, rows * k_pad, wh, steps, g, chunk == 0, sums);
-      const __m512 inverse_base = _mm512_set1_ps(1.0f / kDigitBase);
       for (int64_t r = 0; r < rows; ++r) {
         const __m512 s = _mm512_set1_ps(row_scale[m0 + r]);
         for (int64_t L = 0; L < kAmxGroups && kAmxCols * L < width; ++L) {
           const int64_t c = kAmxCols * L;
-          const __m512 d0 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[r] + c));
-          const __m512 d1 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[digit_rows + r] + c));
-          const __m512 d2 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[2 * digit_rows + r] + c));
-          // C0 + C1 / 254 + C2 / 254^2, then the row's and the columns' scales.
-          const __m512 v = _mm512_fmadd_ps(_mm512_fmadd_ps(d2, inverse_base, d1), inverse_base, d0);
+          // The digits combined, then the row's and the columns' scales.
+          const __m512 v = combine_digits(sums[r] + c, digit_rows * kAmxHalf);
           const __mmask16 valid = width - c >= 16 ? 0xffff : (1u << (width - c)) - 1;
           const __m512 column_scale = _mm512_maskz_loadu_ps(valid, scale + c0 + c);
           _mm512_mask_storeu_ps(y + (m0 + r) * N + c0 + c, valid,
@@ -1136,7 +1129,7 @@ void amx_int4_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
           const __m512 column_scale = _mm512_loadu_ps(s + 16 * g);
           for (int64_t r = 0; r < valid_rows; ++r) {
             float* a = acc[r] + 16 * g;
-            const __m512 part = _mm512_mul_ps(combine_digits(group_sums[g], r), column_scale);
+            const __m512 part = _mm512_mul_ps(combine_digits(group_sums[g] + r * kAmxCols, kAmxRows * kAmxCols), column_scale);
             _mm512_store_ps(a, s0 == 0 ? part : _mm512_add_ps(part, _mm512_load_ps(a)));
           }
         }
@@ -2004,31 +1997,23 @@ constexpr const char* kAttentionShapes =
     "decode_attention: expects q[B, H, D], k and v[B, T, KV, D] (H a multiple of KV), "
     "mask[B, T] (and for an int8 cache k_scale and v_scale[B, T, KV]) -> out[B, H, D]";
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+// A float32 cache (Stored ffi::F32), or a bfloat16 one (ffi::U16: its bits, as hpllm.kvcache
+// holds it), widened exactly in registers.
+template <ffi::DataType Stored>
+ffi::Error DecodeAttentionUnscaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                       ffi::Buffer<Stored> k, ffi::Buffer<Stored> v,
+                                       ffi::Buffer<ffi::PRED> mask,
+                                       ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   if (!attention_shapes_fit(qd, kd, v.dimensions(), mask.dimensions()))
     return ffi::Error::InvalidArgument(kAttentionShapes);
-  decode_attention<float>(pool, AttentionShape{qd[1], qd[2], kd[1], kd[2]}, qd[0],
-                          q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr,
-                          mask.typed_data(), out->typed_data());
+  decode_attention(pool, AttentionShape{qd[1], qd[2], kd[1], kd[2]}, qd[0], q.typed_data(),
+                   k.typed_data(), v.typed_data(), nullptr, nullptr, mask.typed_data(),
+                   out->typed_data());
   return ffi::Error::Success();
 }
-
-// A bfloat16 cache (its bits as uint16, as hpllm.kvcache holds it), widened exactly in
-// registers.
-ffi::Error DecodeAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                                   ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
-                                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  if (!attention_shapes_fit(qd, kd, v.dimensions(), mask.dimensions()))
-    return ffi::Error::InvalidArgument(kAttentionShapes);
-  decode_attention<uint16_t>(pool, AttentionShape{qd[1], qd[2], kd[1], kd[2]}, qd[0],
-                             q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr,
-                             mask.typed_data(), out->typed_data());
-  return ffi::Error::Success();
-}
+constexpr auto DecodeAttentionImpl = DecodeAttentionUnscaledImpl<ffi::F32>;
+constexpr auto DecodeAttentionBf16Impl = DecodeAttentionUnscaledImpl<ffi::U16>;
 
 // An int8 cache with one f32 scale per (row, slot, kv-head) for its keys and its values.
 ffi::Error DecodeAttentionInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
