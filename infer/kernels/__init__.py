@@ -258,7 +258,16 @@ def int4_on_amx(group_size: int) -> bool:
     where the build has it (`Kernels.amx`): each group whole k-steps of the unit. Other group
     sizes keep the FMA routes."""
     return group_size % AMX_K == 0
+
+
 OFFSET_BINARY = jnp.uint8(0x88)  # flips the sign bit of both nibbles: q -> q + 8
+
+
+def pad_inputs(values: Shaped[Array, "*layers d_in d_out"], multiple: int
+               ) -> Shaped[Array, "*layers padded_d_in d_out"]:
+    """Zero-pad the input axis (second to last) to a multiple of `multiple`."""
+    missing = -values.shape[-2] % multiple
+    return jnp.pad(values, [(0, 0)] * (values.ndim - 2) + [(0, missing), (0, 0)])
 
 
 def pad_columns(values: Shaped[Array, "*rest d_out"]) -> Shaped[Array, "*rest padded_d_out"]:
@@ -368,7 +377,6 @@ class NativeInt8Dot(MatmulOp):
                                weight.d_out, weight.values, weight.scales)
 
 
-AMX_K = 64  # k per tile-unit step: TiledAmxInt8Weight pads d_in to a multiple of it
 AMX_GROUP = 16  # output columns per weight operand of the tile unit
 
 
@@ -387,8 +395,7 @@ class TiledAmxInt8Weight(eqx.Module):
 
     def __init__(self, weight: Int8Weight):
         self.d_in, self.d_out = weight.values.shape[-2:]
-        values = pad_columns(weight.values)
-        values = jnp.pad(values, [(0, 0)] * (values.ndim - 2) + [(0, -self.d_in % AMX_K), (0, 0)])
+        values = pad_inputs(pad_columns(weight.values), AMX_K)
         *layers, rows, cols = values.shape
         # [k-step, quad, k in quad, tile, half, group, column in group] ->
         # [tile, half, k-step, group, quad, column in group, k in quad]
@@ -509,8 +516,7 @@ class TiledW8A8Weight(eqx.Module):
 
     def __init__(self, weight: Int8Weight):
         self.d_in, self.d_out = weight.values.shape[-2:]
-        values = pad_columns(weight.values)
-        values = jnp.pad(values, [(0, 0)] * (values.ndim - 2) + [(0, -self.d_in % 4), (0, 0)])
+        values = pad_inputs(pad_columns(weight.values), 4)
         *layers, rows, cols = values.shape
         quads = values.reshape(*layers, rows // 4, 4, cols // TILE, TILE)
         self.values = jnp.moveaxis(quads, (-4, -3, -2, -1), (-3, -1, -4, -2))
