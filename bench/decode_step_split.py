@@ -1,7 +1,8 @@
 """Where one decode step's time goes: matmuls, attention over the KV cache, and the rest.
 
     flock /tmp/hpllm-bench.lock .venv/bin/python bench/decode_step_split.py \
-        [--preset base] [--to int8] [--batch-sizes 1,16] [--cache-len 256] [--position 128]
+        [--preset base] [--to int8] [--batch-sizes 1,16] [--cache-len 256] [--position 128] \
+        [--kv-cache-dtype f32]
 
 Runs `--steps` greedy decode steps of a random `--preset` model (weights in `--to`, the LM head
 quantized too, as `bench --quantize-head`; native kernels where available; the decoding layer
@@ -37,9 +38,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from hpllm.kvcache import CACHE_DTYPE_ALIASES
 from hpllm.quant import WITH_HEAD
 from infer.kernels import use_native_kernels
 from infer.loading import quantize, random_model
+from infer.sampling import argmax_rows
 
 ATTENTION_OPS = re.compile(r"bskgd,btkd|bkgst,btkd|softmax|reduce_max|exp|select_n|"
                            r"dynamic_update_slice|scatter")
@@ -92,6 +95,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1")
     parser.add_argument("--cache-len", type=int, default=256)
     parser.add_argument("--position", type=int, default=128, help="first decode position")
+    parser.add_argument("--kv-cache-dtype", choices=tuple(CACHE_DTYPE_ALIASES), default="f32",
+                        help="the KV cache's dtype (f32 unless told: the figures recorded "
+                             "before `infer`'s bf16 default were f32)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention", default="native,xla",
@@ -112,10 +118,11 @@ def main() -> None:
         def step(i, carry):
             token, cache = carry
             logits, cache = model.decode(token, (position + i)[:, None], cache)
-            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None], cache
+            return argmax_rows(logits[:, -1])[:, None], cache
         return jax.lax.fori_loop(0, args.steps, step, (token, cache))
 
-    print(f"{args.preset}, {args.to} (head too), cache {args.cache_len} slots, positions "
+    print(f"{args.preset}, {args.to} (head too), {args.kv_cache_dtype} cache of "
+          f"{args.cache_len} slots, positions "
           f"{args.position}..{args.position + args.steps - 1}, load "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print("| attention | batch | step ms | matmuls ms | attention ms | rest ms | untraced ms |")
@@ -123,7 +130,8 @@ def main() -> None:
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         def inputs(batch=batch):  # new buffers for every call, which donates them
             return (jnp.zeros((batch, 1), jnp.int32),
-                    models[next(iter(models))].allocate_cache(batch, args.cache_len),
+                    models[next(iter(models))].allocate_cache(
+                        batch, args.cache_len, CACHE_DTYPE_ALIASES[args.kv_cache_dtype]),
                     jnp.full((batch,), args.position, jnp.int32))
 
         classes = {}

@@ -14,7 +14,7 @@ from hpllm.model import Transformer
 from infer.detokenizer import Detokenizer
 from infer.generate import Generator, PromptTooLongError, bucket_length
 from infer.loading import quantize
-from infer.sampling import SamplingConfig, filter_logits, sample
+from infer.sampling import SamplingConfig, argmax_rows, filter_logits, sample
 
 TINY = preset("tiny")
 
@@ -168,6 +168,24 @@ def test_top_k_and_top_p_match_numpy_reference():
         probs /= probs.sum()
         n_keep = int(np.searchsorted(np.cumsum(probs), 0.8) + 1)  # smallest set reaching 0.8
         np.testing.assert_array_equal(np.flatnonzero(kept_row), np.sort(order[:n_keep]))
+
+
+@pytest.mark.parametrize("vocab", [5, 128, 300, 32000])
+def test_argmax_rows_is_numpys_argmax(vocab):
+    # Ties take the first index and a NaN counts as the largest, as in NumPy and jnp.argmax.
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((8, vocab)).astype(np.float32)
+    logits[1] = 1.0  # all equal
+    logits[2, [vocab // 3, vocab - 1]] = 9.0  # a tie, maybe across blocks
+    logits[3, [vocab // 2, vocab - 1]] = np.nan
+    logits[4] = -np.inf
+    logits[5, -1] = 50.0  # the largest in the last, padded block
+    logits[6] = np.nan
+    # Without the NaN rows the two-level search answers; with them, jnp.argmax.
+    for rows in ([0, 1, 2, 4, 5, 7], slice(None)):
+        got = jax.jit(argmax_rows)(jnp.asarray(logits[rows]))
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), np.argmax(logits[rows], axis=-1))
 
 
 def test_top_k_one_and_temperature_zero_are_greedy():
