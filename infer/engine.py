@@ -40,9 +40,8 @@ from collections.abc import Callable, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from jaxtyping import Array, Int, UInt32
+from jaxtyping import Array, Int, Key
 
 from hpllm.model import ModelCache, Transformer
 from infer.generate import (
@@ -122,7 +121,7 @@ def prefill_slots(
     starts: Int[Array, " rows"],
     lengths: Int[Array, " rows"],
     budget: Int[Array, " rows"],
-    key_data: UInt32[Array, "rows words"],
+    keys: Key[Array, " rows"],
     sampling: RowSampling,
     stop_ids: tuple[int, ...],
 ) -> tuple[DecodeState, Int[Array, " rows"]]:
@@ -130,13 +129,11 @@ def prefill_slots(
     other rows are untouched.
 
     The rows' caches are gathered, `prefill_rows` writes each one's new tokens at its `starts`
-    entry on (the slots before it keep what they hold), and the rows are scattered back. Each
-    row's random key comes as its raw words (`jax.random.key_data`), so the host joins the rows'
-    keys with numpy: joining key arrays is an op of its own, compiled per row count.
+    entry on (the slots before it keep what they hold), and the rows are scattered back.
     """
     rows_cache = _gather_rows(state.cache, slots)
-    rows, first = prefill_rows(model, tokens, starts, lengths, budget, rows_cache,
-                               jax.random.wrap_key_data(key_data), sampling, stop_ids)
+    rows, first = prefill_rows(model, tokens, starts, lengths, budget, rows_cache, keys,
+                               sampling, stop_ids)
     return _scatter_rows(state, rows, slots), first
 
 
@@ -224,12 +221,6 @@ def prefill_shapes(context: int, max_batch: int) -> list[tuple[int, int]]:
     rows of it where they hold at most `PREFILL_TOKENS` padded tokens."""
     return [(rows, bucket) for bucket in prefill_buckets(context)
             for rows in row_buckets(max_batch) if rows == 1 or rows * bucket <= PREFILL_TOKENS]
-
-
-def row_key_data(seed: int) -> np.ndarray:
-    """The words of the key a request with `seed` samples with: a lone request's in
-    `Generator.start`, so a seed draws the same (a uint32 row of `prefill_slots`' `key_data`)."""
-    return np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), 1)))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -328,7 +319,7 @@ class Engine:
                 self.model, self.state, jnp.arange(rows, dtype=jnp.int32),
                 jnp.zeros((rows, bucket), jnp.int32), jnp.zeros((rows,), jnp.int32),
                 jnp.ones((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
-                np.concatenate([row_key_data(0)] * rows), RowSampling.of([GREEDY] * rows),
+                jax.random.split(jax.random.key(0), rows), RowSampling.of([GREEDY] * rows),
                 self.stop_ids)
         for rows in self.row_buckets:
             self.state, emitted = decode_first_rows(self.model, self.state, rows,
@@ -380,10 +371,8 @@ class Engine:
         rows = [i for i, s in enumerate(self.slots) if s.request is not None and
                 s.request.cancelled]
         if rows:
-            # Marked on a host copy: `.at[rows].set` is an op compiled per number of rows.
-            done = np.array(self.state.done)
-            done[rows] = True
-            self.state = eqx.tree_at(lambda s: s.done, self.state, jnp.asarray(done))
+            done = self.state.done.at[jnp.asarray(rows)].set(True)
+            self.state = eqx.tree_at(lambda s: s.done, self.state, done)
             positions = jax.device_get(self.state.positions)
             for i in rows:
                 self._finish(i, FINISH_CANCELLED, int(positions[i]))
@@ -435,17 +424,14 @@ class Engine:
         row count and one padded length."""
         bucket = bucket_length(max(len(new) for _, _, new in placed), self.context)
         indices = [index for index, _, _ in placed]
-        # The per-request arrays are built with numpy: `jnp.asarray` of a nested list runs a
-        # conversion compiled per shape, which the first request of each (rows, bucket) paid.
-        tokens = np.zeros((len(placed), bucket), np.int32)
-        for row, (_, _, new) in enumerate(placed):
-            tokens[row, :len(new)] = new
         self.state, first = prefill_slots(
-            self.model, self.state, np.asarray(indices, np.int32), tokens,
-            np.asarray([r.cached for _, r, _ in placed], np.int32),
-            np.asarray([len(new) for _, _, new in placed], np.int32),
-            np.asarray([r.max_tokens for _, r, _ in placed], np.int32),
-            np.concatenate([row_key_data(r.seed) for _, r, _ in placed]),
+            self.model, self.state, jnp.asarray(indices, jnp.int32),
+            jnp.asarray([new + [0] * (bucket - len(new)) for _, _, new in placed], jnp.int32),
+            jnp.asarray([r.cached for _, r, _ in placed], jnp.int32),
+            jnp.asarray([len(new) for _, _, new in placed], jnp.int32),
+            jnp.asarray([r.max_tokens for _, r, _ in placed], jnp.int32),
+            # Each row's key as a lone request's in `Generator.start`, so a seed draws the same.
+            jnp.concatenate([jax.random.split(jax.random.key(r.seed), 1) for _, r, _ in placed]),
             RowSampling.of([r.sampling for _, r, _ in placed]), self.stop_ids)
         first, done, positions = jax.device_get(
             (first, self.state.done, self.state.positions))
