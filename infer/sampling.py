@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray, UInt32
 
 from hpllm.errors import UserError
 
@@ -150,6 +150,48 @@ def _sorted_thresholds(tempered: Float[Array, "batch vocab"], rows: RowSampling
     return _ranked_thresholds(ordered, rows, tempered.shape[-1])[0]
 
 
+def _float_order(values: Float[Array, "*shape"]) -> UInt32[Array, "*shape"]:
+    """float32 -> uint32 with the same order (-inf first; -0 just below +0)."""
+    bits = jax.lax.bitcast_convert_type(values, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(2**31))
+
+
+def _searched_thresholds(tempered: Float[Array, "batch vocab"], rows: RowSampling
+                         ) -> Float[Array, " batch"]:
+    """The rule's threshold for a row with only a top-k cut or only a top-p cut, found by a
+    binary search over float32 values instead of a sort: the smallest logit v of the row with
+    fewer than top_k tokens above it, or with the probability above it below top_p (equal
+    logits fall together, as the rule's ranking keeps them). 32 halvings of the uint32 order,
+    each a pass over the row: ~10 ms for 16 x 32000 against the sort's ~160 ms. Rows with
+    neither cut get -inf (garbage where both cut: the caller sorts those)."""
+    vocab = tempered.shape[-1]
+    cut_k = _cuts_k(rows, vocab)
+    top = jnp.max(tempered, axis=-1, keepdims=True)
+    weights = jnp.exp(tempered - top)
+    mass = jnp.sum(weights, axis=-1)
+    order = _float_order(tempered)
+
+    def reaches(key: UInt32[Array, " batch"]) -> Bool[Array, " batch"]:
+        above = order > key[:, None]
+        by_k = jnp.sum(above, axis=-1) < rows.top_k
+        by_p = jnp.sum(jnp.where(above, weights, 0.0), axis=-1) < rows.top_p * mass
+        return jnp.where(cut_k, by_k, by_p)
+
+    def halve(_, bounds: tuple[UInt32[Array, " batch"], UInt32[Array, " batch"]]):
+        low, high = bounds  # `reaches` false at low (or low is -inf's order - 1), true at high
+        middle = low + (high - low) // 2
+        ok = reaches(middle)
+        return jnp.where(ok, low, middle), jnp.where(ok, middle, high)
+
+    # The row's largest logit always reaches: nothing is above it.
+    high = _float_order(top[:, 0])
+    low = jnp.zeros_like(high)
+    low, high = jax.lax.fori_loop(0, 32, halve, (low, high))
+    # `reaches` changes only at the row's logits, so `high` is one: take it from the row.
+    threshold = jnp.min(jnp.where(order >= high[:, None], tempered, jnp.inf), axis=-1)
+    return jnp.where(cut_k | (rows.top_p < 1.0), threshold, -jnp.inf)
+
+
 def _thresholds(tempered: Float[Array, "batch vocab"], rows: RowSampling
                 ) -> Float[Array, " batch"]:
     """Each row's smallest kept tempered logit (-inf where nothing is cut).
@@ -159,7 +201,9 @@ def _thresholds(tempered: Float[Array, "batch vocab"], rows: RowSampling
     ranking at all; otherwise `lax.top_k` picks CANDIDATES per row and the rule runs on them,
     the softmax's denominator of a row without a top-k cut coming from the whole row. Where
     a row needs more (a top_k past the candidates, or a nucleus that the candidates' mass does
-    not complete) the whole batch takes the full sort, so the answer is always the rule's."""
+    not complete) a binary search finds its threshold (`_searched_thresholds`), or, for a
+    top_k past the candidates with a top_p, the whole batch takes the full sort: the answer
+    is always the rule's."""
     vocab = tempered.shape[-1]
     cut_k = _cuts_k(rows, vocab)
     cuts = cut_k | (rows.top_p < 1.0)
@@ -176,8 +220,15 @@ def _thresholds(tempered: Float[Array, "batch vocab"], rows: RowSampling
         k_inside = cut_k & (rows.top_k <= CANDIDATES)
         needs_more = ((cut_k & ~k_inside)
                       | ((rows.top_p < 1.0) & ~k_inside & (before_last < rows.top_p)))
-        return jax.lax.cond(jnp.any(needs_more), _sorted_thresholds,
-                            lambda *_: threshold, tempered, rows)
+
+        def beyond_candidates() -> Float[Array, " batch"]:
+            searched = jnp.where(needs_more, _searched_thresholds(tempered, rows), threshold)
+            # A top_k past the candidates together with a top_p: the nucleus' softmax is over
+            # exactly top_k tokens, ties at the k-th split by rank, which only a sort knows.
+            return jax.lax.cond(jnp.any(cut_k & ~k_inside & (rows.top_p < 1.0)),
+                                _sorted_thresholds, lambda *_: searched, tempered, rows)
+
+        return jax.lax.cond(jnp.any(needs_more), beyond_candidates, lambda: threshold)
 
     return jax.lax.cond(jnp.any(cuts), from_candidates,
                         lambda: jnp.full(tempered.shape[:1], -jnp.inf))

@@ -211,12 +211,15 @@ def test_filter_rows_matches_the_rule_inside_and_past_the_candidates():
     # (temperature, top_k, top_p); temperature 0 is greedy, filtered at temperature 1.
     inside = [(1.0, 0, 0.9), (0.7, 50, 1.0), (2.0, 0, 0.5), (1.0, 7, 0.8), (0.0, 3, 0.3),
               (1.3, CANDIDATES, 0.95), (1.0, 0, 1e-6), (0.5, vocab, 0.99)]
-    # A flat row whose 0.9-nucleus spans hundreds of tokens, a top_k past the candidates.
-    flat = rng.standard_normal((2, vocab))
-    past = [(1.0, 0, 0.9), (1.0, CANDIDATES + 70, 1.0)]
+    # Past the candidates (searched): a flat row whose 0.9-nucleus spans hundreds of tokens,
+    # a top_k; then (sorted) a top_k with a top_p.
+    flat = rng.standard_normal((5, vocab))
+    flat[2:4] = np.round(flat[2:4] * 4)  # ties at the searched k-th and nucleus boundary
+    past = [(1.0, 0, 0.9), (1.0, CANDIDATES + 70, 1.0), (1.0, CANDIDATES + 70, 1.0),
+            (1.0, 0, 0.9), (0.9, CANDIDATES + 9, 0.95)]
     logits = np.concatenate([peaked, flat]).astype(np.float32)
     settings = inside + past
-    for chosen in (range(len(inside)), range(len(settings)), [0, 3, 8], [9, 1]):
+    for chosen in (range(len(inside)), range(len(settings)), [0, 3, 8, 10, 11], [9, 1, 12]):
         chosen = list(chosen)
         rows = RowSampling(
             temperature=jnp.asarray([settings[i][0] for i in chosen], jnp.float32),
