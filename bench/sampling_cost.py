@@ -6,8 +6,8 @@
 Times one jitted `sample_rows` call on random float32 logits [batch, vocab] of two kinds: `peaked`,
 standard normal times 2 with 8 tokens raised by 14 (97% of the mass at temperature 1 on 8 tokens,
 as in a confident model: the top_p 0.9 nucleus lies among the candidates) and `flat`, standard
-normal times 3 (the nucleus at top_p 0.9 spans thousands of tokens, past the candidates: the full
-sort runs), with every row set alike: greedy; temperature 1;
+normal times 3 (the nucleus at top_p 0.9 spans thousands of tokens, past the candidates: the binary
+search runs), with every row set alike: greedy; temperature 1;
 temperature 1 + top_p 0.9 (`infer serve` with top_p); temperature 0.8 + top_k 50 (`infer
 chat`'s default). `old` is the previous implementation, copied below (a full sort of the row
 for any cut, `jax.random.categorical` per row for the draw); `new` is the module's.

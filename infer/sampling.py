@@ -170,12 +170,13 @@ def _searched_thresholds(tempered: Float[Array, "batch vocab"], rows: RowSamplin
     weights = jnp.exp(tempered - top)
     mass = jnp.sum(weights, axis=-1)
     order = _float_order(tempered)
+    # One sum per halving: a top-k row counts tokens (exact in float32 below 2^24 tokens),
+    # a top-p row adds their weights.
+    counted = jnp.where(cut_k[:, None], 1.0, weights)
+    limit = jnp.where(cut_k, rows.top_k.astype(jnp.float32), rows.top_p * mass)
 
     def reaches(key: UInt32[Array, " batch"]) -> Bool[Array, " batch"]:
-        above = order > key[:, None]
-        by_k = jnp.sum(above, axis=-1) < rows.top_k
-        by_p = jnp.sum(jnp.where(above, weights, 0.0), axis=-1) < rows.top_p * mass
-        return jnp.where(cut_k, by_k, by_p)
+        return jnp.sum(jnp.where(order > key[:, None], counted, 0.0), axis=-1) < limit
 
     def halve(_, bounds: tuple[UInt32[Array, " batch"], UInt32[Array, " batch"]]):
         low, high = bounds  # `reaches` false at low (or low is -inf's order - 1), true at high
