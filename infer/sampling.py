@@ -179,7 +179,7 @@ def _searched_thresholds(tempered: Float[Array, "batch vocab"], rows: RowSamplin
         return jnp.sum(jnp.where(order > key[:, None], counted, 0.0), axis=-1) < limit
 
     def halve(_, bounds: tuple[UInt32[Array, " batch"], UInt32[Array, " batch"]]):
-        low, high = bounds  # `reaches` false at low (or low is -inf's order - 1), true at high
+        low, high = bounds  # `reaches` is true at high, false at low (0 is below -inf)
         middle = low + (high - low) // 2
         ok = reaches(middle)
         return jnp.where(ok, low, middle), jnp.where(ok, middle, high)
