@@ -740,11 +740,19 @@ struct alignas(64) AmxConfig {
   }
 };
 
-// The activations x[M, K] as int8 digits, [kDigits][rows][k_pad] (M padded to rows and K to
-// k_pad with zeros), and each row's scale s (0 for an all-zero row).
-void activation_digits(const float* x, int64_t M, int64_t K, int64_t rows, int64_t k_pad,
+// Bytes from one activation row's digits to the next: k_pad plus one k-step. With rows k_pad
+// bytes apart, a k_pad of 2048 put the 16 rows of a digits operand, and the three digits'
+// operands (32 KiB apart), in the same two L1 sets: a TDPBSSD loop at 16 rows and k_pad 2048
+// (base's down projection) ran at 39-42 ns per k-step against 21-26 at k_pad 768, and at 23 with
+// 2112-byte rows (scratch loop in L1, one thread, quiet; not kept).
+constexpr int64_t digits_stride(int64_t k_pad) { return k_pad + kAmxK; }
+
+// The activations x[M, K] as int8 digits, [kDigits][rows][stride] (M padded to rows and K to
+// the stride with zeros; stride = digits_stride(k_pad)), and each row's scale s (0 for an
+// all-zero row).
+void activation_digits(const float* x, int64_t M, int64_t K, int64_t rows, int64_t stride,
                        int8_t* digits, float* row_scale) {
-  std::memset(digits, 0, kDigits * rows * k_pad);
+  std::memset(digits, 0, kDigits * rows * stride);
   std::fill(row_scale, row_scale + rows, 0.0f);
   const __m512 base = _mm512_set1_ps(kDigitBase);
   for (int64_t r = 0; r < M; ++r) {
@@ -772,7 +780,7 @@ void activation_digits(const float* x, int64_t M, int64_t K, int64_t rows, int64
       __m512 rest = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, xr + k), inverse);
       for (int64_t d = 0; d < kDigits; ++d) {
         const __m512 digit = _mm512_roundscale_ps(rest, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm_mask_storeu_epi8(digits + (d * rows + r) * k_pad + k, valid,
+        _mm_mask_storeu_epi8(digits + (d * rows + r) * stride + k, valid,
                              _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(digit)));
         rest = _mm512_mul_ps(_mm512_sub_ps(rest, digit), base);
       }
@@ -791,9 +799,9 @@ constexpr int64_t kAmxBlockSteps = 4;
 
 // sums[kDigits][16][16] (+)= the three digit sums of one 16-row group and one column group over
 // k-steps step0 .. step0 + steps (the sums start at zero when step0 is 0).
-void amx_column_group(const int8_t* digits, int64_t rows, int64_t k_pad, int64_t step0,
+void amx_column_group(const int8_t* digits, int64_t rows, int64_t stride, int64_t step0,
                       int64_t steps, const int8_t* weights, int64_t group, int32_t* sums) {
-  const int64_t digit = rows * k_pad;
+  const int64_t digit = rows * stride;
   if (step0 == 0) {
     _tile_zero(0);
     _tile_zero(1);
@@ -805,9 +813,9 @@ void amx_column_group(const int8_t* digits, int64_t rows, int64_t k_pad, int64_t
   }
   for (int64_t step = step0; step < step0 + steps; ++step) {
     const int8_t* a = digits + step * kAmxK;
-    _tile_loadd(3, a, k_pad);
-    _tile_loadd(4, a + digit, k_pad);
-    _tile_loadd(5, a + 2 * digit, k_pad);
+    _tile_loadd(3, a, stride);
+    _tile_loadd(4, a + digit, stride);
+    _tile_loadd(5, a + 2 * digit, stride);
     _tile_loadd(6, weights + (step * 8 + group) * kAmxRows * 64, 64);
     _tile_dpbssd(0, 3, 6);
     _tile_dpbssd(1, 4, 6);
@@ -846,10 +854,10 @@ constexpr int64_t kAmxFewRows = 5;
 constexpr int64_t kAmxPrefetchSteps = 2;
 
 // sums[pair][64] = the (row, digit) pairs of up to kAmxFewRows rows (`a`: the first pair's
-// digits, pairs k_pad bytes apart, as many as the tile registers were configured with) times
+// digits, pairs `stride` bytes apart, as many as the tile registers were configured with) times
 // the half's weight operands `w` over every k-step. Tile registers: 0-3 the four column
 // groups' sums, 4 the digits, 5-7 the weight operands in turn.
-void amx_half_pairs(const int8_t* a, int64_t k_pad, const int8_t* w, int64_t steps,
+void amx_half_pairs(const int8_t* a, int64_t stride, const int8_t* w, int64_t steps,
                     int32_t (*sums)[kAmxHalf]) {
   _tile_zero(0);
   _tile_zero(1);
@@ -858,7 +866,7 @@ void amx_half_pairs(const int8_t* a, int64_t k_pad, const int8_t* w, int64_t ste
   for (int64_t step = 0; step < steps; ++step) {
     const int8_t* b = w + step * kAmxStepBytes;
     prefetch_ahead(b + kAmxPrefetchSteps * kAmxStepBytes, kAmxStepBytes);
-    _tile_loadd(4, a + step * kAmxK, k_pad);
+    _tile_loadd(4, a + step * kAmxK, stride);
     _tile_loadd(5, b, 64);
     _tile_dpbssd(0, 4, 5);
     _tile_loadd(6, b + kAmxOperandBytes, 64);
@@ -874,15 +882,17 @@ void amx_half_pairs(const int8_t* a, int64_t k_pad, const int8_t* w, int64_t ste
   _tile_stored(3, sums[0] + 3 * kAmxCols, kAmxHalf * 4);
 }
 
-// sums[d x 16 + r][16 g ..] = digit d of 16 rows (`a`: digit 0's first row; rows k_pad bytes
+// sums[d x 16 + r][16 g ..] = digit d of 16 rows (`a`: digit 0's first row; rows `stride` bytes
 // apart, digits `digit_bytes` apart) times column group g of the half, over every k-step: the
 // three digits' sums stay in tile registers 0-2 and each weight operand, loaded once (register
 // 6), serves all three (digits in 3-5). Per three TDPBSSD: three digits loads (from cache) and
 // one weight load. Only the first chunk of rows prefetches; later ones find the half in cache.
+// (Prefetching all four groups' operands of a step from group 0's pass instead, 2-16 steps
+// ahead, into L1 or L2, read the weights 15-45% slower at 16 rows in a scratch harness.)
 // Chosen over running amx_half_pairs' loop once per digit (fewer tile loads, 15 against 16 per
 // twelve TDPBSSD, but each weight operand read three times) by a side-by-side timing of the
 // two on base's matrices at 16 rows, not kept: no figure is quoted for it.
-void amx_half_group(const int8_t* a, int64_t k_pad, int64_t digit_bytes, const int8_t* w,
+void amx_half_group(const int8_t* a, int64_t stride, int64_t digit_bytes, const int8_t* w,
                     int64_t steps, int64_t g, bool prefetch, int32_t (*sums)[kAmxHalf]) {
   _tile_zero(0);
   _tile_zero(1);
@@ -891,11 +901,11 @@ void amx_half_group(const int8_t* a, int64_t k_pad, int64_t digit_bytes, const i
     const int8_t* b = w + step * kAmxStepBytes + g * kAmxOperandBytes;
     if (prefetch) prefetch_ahead(b + kAmxPrefetchSteps * kAmxStepBytes, kAmxOperandBytes);
     _tile_loadd(6, b, 64);
-    _tile_loadd(3, a + step * kAmxK, k_pad);
+    _tile_loadd(3, a + step * kAmxK, stride);
     _tile_dpbssd(0, 3, 6);
-    _tile_loadd(4, a + digit_bytes + step * kAmxK, k_pad);
+    _tile_loadd(4, a + digit_bytes + step * kAmxK, stride);
     _tile_dpbssd(1, 4, 6);
-    _tile_loadd(5, a + 2 * digit_bytes + step * kAmxK, k_pad);
+    _tile_loadd(5, a + 2 * digit_bytes + step * kAmxK, stride);
     _tile_dpbssd(2, 5, 6);
   }
   _tile_stored(0, sums[0] + g * kAmxCols, kAmxHalf * 4);
@@ -905,25 +915,25 @@ void amx_half_group(const int8_t* a, int64_t k_pad, int64_t digit_bytes, const i
 
 // y[M, N] = x[M, K] @ (int8 operands w[N / 128][2][k_pad / 64][4][16][64]) * scale[N], every
 // row count on the tile unit. The rows go in chunks (all of them up to kAmxFewRows, else 16),
-// a chunk's digits stored [kDigits][rows][k_pad]: pair (row r, digit d) is digits row
+// a chunk's digits stored [kDigits][rows][stride]: pair (row r, digit d) is digits row
 // d x rows + r, so a few rows' pairs are one strided operand, and a 16-row chunk's digit d
 // another (a shorter last chunk's operands run on into the next digit's rows and the zeros
 // after the last: sums rows no output reads).
 void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
                       const int8_t* w, const float* scale, float* y) {
-  const int64_t steps = (K + kAmxK - 1) / kAmxK, k_pad = steps * kAmxK;
+  const int64_t steps = (K + kAmxK - 1) / kAmxK, stride = digits_stride(steps * kAmxK);
   const bool few = M <= kAmxFewRows;
   const int64_t chunk_rows = few ? M : kAmxRows;
   const int64_t operand_rows = few ? kDigits * M : kAmxRows, chunk_pairs = kDigits * chunk_rows;
   const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
   // The caller's scratch: the helpers read it only while the caller waits for their tasks.
-  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(chunks * chunk_pairs * k_pad);
+  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(chunks * chunk_pairs * stride);
   float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(M);
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const int64_t m0 = chunk * chunk_rows, rows = std::min(chunk_rows, M - m0);
-    int8_t* a = digits + chunk * chunk_pairs * k_pad;
-    activation_digits(x + m0 * K, rows, K, rows, k_pad, a, row_scale + m0);
-    std::memset(a + kDigits * rows * k_pad, 0, (chunk_pairs - kDigits * rows) * k_pad);
+    int8_t* a = digits + chunk * chunk_pairs * stride;
+    activation_digits(x + m0 * K, rows, K, rows, stride, a, row_scale + m0);
+    std::memset(a + kDigits * rows * stride, 0, (chunk_pairs - kDigits * rows) * stride);
   }
   const int64_t tiles = (N + kTile - 1) / kTile;
   const auto run_half = [&](int64_t half) {
@@ -933,14 +943,14 @@ void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
     alignas(64) int32_t sums[kDigits * kAmxRows][kAmxHalf];
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       const int64_t m0 = chunk * chunk_rows, rows = std::min(chunk_rows, M - m0);
-      const int8_t* a = digits + chunk * chunk_pairs * k_pad;
+      const int8_t* a = digits + chunk * chunk_pairs * stride;
       // The sums row of pair (r, d): d x digit_rows + r.
       const int64_t digit_rows = few ? rows : kAmxRows;
       if (few)
-        amx_half_pairs(a, k_pad, wh, steps, sums);
+        amx_half_pairs(a, stride, wh, steps, sums);
       else
         for (int64_t g = 0; g < kAmxGroups; ++g)
-          amx_half_group(a, k_pad, rows * k_pad, wh, steps, g, chunk == 0, sums);
+          amx_half_group(a, stride, rows * stride, wh, steps, g, chunk == 0, sums);
       for (int64_t r = 0; r < rows; ++r) {
         const __m512 s = _mm512_set1_ps(row_scale[m0 + r]);
         for (int64_t L = 0; L < kAmxGroups && kAmxCols * L < width; ++L) {
@@ -1099,10 +1109,10 @@ void amx_int4_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
                       const uint8_t* packed, const float* scale, int64_t ld_scale,
                       int64_t group, float* y) {
   const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
-  const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK;
-  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(kDigits * rows * k_pad);
+  const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK, stride = digits_stride(k_pad);
+  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(kDigits * rows * stride);
   float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(rows);
-  activation_digits(x, M, K, rows, k_pad, digits, row_scale);
+  activation_digits(x, M, K, rows, stride, digits, row_scale);
   const int64_t tiles = (N + kTile - 1) / kTile, steps = k_pad / kAmxK;
   // k-steps per quantization group (per channel: all of them).
   const int64_t group_steps = group == K ? steps : group / kAmxK;
@@ -1121,7 +1131,7 @@ void amx_int4_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
         // groups; amx_column_group starts the sums at zero on the group's first step.
         for (int64_t b0 = 0; b0 < group_steps; b0 += kAmxBlockSteps)
           for (int64_t g = 0; g < kTile / kAmxCols; ++g)
-            amx_column_group(digits + m0 * k_pad + s0 * kAmxK, rows, k_pad, b0,
+            amx_column_group(digits + m0 * stride + s0 * kAmxK, rows, stride, b0,
                              std::min(kAmxBlockSteps, group_steps - b0),
                              operands + s0 * 8 * kAmxRows * 64, g, group_sums[g]);
         const float* s = scale + (s0 / group_steps) * ld_scale + n0;
