@@ -14,7 +14,17 @@ from hpllm.model import Transformer
 from infer.detokenizer import Detokenizer
 from infer.generate import Generator, PromptTooLongError, bucket_length
 from infer.loading import quantize
-from infer.sampling import SamplingConfig, argmax_rows, filter_logits, sample
+from infer.sampling import (
+    CANDIDATES,
+    RowSampling,
+    SamplingConfig,
+    argmax_rows,
+    draw_rows,
+    filter_logits,
+    filter_rows,
+    sample,
+    sample_rows,
+)
 
 TINY = preset("tiny")
 
@@ -168,6 +178,112 @@ def test_top_k_and_top_p_match_numpy_reference():
         probs /= probs.sum()
         n_keep = int(np.searchsorted(np.cumsum(probs), 0.8) + 1)  # smallest set reaching 0.8
         np.testing.assert_array_equal(np.flatnonzero(kept_row), np.sort(order[:n_keep]))
+
+
+def _kept_by_the_rule(logits, temperature, top_k, top_p):
+    """NumPy, float64: which tokens `filter_rows` keeps in one row, by the documented rule."""
+    row = np.asarray(logits, np.float32) / np.float32(temperature if temperature > 0 else 1.0)
+    row = row.astype(np.float64)
+    vocab = row.size
+    ordered = np.sort(row)[::-1]
+    in_k = np.arange(vocab) < (top_k if 0 < top_k < vocab else vocab)
+    threshold = ordered[top_k - 1] if 0 < top_k < vocab else -np.inf
+    if top_p < 1:
+        probs = np.where(in_k, np.exp(ordered - ordered[0]), 0.0)
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs  # probability of the tokens ranked before
+        last = max(int(np.sum(before < top_p)) - 1, 0)
+        # The float32 code and this reference must not straddle top_p (float32 sums of <= 1000
+        # terms are off by ~1e-6 relative): a check of the test data, not of the code.
+        near = before[last:last + 2]
+        assert np.all(np.abs(near - top_p) > 1e-5 * np.maximum(near, top_p))
+        threshold = max(threshold, ordered[last])
+    return row >= threshold
+
+
+def test_filter_rows_matches_the_rule_inside_and_past_the_candidates():
+    vocab = 1000
+    assert vocab > CANDIDATES
+    rng = np.random.default_rng(5)
+    peaked = rng.standard_normal((8, vocab)) * 2
+    peaked[:, rng.choice(vocab, 40, replace=False)] += 9  # the nucleus in the candidates
+    peaked[3] = np.round(peaked[3])  # many ties, at the top-k and nucleus boundaries too
+    # (temperature, top_k, top_p); temperature 0 is greedy, filtered at temperature 1.
+    inside = [(1.0, 0, 0.9), (0.7, 50, 1.0), (2.0, 0, 0.5), (1.0, 7, 0.8), (0.0, 3, 0.3),
+              (1.3, CANDIDATES, 0.95), (1.0, 0, 1e-6), (0.5, vocab, 0.99)]
+    # Past the candidates (searched): a flat row whose 0.9-nucleus spans hundreds of tokens,
+    # a top_k; then (sorted) a top_k with a top_p.
+    flat = rng.standard_normal((5, vocab))
+    flat[2:4] = np.round(flat[2:4] * 4)  # ties at the searched k-th and nucleus boundary
+    past = [(1.0, 0, 0.9), (1.0, CANDIDATES + 70, 1.0), (1.0, CANDIDATES + 70, 1.0),
+            (1.0, 0, 0.9), (0.9, CANDIDATES + 9, 0.95)]
+    logits = np.concatenate([peaked, flat]).astype(np.float32)
+    settings = inside + past
+    for chosen in (range(len(inside)), range(len(settings)), [0, 3, 8, 10, 11], [9, 1, 12]):
+        chosen = list(chosen)
+        rows = RowSampling(
+            temperature=jnp.asarray([settings[i][0] for i in chosen], jnp.float32),
+            top_k=jnp.asarray([settings[i][1] for i in chosen], jnp.int32),
+            top_p=jnp.asarray([settings[i][2] for i in chosen], jnp.float32))
+        got = np.isfinite(np.asarray(jax.jit(filter_rows)(jnp.asarray(logits[chosen]), rows)))
+        for row, i in zip(got, chosen, strict=True):
+            np.testing.assert_array_equal(row, _kept_by_the_rule(logits[i], *settings[i]),
+                                          err_msg=f"row {i} {settings[i]}")
+
+
+def test_draws_follow_the_kept_tokens_probabilities():
+    vocab, draws = 300, 20000
+    logits = np.full(vocab, -np.inf, np.float32)
+    # Kept tokens in several draw blocks, the last block padded; token 250 is cut by top_k 5.
+    tokens = np.asarray([0, 5, 127, 128, 299, 250])
+    logits[tokens] = [1.0, 0.0, 2.0, -1.0, 0.5, -3.0]
+    want = np.exp(logits[tokens[:5]].astype(np.float64))
+    want /= want.sum()
+    rows = RowSampling(temperature=jnp.ones(draws, jnp.float32),
+                       top_k=jnp.full(draws, 5, jnp.int32), top_p=jnp.ones(draws, jnp.float32))
+    keys = jax.random.split(jax.random.key(7), draws)
+    got = np.asarray(jax.jit(sample_rows)(jnp.broadcast_to(logits, (draws, vocab)), keys, rows))
+    counts = np.bincount(got, minlength=vocab)
+    assert counts.sum() == counts[tokens[:5]].sum()  # masked and cut tokens never drawn
+    # Each count is Binomial(draws, p): beyond 6 standard deviations with probability ~2e-9
+    # (normal approximation, n p >= 1000 here), so the test fails by chance ~1e-8 of the time.
+    sigma = np.sqrt(draws * want * (1 - want))
+    assert np.all(np.abs(counts[tokens[:5]] - draws * want) < 6 * sigma), (counts[tokens], want)
+    one_hot = np.full((3, vocab), -np.inf, np.float32)
+    one_hot[[0, 1, 2], [299, 0, 140]] = 3.0
+    one_hot[2, :140] = -1e4  # finite, but exp underflows to a weight of 0
+    rows3 = RowSampling(jnp.ones(3, jnp.float32), jnp.zeros(3, jnp.int32),
+                        jnp.ones(3, jnp.float32))
+    for seed in range(3):
+        keys3 = jax.random.split(jax.random.key(8 + seed), 3)
+        np.testing.assert_array_equal(sample_rows(jnp.asarray(one_hot), keys3, rows3),
+                                      [299, 0, 140])
+
+
+def test_the_draw_never_lands_on_a_weightless_token_at_the_ends():
+    weights = np.zeros((4, 300), np.float32)
+    weights[:, [3, 200]] = [1.0, 1e-3]
+    weights[2:, 200] = 0.0  # the only weight in the first block, nothing after it
+    below_one = np.nextafter(np.float32(1), np.float32(0))
+    got = draw_rows(jnp.asarray(weights), jnp.asarray([0.0, below_one, 0.0, below_one]))
+    np.testing.assert_array_equal(got, [3, 200, 3, 3])
+
+
+def test_a_rows_draw_does_not_depend_on_the_other_rows():
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((4, 1000)) * 2).astype(np.float32)
+    logits[:3, :20] += 8  # the last row is flat: its nucleus makes the whole batch sort
+    rows = RowSampling(temperature=jnp.asarray([1.0, 0.8, 0.0, 1.0], jnp.float32),
+                       top_k=jnp.asarray([0, 50, 0, 0], jnp.int32),
+                       top_p=jnp.asarray([0.9, 1.0, 1.0, 0.9], jnp.float32))
+    keys = jax.random.split(jax.random.key(4), 4)
+    sample_jit = jax.jit(sample_rows)
+    together = np.asarray(sample_jit(jnp.asarray(logits), keys, rows))
+    for i in range(4):
+        alone = sample_jit(jnp.asarray(logits[i:i + 1]), keys[i:i + 1],
+                           jax.tree.map(lambda a, i=i: a[i:i + 1], rows))
+        assert int(alone[0]) == together[i], i
+    assert together[2] == np.argmax(logits[2])
 
 
 @pytest.mark.parametrize("vocab", [5, 128, 300, 32000])
