@@ -314,13 +314,12 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile every prefill shape and decode chunk now, so no request pays for it."""
+        # Through the same host code as a request's, whose array building runs small ops
+        # (conversions, the keys' concatenation) that compile per shape on first use too.
         for rows, bucket in self.prefill_shapes:
-            self.state, _ = prefill_slots(
-                self.model, self.state, jnp.arange(rows, dtype=jnp.int32),
-                jnp.zeros((rows, bucket), jnp.int32), jnp.zeros((rows,), jnp.int32),
-                jnp.ones((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
-                jax.random.split(jax.random.key(0), rows), RowSampling.of([GREEDY] * rows),
-                self.stop_ids)
+            self._prefill_call([(row, Request([0] * bucket, 0, lambda *_: None), [0] * bucket)
+                                for row in range(rows)])
+        self._mark_done([])
         for rows in self.row_buckets:
             self.state, emitted = decode_first_rows(self.model, self.state, rows,
                                                     self.chunk_size, self.stop_ids)
@@ -371,8 +370,7 @@ class Engine:
         rows = [i for i, s in enumerate(self.slots) if s.request is not None and
                 s.request.cancelled]
         if rows:
-            done = self.state.done.at[jnp.asarray(rows)].set(True)
-            self.state = eqx.tree_at(lambda s: s.done, self.state, done)
+            self._mark_done(rows)
             positions = jax.device_get(self.state.positions)
             for i in rows:
                 self._finish(i, FINISH_CANCELLED, int(positions[i]))
@@ -419,9 +417,16 @@ class Engine:
         for group in self.prefill_groups([len(new) for _, _, new in placed]):
             self._prefill([placed[i] for i in group])
 
-    def _prefill(self, placed: list[tuple[int, Request, list[int]]]) -> None:
-        """One prefill call over `placed` (slot, request, new tokens), of a `prefill_shapes`
-        row count and one padded length."""
+    def _mark_done(self, rows: list[int]) -> None:
+        """Mark `rows` finished. One mask over every slot: `done.at[rows]` would compile once
+        per number of rows, inside a request."""
+        mask = jnp.asarray([i in rows for i in range(self.max_batch)])
+        self.state = eqx.tree_at(lambda s: s.done, self.state, self.state.done | mask)
+
+    def _prefill_call(self, placed: list[tuple[int, Request, list[int]]]
+                      ) -> Int[Array, " rows"]:
+        """Prefill `placed` (slot, request, new tokens) into the state; each row's first new
+        token (NO_TOKEN where it ended at once)."""
         bucket = bucket_length(max(len(new) for _, _, new in placed), self.context)
         indices = [index for index, _, _ in placed]
         self.state, first = prefill_slots(
@@ -433,6 +438,12 @@ class Engine:
             # Each row's key as a lone request's in `Generator.start`, so a seed draws the same.
             jnp.concatenate([jax.random.split(jax.random.key(r.seed), 1) for _, r, _ in placed]),
             RowSampling.of([r.sampling for _, r, _ in placed]), self.stop_ids)
+        return first
+
+    def _prefill(self, placed: list[tuple[int, Request, list[int]]]) -> None:
+        """One prefill call over `placed` (slot, request, new tokens), of a `prefill_shapes`
+        row count and one padded length."""
+        first = self._prefill_call(placed)
         first, done, positions = jax.device_get(
             (first, self.state.done, self.state.positions))
         for row, (index, request, _) in enumerate(placed):
