@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,16 +43,24 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
+        # The server's log goes to a file: into a pipe nobody reads, uvicorn's access lines
+        # (one per /health poll of `_wait_for`) filled its 64 KiB and the server blocked
+        # writing them, hanging the tests that poll longest (a loaded machine's).
+        self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "infer", "serve", str(checkpoint), "--port", str(self.port),
              "--max-seq-len", str(CONTEXT), "--model-name", "tiny", *flags],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stdout.read().decode()}")
+                raise RuntimeError(f"server exited: {self.output()}")
             try:
                 if get(self, "/health")[0] == 200:
                     return
@@ -67,7 +76,7 @@ class Server:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=30)
-        self.process.stdout.close()
+        self.log.close()
 
 
 def request(server: Server, method: str, path: str, body: bytes | None = None
