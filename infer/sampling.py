@@ -79,9 +79,9 @@ def argmax_rows(logits: Float[Array, "batch vocab"]) -> Int[Array, " batch"]:
     counting as the largest), found in two levels: the largest value of each block of
     ARGMAX_BLOCK tokens, the first block holding the row's largest, then the first position
     in that block. XLA:CPU runs a row-wise argmax as one scalar loop: on 16 x 32000 logits
-    (batch-16 greedy decoding of a Llama vocabulary) 2.3-2.5 ms against 0.2-0.3 ms this way,
-    and 0.15-0.17 against 0.03-0.05 ms on one row (one jitted call each, the best of 7 x 50,
-    2-core Xeon, AVX-512; /tmp scratch script, not kept).
+    (batch-16 greedy decoding of a Llama vocabulary) 1.4-2.5 ms against 0.2-0.3 ms this way,
+    and 0.15-0.17 against 0.03-0.05 ms on one row (`bench/argmax_cost.py`; 2-core Xeon,
+    AVX-512; docs/performance.md).
 
     XLA:CPU's vectorised max reduction may drop a NaN (tests/test_generate.py caught it), so a
     batch with a NaN in any row (its row sum is NaN) takes `jnp.argmax` itself."""
