@@ -78,6 +78,14 @@ def on_float32_copy(attend):
     return attend_copy
 
 
+def one_query_per_row(attend):
+    """`attend`, which takes q[batch, seq, heads, head_dim] and mask[batch, seq, slots], on one
+    decode step's q[batch, heads, head_dim] and mask[batch, slots]."""
+    def attend_one(q, cache, mask):
+        return attend(q[:, None], cache, mask[:, None])[:, 0]
+    return attend_one
+
+
 def xla_on_cache(q, cache, mask):
     return xla_attention(q, *cache.read(jnp.dtype(jnp.float32)), mask)
 
@@ -124,7 +132,7 @@ def main() -> None:
                   for i in range(LAYERS)]
         mask = jnp.broadcast_to(jnp.arange(SLOTS)[None, :] <= args.position, (batch, SLOTS))
         q = jax.random.normal(key, (batch, HEADS, HEAD_DIM))
-        native = NativeDecodeAttention(isa)
+        native = one_query_per_row(NativeDecodeAttention(isa))
         attends = {"XLA": xla_on_cache, "native": native}
         if dtype != "float32":
             attends["native f32 copy"] = on_float32_copy(native)

@@ -372,7 +372,10 @@ def test_w8a8_batched_decode_matches_the_fake_quant_model():
 # (on 2+ threads also split into runs, the one-slot row's first run empty); head_dim 64 over
 # three key heads. Row masks: a prefix, nothing (equal weights over every slot), one slot, then
 # random holes.
-ATTENTION_SHAPES = ((4, 4, 2, 16, 40), (1, 4, 4, 64, 300), (3, 6, 3, 20, 70), (5, 6, 3, 64, 70))
+# (batch, queries per row, heads, kv_heads, head_dim, slots): one query per row as in a decode
+# step, several as in a prefill.
+ATTENTION_SHAPES = ((4, 1, 4, 2, 16, 40), (1, 1, 4, 4, 64, 300), (3, 1, 6, 3, 20, 70),
+                    (5, 1, 6, 3, 64, 70), (3, 5, 4, 2, 16, 40), (4, 7, 6, 3, 64, 70))
 
 
 CACHE_DTYPES = ("float32", "bfloat16", "int8")
@@ -397,10 +400,14 @@ def _stored_values(cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _attention_reference(q, k, v, mask):
-    """One query token's attention in float64 numpy: q.k / sqrt(head_dim) over the visible
-    slots, softmax, weighted sum of values; a row that sees no slot weighs every slot equally
-    (as `Attention._attend`, whose masked scores are all the same float32 minimum)."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    """Each query token's attention in float64 numpy (q[b, s] over row b's cache):
+    q.k / sqrt(head_dim) over the visible slots, softmax, weighted sum of values; a query that
+    sees no slot weighs every slot equally (as `Attention._attend`, whose masked scores are all
+    the same float32 minimum)."""
+    batch, seq = q.shape[:2]
+    q, mask = q.reshape(batch * seq, *q.shape[2:]), mask.reshape(batch * seq, -1)
+    k, v = (np.repeat(np.asarray(a, np.float64), seq, axis=0) for a in (k, v))
+    q = np.asarray(q, np.float64)
     groups = q.shape[1] // k.shape[2]
     k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
     scores = np.einsum("bhd,bthd->bht", q, k) / np.sqrt(q.shape[2])
@@ -409,7 +416,7 @@ def _attention_reference(q, k, v, mask):
     scores = np.where(mask[:, None, :] | ~sees[:, None, None], scores, -np.inf)
     weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
     weights /= weights.sum(axis=-1, keepdims=True)
-    return np.einsum("bht,bthd->bhd", weights, v)
+    return np.einsum("bht,bthd->bhd", weights, v).reshape(batch, seq, *q.shape[1:])
 
 
 # Largest difference from the float64 reference on these shapes (outputs up to ~3) per cache
@@ -427,21 +434,24 @@ def test_decode_attention_kernel_matches_a_float64_reference(isa, cache_dtype):
     the reference attends over the same stored values in float64."""
     _kernels_or_skip(isa)
     attend = jax.jit(NativeDecodeAttention(isa))
-    for batch, heads, kv_heads, head_dim, slots in ATTENTION_SHAPES:
-        rng = np.random.default_rng(slots)
+    for shape in ATTENTION_SHAPES:
+        batch, seq, heads, kv_heads, head_dim, slots = shape
+        rng = np.random.default_rng(slots + seq)
         # Queries 4x a unit normal: scores spread over ~+-30, so exp sees a wide range.
-        q = 4 * rng.standard_normal((batch, heads, head_dim), np.float32)
+        q = 4 * rng.standard_normal((batch, seq, heads, head_dim), np.float32)
         k, v = rng.standard_normal((2, batch, slots, kv_heads, head_dim), np.float32)
-        mask = rng.random((batch, slots)) < 0.7
-        mask[0] = np.arange(slots) < slots - 10
+        mask = rng.random((batch, seq, slots)) < 0.7
+        # Row 0 sees a long run (a lone row's slots are split into runs over the threads); with
+        # several queries, as a prefill's after slots - 10 - seq cached tokens: each sees up to
+        # its own position.
+        mask[0] = np.arange(slots)[None, :] < slots - 10 - seq + np.arange(1, seq + 1)[:, None]
         mask[1:2] = False
         mask[2:3] = np.arange(slots) == 5
         cache = _cache(k, v, cache_dtype)
         got = attend(q, cache, mask)
         np.testing.assert_allclose(
             got, _attention_reference(q, *_stored_values(cache), mask), rtol=0,
-            atol=ATTENTION_TOLERANCE[cache_dtype],
-            err_msg=f"{isa}, {cache_dtype}, {(batch, heads, kv_heads, head_dim, slots)}")
+            atol=ATTENTION_TOLERANCE[cache_dtype], err_msg=f"{isa}, {cache_dtype}, {shape}")
 
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)

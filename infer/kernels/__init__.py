@@ -557,9 +557,10 @@ class NativeW8A8Dot(MatmulOp):
 
 
 class NativeDecodeAttention(DecodeAttention):
-    """The attention of a one-token decode step on the native kernel of build `isa`: reads the
-    cache in place as it is stored (float32, bfloat16, or int8 with its scales; XLA makes a
-    float32 copy in another layout first) and only the slots the mask shows. Same arithmetic as
+    """The attention over the cache (a decode step's token, or each token of a prefill) on the
+    native kernel of build `isa`: reads the cache in place as it is stored (float32, bfloat16,
+    or int8 with its scales; XLA makes a float32 copy in another layout first) and only the
+    slots each query's mask shows (XLA's einsums attend over every slot). Same arithmetic as
     `Attention._attend` on `cache.read(float32)`, summed in another order (an int8 slot's scale
     multiplies its score and its value weight instead of its entries), with a vector exp within
     1 ulp of libm's on the SIMD paths."""
@@ -569,8 +570,9 @@ class NativeDecodeAttention(DecodeAttention):
     def reads(self, cache: KVCache) -> bool:
         return cache.dtype in (jnp.float32, jnp.bfloat16, jnp.int8)
 
-    def __call__(self, q: Float[Array, "batch heads head_dim"], cache: KVCache,
-                 mask: Bool[Array, "batch max_len"]) -> Float[Array, "batch heads head_dim"]:
+    def __call__(self, q: Float[Array, "batch seq heads head_dim"], cache: KVCache,
+                 mask: Bool[Array, "batch seq max_len"]
+                 ) -> Float[Array, "batch seq heads head_dim"]:
         kernels = load(self.isa)
         assert kernels is not None, "use_native_kernels sets this only where the kernels load"
         out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
@@ -588,9 +590,10 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
     """`model` with every int8 / int4 weight-only op, w8a8 op and `FloatDot` on a bf16 weight
     swapped for its native twin (build `isa`, default `HPLLM_KERNEL_ISA`; int8 weight-only on
     the AMX tile unit where that build has it) and its weight retiled for it, and
-    (`attention`) the decode steps' attention over the cache on the native kernel, if that
-    build is available. bf16 weights of a model that computes in bfloat16 stay as they
-    are: the kernel takes f32 activations, and the XLA op would then untile the weight per call.
+    (`attention`) the attention over the cache (decode steps and prefills) on the native
+    kernel, if that build is available. bf16 weights of a model that computes in bfloat16 stay
+    as they are: the kernel takes f32 activations, and the XLA op would then untile the weight
+    per call.
     Works in either layer layout: `lax.scan` hands the ops of stacked blocks one layer's tiles,
     as the unstacked blocks hold them."""
     isa = isa or default_isa()

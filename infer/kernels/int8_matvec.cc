@@ -1582,12 +1582,14 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
   return ffi::Error::Success();
 }
 
-// ---- Decode attention: one query token per row over the KV cache, masked slots skipped ----
+// ---- Attention over the KV cache (decode steps and prefills), masked slots skipped ----
 //
 // XLA:CPU runs the attention einsums of a decode step as small batched dots that want the
 // cache transposed: every step copies each layer's whole K and V cache into a new layout before
-// reading it again, and reads every slot, filled or not. This kernel reads the cache in place and
-// only the slots the mask lets a query see (the filled part), with the reference's arithmetic:
+// reading it again, and reads every slot, filled or not. A prefill pays the same for each of its
+// tokens: 64-token prompts into a 256-slot cache spent 40% of the prefill in those einsums, 3/4
+// of it on empty slots (docs/performance.md). This kernel reads the cache in place and only the
+// slots the mask lets a query see (the filled part), with the reference's arithmetic:
 // scores q.k / sqrt(head_dim), softmax (max subtracted, exp, divided by the sum), then the
 // weighted sum of values. A row whose mask hides every slot gets the reference's result for
 // that case: equal weights over all slots.
@@ -1925,20 +1927,32 @@ void attend_run(const AttentionShape& s, const float* q, const Cache* k, const C
   attention_values_portable(s, scores, v, slots, n, acc);
 }
 
-// Whether q[B, H, D], k and v[B, T, KV, D] (H a multiple of KV) and mask[B, T] fit together.
-bool attention_shapes_fit(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
-                          ffi::Span<const int64_t> vd, ffi::Span<const int64_t> md) {
-  return qd.size() == 3 && kd.size() == 4 && vd.size() == 4 && md.size() == 2 &&
-         kd[0] == qd[0] && kd[3] == qd[2] && vd[0] == kd[0] && vd[1] == kd[1] &&
-         vd[2] == kd[2] && vd[3] == kd[3] && md[0] == qd[0] && md[1] == kd[1] && kd[2] >= 1 &&
-         qd[1] % kd[2] == 0;
+// Whether the queries q, k and v[B, T, KV, D] (H a multiple of KV) and the mask fit together,
+// and how many query tokens each cache row has (S): q[B, H, D] with mask[B, T] (one decode
+// token per row, S = 1), or q[B, S, H, D] with mask[B, S, T] (a prefill's S tokens per row).
+// 0 when they do not fit.
+int64_t queries_per_row(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
+                        ffi::Span<const int64_t> vd, ffi::Span<const int64_t> md) {
+  if (kd.size() != 4 || vd.size() != 4 || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] ||
+      vd[3] != kd[3] || kd[2] < 1)
+    return 0;
+  const bool one = qd.size() == 3 && md.size() == 2;
+  const bool several = qd.size() == 4 && md.size() == 3 && md[1] == qd[1];
+  if (!one && !several) return 0;
+  const int64_t heads = qd[qd.size() - 2], head_dim = qd[qd.size() - 1];
+  if (qd[0] != kd[0] || md[0] != qd[0] || md[md.size() - 1] != kd[1] || head_dim != kd[3] ||
+      heads % kd[2] != 0)
+    return 0;
+  return one ? 1 : qd[1];
 }
 
-// The attention of every row over a cache of element type Cache; k_scale / v_scale [B, T, KV]
-// for an int8 cache, null otherwise.
+// The attention of every query over a cache of element type Cache; k_scale / v_scale [B, T, KV]
+// for an int8 cache, null otherwise. The B query rows (q[B][H][D], mask[B][T]) come S to a
+// cache row: query row b reads cache row b / S (S = 1 for decode steps; a prefill's tokens are
+// its row's S queries, each seeing the slots up to its own position).
 template <typename Cache>
-void decode_attention(ffi::ThreadPool& pool, const AttentionShape& s, int64_t B, const float* qp,
-                      const Cache* kp, const Cache* vp, const float* k_scale,
+void decode_attention(ffi::ThreadPool& pool, const AttentionShape& s, int64_t B, int64_t S,
+                      const float* qp, const Cache* kp, const Cache* vp, const float* k_scale,
                       const float* v_scale, const bool* mp, float* op) {
   const int64_t H = s.H, D = s.D, T = s.T, row_size = T * s.KV * D, scale_row = T * s.KV;
   // Runs per row: enough tasks for two per thread (a late or busy thread then costs little),
@@ -1972,9 +1986,10 @@ void decode_attention(ffi::ThreadPool& pool, const AttentionShape& s, int64_t B,
     float* scores = scratch.scores.get();
     float* part = runs > 1 ? parts.get() + task * part_size : scores + (last - first) * H;
     float *top = part, *total = part + H, *acc = part + 2 * H;
-    attend_run(s, qp + b * H * D, kp + b * row_size, vp + b * row_size,
-               k_scale ? k_scale + b * scale_row : nullptr,
-               v_scale ? v_scale + b * scale_row : nullptr, slots + first, last - first,
+    const int64_t row = b / S;
+    attend_run(s, qp + b * H * D, kp + row * row_size, vp + row * row_size,
+               k_scale ? k_scale + row * scale_row : nullptr,
+               v_scale ? v_scale + row * scale_row : nullptr, slots + first, last - first,
                seen != 0, scores, top, total, acc);
     if (runs == 1)
       for (int64_t h = 0; h < H; ++h)
@@ -2004,8 +2019,9 @@ void decode_attention(ffi::ThreadPool& pool, const AttentionShape& s, int64_t B,
 }
 
 constexpr const char* kAttentionShapes =
-    "decode_attention: expects q[B, H, D], k and v[B, T, KV, D] (H a multiple of KV), "
-    "mask[B, T] (and for an int8 cache k_scale and v_scale[B, T, KV]) -> out[B, H, D]";
+    "decode_attention: expects q[B, H, D] with mask[B, T], or q[B, S, H, D] with "
+    "mask[B, S, T]; k and v[B, T, KV, D] (H a multiple of KV) (and for an int8 cache k_scale "
+    "and v_scale[B, T, KV]) -> out shaped as q";
 
 // A float32 cache (Stored ffi::F32), or a bfloat16 one (ffi::U16: its bits, as hpllm.kvcache
 // holds it), widened exactly in registers.
@@ -2015,11 +2031,11 @@ ffi::Error DecodeAttentionUnscaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F3
                                        ffi::Buffer<ffi::PRED> mask,
                                        ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions();
-  if (!attention_shapes_fit(qd, kd, v.dimensions(), mask.dimensions()))
-    return ffi::Error::InvalidArgument(kAttentionShapes);
-  decode_attention(pool, AttentionShape{qd[1], qd[2], kd[1], kd[2]}, qd[0], q.typed_data(),
-                   k.typed_data(), v.typed_data(), nullptr, nullptr, mask.typed_data(),
-                   out->typed_data());
+  const int64_t S = queries_per_row(qd, kd, v.dimensions(), mask.dimensions());
+  if (S == 0) return ffi::Error::InvalidArgument(kAttentionShapes);
+  decode_attention(pool, AttentionShape{qd[qd.size() - 2], kd[3], kd[1], kd[2]}, qd[0] * S, S,
+                   q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr,
+                   mask.typed_data(), out->typed_data());
   return ffi::Error::Success();
 }
 constexpr auto DecodeAttentionImpl = DecodeAttentionUnscaledImpl<ffi::F32>;
@@ -2035,12 +2051,13 @@ ffi::Error DecodeAttentionInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
   const auto scales_fit = [&](ffi::Span<const int64_t> sd) {
     return sd.size() == 3 && sd[0] == kd[0] && sd[1] == kd[1] && sd[2] == kd[2];
   };
-  if (!attention_shapes_fit(qd, kd, v.dimensions(), mask.dimensions()) || !scales_fit(ksd) ||
-      !scales_fit(vsd))
+  const int64_t S = queries_per_row(qd, kd, v.dimensions(), mask.dimensions());
+  if (S == 0 || !scales_fit(ksd) || !scales_fit(vsd))
     return ffi::Error::InvalidArgument(kAttentionShapes);
-  decode_attention<int8_t>(pool, AttentionShape{qd[1], qd[2], kd[1], kd[2]}, qd[0],
-                           q.typed_data(), k.typed_data(), v.typed_data(), k_scale.typed_data(),
-                           v_scale.typed_data(), mask.typed_data(), out->typed_data());
+  decode_attention<int8_t>(pool, AttentionShape{qd[qd.size() - 2], kd[3], kd[1], kd[2]},
+                           qd[0] * S, S, q.typed_data(), k.typed_data(), v.typed_data(),
+                           k_scale.typed_data(), v_scale.typed_data(), mask.typed_data(),
+                           out->typed_data());
   return ffi::Error::Success();
 }
 

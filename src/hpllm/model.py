@@ -97,18 +97,20 @@ def cache_mask(positions: Int[Array, "batch seq"], max_len: int
 
 
 class DecodeAttention(eqx.Module):
-    """A replacement for the XLA attention of one-token decode steps with float32 queries,
-    reading one layer's cache as it is stored (`infer.kernels` has a native one, which reads
-    only the slots the mask shows and widens bf16 / int8 entries in registers, where the XLA
-    path first makes a float32 copy of the whole cache). It must compute what
-    `Attention._attend` does on `cache.read(float32)` before the output projection."""
+    """A replacement for the XLA attention over the KV cache (decode steps and prefills) with
+    float32 queries, reading one layer's cache as it is stored (`infer.kernels` has a native
+    one, which reads only the slots the mask shows and widens bf16 / int8 entries in registers,
+    where the XLA path first makes a float32 copy of the whole cache and attends over every
+    slot). It must compute what `Attention._attend` does on `cache.read(float32)` before the
+    output projection."""
 
     def reads(self, cache: KVCache) -> bool:
         """Whether it attends over a cache of this one's storage dtype (else the XLA path)."""
         raise NotImplementedError
 
-    def __call__(self, q: Float[Array, "batch heads head_dim"], cache: KVCache,
-                 mask: Bool[Array, "batch max_len"]) -> Float[Array, "batch heads head_dim"]:
+    def __call__(self, q: Float[Array, "batch seq heads head_dim"], cache: KVCache,
+                 mask: Bool[Array, "batch seq max_len"]
+                 ) -> Float[Array, "batch seq heads head_dim"]:
         raise NotImplementedError
 
 
@@ -179,10 +181,10 @@ class Attention(eqx.Module):
         q, k, v = self._project(x, rotary)
         cache = cache.write(k, v, slots)
         b, s, _, _ = q.shape
-        if (self.decode_attention is not None and s == 1 and q.dtype == jnp.float32
+        if (self.decode_attention is not None and q.dtype == jnp.float32
                 and self.decode_attention.reads(cache)):
-            out = self.decode_attention(q[:, 0], cache, mask[:, 0])
-            return self.wo(out.reshape(b, 1, self.n_heads * self.head_dim)), cache
+            out = self.decode_attention(q, cache, mask)
+            return self.wo(out.reshape(b, s, self.n_heads * self.head_dim)), cache
         k_all, v_all = cache.read(x.dtype)
         return self._attend(q, k_all, v_all, mask), cache
 
