@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # hpllm `bench` and llama.cpp `llama-bench` on the same shape, interleaved in one run: batch-1
 # decode (tg128) and 128-token prefill (pp128) of f32, bf16, int8 and int4 against llama.cpp's
-# F32, F16, Q8_0 and Q4_0 (random weights of the same shape; the head quantized on both sides).
+# F32, F16, Q8_0 and Q4_0 (random weights of the same shape; the head quantized on both sides),
+# and of w8a8 and w4a8 (int8 / int4 weights with int8 activations per token: the arithmetic of
+# llama.cpp's Q8_0 and Q4_0 dot products, which quantize the activations to 8 bits too)
+# against Q8_0 and Q4_0.
 # KV cache: hpllm's bf16 (`infer bench`'s default; --kv-cache-dtype in the extra args changes
 # it) against llama.cpp's f16 (llama-bench's default, given explicitly); the table says both.
 #
@@ -25,7 +28,7 @@ run_llama() { for m in f32 f16 q8_0 q4_0; do
   "$LLAMA_BUILD/bin/llama-bench" -m "$P/models/$shape-$m.gguf" -t "$(nproc)" -p 128 -n 128 -r 3 \
     -ctk f16 -ctv f16 -o json >"$out/llama-$m-$1.json" 2>/dev/null; done; }
 run_ours() { local tag=$1; shift
-  .venv/bin/python -m infer bench --preset "$shape" --json --to f32,bf16,int8,int4 --quantize-head \
+  .venv/bin/python -m infer bench --preset "$shape" --json --to f32,bf16,int8,int4,w8a8,w4a8 --quantize-head \
     --batch-sizes 1 --prompt-len 128 --new-tokens 128 --repeats 3 --kv-cache-dtype bf16 "$@" \
     >"$out/ours-$tag.json" 2>"$out/ours-$tag.err" \
     || { echo "python -m infer bench failed: $(tail -n 1 "$out/ours-$tag.err")"; exit 1; }; }
@@ -55,7 +58,7 @@ print("| hpllm / llama.cpp | hpllm decode tok/s | llama.cpp tg128 | ratio "
       "| hpllm prefill tok/s | llama.cpp pp128 | ratio |")
 print("|---|---|---|---|---|---|---|")
 for mine, theirs in (("f32", "f32"), ("bf16", "f32"), ("bf16", "f16"), ("int8", "q8_0"),
-                     ("int4", "q4_0")):
+                     ("int4", "q4_0"), ("w8a8", "q8_0"), ("w4a8", "q4_0")):
     m = {k: median(ours_runs, (mine, k)) for k in ("tg", "pp")}
     t = {k: median(theirs_runs, (theirs, k)) for k in ("tg", "pp")}
     print(f"| {mine} / {theirs.upper()} | {m['tg']:.1f} | {t['tg']:.1f} | "

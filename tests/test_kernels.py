@@ -22,7 +22,7 @@ from hpllm.config import preset
 from hpllm.kvcache import KVCache
 from hpllm.linear import FloatDot
 from hpllm.model import Transformer
-from hpllm.quant import WITH_HEAD, QuantConfig, W8A8Dot, quantize_for_training
+from hpllm.quant import WITH_HEAD, QuantConfig, W4A8Dot, W8A8Dot, quantize_for_training
 from hpllm.quant.weight_only import Int4Weight, Int4WeightOnlyDot, Int8Weight, Int8WeightOnlyDot
 from infer import kernels
 from infer.kernels import (
@@ -31,11 +31,13 @@ from infer.kernels import (
     NativeDecodeAttention,
     NativeInt4Dot,
     NativeInt8Dot,
+    NativeW4A8Dot,
     NativeW8A8Dot,
     TiledAmxInt8Weight,
     TiledBf16Weight,
     TiledInt4Weight,
     TiledInt8Weight,
+    TiledW4A8Weight,
     TiledW8A8Weight,
     use_native_kernels,
 )
@@ -363,6 +365,73 @@ def test_w8a8_batched_decode_matches_the_fake_quant_model():
     np.testing.assert_allclose(got, decode_step_logits(xla_op), rtol=0, atol=3e-7)
     # Fake quantization sums the same products in float32 (exact at these sizes) and rounds
     # activations the same way: largest difference measured 1.5e-7; the bound is a few times it.
+    np.testing.assert_allclose(got, decode_step_logits(fake_quant), rtol=0, atol=1e-6)
+
+
+# (d_in, d_out, group): 3 groups of 32 (odd), one group per channel with d_in 90 (zero-padded to
+# 96, whole octs, inside the layout), 5 groups of 64 (odd), 3 of 128; 300 / 130 columns end in
+# a padded tile.
+W4A8_SHAPES = ((96, 300, 32), (90, 300, 0), (320, 130, 64), (384, 300, 128))
+
+
+@pytest.mark.parametrize("isa", PATHS + ("avx512vnni", "native"))
+def test_w4a8_kernel_equals_the_xla_op(isa):
+    """int4 x int8 products on each integer path (VNNI vpdpbusd, AVX2 vpmaddubsw, portable
+    loops; `native` on a CPU with AMX: the tile unit from 5 rows where groups are whole 64-k
+    steps, here all but group 32) against `W4A8Dot`, over every row route and slab boundary."""
+    _kernels_or_skip(isa)
+    for d_in, d_out, group in W4A8_SHAPES:
+        weight = Int4Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32),
+                            group)
+        tiled = TiledW4A8Weight(weight)
+        packed, scales = tiled.plain()  # the layout round-trips (the XLA route)
+        np.testing.assert_array_equal(packed, weight.packed)
+        np.testing.assert_array_equal(scales, weight.scales)
+        x = _activations(d_in)
+        reference = jax.jit(W4A8Dot())(x, weight)
+        for rows in ROWS:
+            got = jax.jit(NativeW4A8Dot(isa))(x[:rows], tiled)
+            # Exact int32 sums per group, then the op's float ops in its order (XLA:CPU adds
+            # the groups' terms in group order, as the kernel does): equal bits.
+            np.testing.assert_array_equal(got, reference[:rows],
+                                          err_msg=f"{isa}, {rows} rows, {d_in}x{d_out} g{group}")
+
+
+def test_w4a8_batched_decode_matches_the_xla_and_fake_quant_models():
+    """A tiny w4a8 model (head too) on the native kernel: its prefill and batched decode step
+    against the XLA op's model and
+    against the QAT model's fake quantization. A group size that is not whole octs keeps the
+    XLA op."""
+    built = _kernels_or_skip("native")
+    float_model = Transformer(preset("tiny"), key=jax.random.key(0))
+    fake_quant = quantize_for_training(
+        float_model, QuantConfig.named("w4a8", group_size=32, targets=WITH_HEAD)).unstacked()
+    xla_op = quantize(float_model.unstacked(), "w4a8", 32, WITH_HEAD)
+    native = use_native_kernels(xla_op, built.isa, attention=False)
+    for linear in (native.blocks[0].mlp.w_down, native.lm_head):
+        assert isinstance(linear.op, NativeW4A8Dot)
+        assert isinstance(linear.weight, TiledW4A8Weight)
+    odd_groups = use_native_kernels(quantize(float_model.unstacked(), "w4a8", 6), built.isa)
+    assert isinstance(odd_groups.blocks[0].mlp.w_up.op, W4A8Dot)
+    batch, prompt = 8, 5
+    tokens = jax.random.randint(jax.random.key(1), (batch, prompt + 1), 0, 512)
+
+    @eqx.filter_jit
+    def decode_step_logits(model):
+        """Prefill `prompt` tokens, then one decode step of `batch` rows (the batched path)."""
+        cache = model.allocate_cache(batch, 16)
+        positions = jnp.broadcast_to(jnp.arange(prompt + 1, dtype=jnp.int32), tokens.shape)
+        _, cache = model.decode(tokens[:, :prompt], positions[:, :prompt], cache)
+        logits, _ = model.decode(tokens[:, prompt:], positions[:, prompt:], cache)
+        return logits
+
+    got = decode_step_logits(native)
+    # Each product equals the XLA op's bits (test above); what differs is how XLA fuses the
+    # float ops around a custom call (as for w8a8): largest difference measured 3.0e-8 on
+    # logits up to ~0.37.
+    np.testing.assert_allclose(got, decode_step_logits(xla_op), rtol=0, atol=3e-7)
+    # Fake quantization multiplies the same dequantized values in float32 instead of summing
+    # integers: largest difference measured 1.0e-7; the bound is a few times it.
     np.testing.assert_allclose(got, decode_step_logits(fake_quant), rtol=0, atol=1e-6)
 
 

@@ -44,6 +44,10 @@ straight from the array) and every row count of theirs runs on the unit (`Native
 the unit too (w8a8 keeps the XLA op's bits; int4 has the same three-digit activations). int4
 takes it where each scale group is whole 64-row k-steps of the unit (group size a multiple of
 64, or one group per channel: `int4_on_amx`); other group sizes keep the FMA routes.
+
+w4a8 (int4 weights, activations quantized to int8 per token: the arithmetic of llama.cpp's
+Q4_0 dot) runs the integer paths of the w8a8 kernel (`NativeW4A8Dot` on `TiledW4A8Weight`,
+where each group is whole octs of k: `w4a8_on_native`), equal to the XLA op bit for bit.
 """
 
 import ctypes
@@ -65,8 +69,8 @@ from jaxtyping import Array, BFloat16, Bool, Float, Int8, Int32, Shaped, UInt8
 from hpllm.kvcache import KVCache
 from hpllm.linear import FloatDot, Linear, MatmulOp
 from hpllm.model import Attention, DecodeAttention, Transformer
-from hpllm.quant.integer import W8A8Dot, int8_scaled_matmul
-from hpllm.quant.quantizers import INT8_MAX, int8_scale, quantize_int
+from hpllm.quant.integer import W4A8Dot, W8A8Dot, int8_scaled_matmul, w4a8_matmul
+from hpllm.quant.quantizers import INT8_MAX, int8_scale, pack_int4, quantize_int, unpack_int4
 from hpllm.quant.weight_only import (
     Int4Weight,
     Int4WeightOnlyDot,
@@ -188,6 +192,7 @@ class Kernels:
     attention_bf16_target: str  # ... over a bfloat16 cache
     attention_int8_target: str  # ... over an int8 cache with per-slot, per-head scales
     amx_int8_target: str  # int8 weights in the tile unit's layout (only where `amx`)
+    w4a8_target: str  # int4 weights x int8 activations (the w8a8 kernel's integer path)
 
 
 _loaded: dict[str, Kernels | str] = {}  # isa -> the build, or why it is unavailable
@@ -231,7 +236,8 @@ def _load(isa: str) -> Kernels | str:
                       f"hpllm_int8_matvec_{isa}", f"hpllm_int4_matvec_{isa}",
                       f"hpllm_w8a8_matmul_{isa}", f"hpllm_decode_attention_{isa}",
                       f"hpllm_bf16_matvec_{isa}", f"hpllm_decode_attention_bf16_{isa}",
-                      f"hpllm_decode_attention_int8_{isa}", f"hpllm_amx_int8_matmul_{isa}")
+                      f"hpllm_decode_attention_int8_{isa}", f"hpllm_amx_int8_matmul_{isa}",
+                      f"hpllm_w4a8_matmul_{isa}")
     for target, symbol in ((kernels.int8_target, library.HpllmInt8Matvec),
                            (kernels.int4_target, library.HpllmInt4Matvec),
                            (kernels.w8a8_target, library.HpllmW8A8Matmul),
@@ -239,7 +245,8 @@ def _load(isa: str) -> Kernels | str:
                            (kernels.bf16_target, library.HpllmBf16Matvec),
                            (kernels.attention_bf16_target, library.HpllmDecodeAttentionBf16),
                            (kernels.attention_int8_target, library.HpllmDecodeAttentionInt8),
-                           (kernels.amx_int8_target, library.HpllmAmxInt8Matmul)):
+                           (kernels.amx_int8_target, library.HpllmAmxInt8Matmul),
+                           (kernels.w4a8_target, library.HpllmW4A8Matmul)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return kernels
 
@@ -556,6 +563,75 @@ class NativeW8A8Dot(MatmulOp):
                                weight.col_sums)
 
 
+W4A8_OCT = 8  # k per byte group of the w4a8 layout; must match int8_matvec.cc
+
+
+def w4a8_on_native(group_size: int) -> bool:
+    """Whether w4a8 weights in groups of `group_size` (0: one per channel) run the native
+    kernel: each group whole octs (8 k) of its layout. Other group sizes keep the XLA op."""
+    return group_size % W4A8_OCT == 0
+
+
+class TiledW4A8Weight(eqx.Module):
+    """An `Int4Weight` in the w4a8 kernel's layout: packed [d_out / TILE, padded_d_in / 8, TILE,
+    4] (d_in zero-padded to a multiple of 8): byte j of a column's four in oct o holds
+    q[8o + j] + 8 in its low nibble and q[8o + 4 + j] + 8 in its high one, so the low nibbles
+    are one quad of k and the high ones the next, as integer dot instructions take them
+    (int8_matvec.cc explains why offset binary). Scales [groups, d_out] padded to whole
+    tiles."""
+
+    packed: UInt8[Array, "*layers tiles octs tile 4"]
+    scales: Float[Array, "*layers groups padded_d_out"]
+    d_in: int = eqx.field(static=True)
+    d_out: int = eqx.field(static=True)
+    padded_d_in: int = eqx.field(static=True)  # the Int4Weight's (whole groups, even)
+
+    def __init__(self, weight: Int4Weight):
+        if not w4a8_on_native(weight.group_size):
+            raise ValueError(f"the w4a8 kernel needs groups of a multiple of {W4A8_OCT} rows "
+                             f"(or one per channel), got {weight.group_size}")
+        self.d_in, self.d_out = weight.d_in, weight.packed.shape[-1]
+        self.padded_d_in = 2 * weight.packed.shape[-2]
+        offset = pad_inputs(pad_columns(unpack_int4(weight.packed)), W4A8_OCT) + jnp.int8(8)
+        *layers, rows, cols = offset.shape
+        octs = offset.astype(jnp.uint8).reshape(*layers, rows // 8, 2, 4, cols // TILE, TILE)
+        packed = octs[..., 0, :, :, :] | (octs[..., 1, :, :, :] << jnp.uint8(4))
+        self.packed = jnp.moveaxis(packed, (-2, -4, -1, -3), (-4, -3, -2, -1))
+        self.scales = pad_columns(weight.scales)
+
+    def plain(self) -> tuple[UInt8[Array, "*layers half_padded_d_in d_out"],
+                             Float[Array, "*layers groups d_out"]]:
+        """`Int4Weight`'s packed values and scales (for the XLA op)."""
+        packed = jnp.moveaxis(self.packed, (-4, -3, -2, -1), (-2, -4, -1, -3))
+        offset = jnp.stack([packed & jnp.uint8(15), packed >> jnp.uint8(4)], axis=-4)
+        *layers, octs, _, _, tiles, tile = offset.shape
+        q = offset.reshape(*layers, 8 * octs, tiles * tile).astype(jnp.int8) - jnp.int8(8)
+        return (pack_int4(q[..., :self.padded_d_in, :self.d_out]),
+                self.scales[..., :self.d_out])
+
+
+class NativeW4A8Dot(MatmulOp):
+    """`W4A8Dot` on the native kernel of build `isa`: the activations are quantized per row
+    exactly as `W4A8Dot` does, each group's int4 x int8 products summed exactly in int32 (the
+    w8a8 kernel's VNNI / AVX2 / portable paths), then scaled in the op's order; the groups'
+    float32 terms are added in group order (the XLA op's reduction may add them in another).
+    Every row count runs the kernel; bf16 activations take the XLA op."""
+
+    isa: str = eqx.field(static=True, default="native")
+
+    def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledW4A8Weight
+                 ) -> Float[Array, "*batch d_out"]:
+        rows = _rows(x)
+        kernels = load(self.isa)
+        if x.dtype != jnp.float32 or kernels is None:  # W4A8Dot on the untiled weight
+            return w4a8_matmul(x, *weight.plain(), weight.d_in)
+        x_scale = int8_scale(x, axis=-1)
+        qx = quantize_int(x, x_scale, INT8_MAX).reshape(rows, x.shape[-1])
+        qx = jnp.pad(qx, ((0, 0), (0, W4A8_OCT * weight.packed.shape[-3] - qx.shape[1])))
+        return _kernel_product(kernels.w4a8_target, qx, x.shape[:-1], weight.d_out,
+                               x_scale.reshape(rows), weight.packed, weight.scales)
+
+
 class NativeDecodeAttention(DecodeAttention):
     """The attention over the cache (a decode step's token, or each token of a prefill) on the
     native kernel of build `isa`: reads the cache in place as it is stored (float32, bfloat16,
@@ -613,6 +689,10 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
         if isinstance(x, Linear) and isinstance(x.op, W8A8Dot):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledW8A8Weight(x.weight), NativeW8A8Dot(isa)))
+        if (isinstance(x, Linear) and isinstance(x.op, W4A8Dot)
+                and w4a8_on_native(x.weight.group_size)):
+            return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
+                               (TiledW4A8Weight(x.weight), NativeW4A8Dot(isa)))
         if isinstance(x, Linear) and isinstance(x.op, Int4WeightOnlyDot):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledInt4Weight(x.weight), NativeInt4Dot(isa, prefill_rows)))

@@ -17,8 +17,8 @@
 // From kBatchRows rows up the SIMD paths dequantize each weight block once into L1 and run
 // every row over it: whole-tile blocks for a few rows (batched decode, tile_few_rows), and from
 // kGemmRows rows (prompts) a blocked GEMM on column panels (tile_batched_rows). The file also
-// holds the w8a8 integer kernel (W8A8MatmulImpl) and the one-token decode attention
-// (DecodeAttentionImpl).
+// holds the integer kernels of int8 activations with int8 (W8A8MatmulImpl) and int4
+// (W4A8MatmulImpl) weights, and the attention over the KV cache (DecodeAttentionImpl).
 //
 // Instruction paths, chosen at compile time from the target's feature macros:
 // - AVX-512 (__AVX512F__): 16 f32 lanes, 32 vector registers;
@@ -64,7 +64,8 @@ constexpr int64_t kRowChunk = 4;
 // aligned): the kernels run ~85 times per decode step, and a heap block per call would be
 // allocated and freed as often. A pointer stays valid until the same thread asks again for the
 // same use.
-enum class Scratch { kInt4Factors, kAmxDigits, kAmxRowScale, kAmxOperands, kAmxActivations };
+enum class Scratch { kInt4Factors, kAmxDigits, kAmxRowScale, kAmxOperands, kAmxActivations,
+                   kW4A8GroupSums };
 
 template <typename T, Scratch Use>
 T* thread_scratch(int64_t count) {
@@ -1608,6 +1609,276 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
   return ffi::Error::Success();
 }
 
+// ---- w4a8: int4 weights (group scales) x int8 activations (per row), exact int32 per group ----
+//
+// `W4A8Dot` quantizes each activation row to int8 as `W8A8Dot` does and multiplies it with the
+// int4 weights in integers, one exact int32 sum per quantization group, then
+// y = (sum over groups of float(sum_g) * w_scale[g]) * x_scale. This is the arithmetic of
+// llama.cpp's Q4_0 dot (int4 weights, 8-bit activations), where the weight-only int4 kernels
+// above keep f32 activations: a vpdpbusd does 64 multiply-adds where an FMA does 16, at about
+// the same issue rate on the CPUs measured (bench/instruction_throughput.cc).
+// Layout (TiledW4A8Weight, made once at load): [tiles][K / 8 octs][128][4] bytes; byte j of
+// column c in oct o holds q[8o + j] + 8 in its low nibble and q[8o + 4 + j] + 8 in its high
+// one. So a column's four low nibbles are one quad of k (8o .. 8o + 3) and its four high
+// nibbles the next (8o + 4 .. 8o + 7): one AND, or a shift and an AND, gives the operand of an
+// integer dot with the activations' own consecutive quads, and no activation is reordered.
+// The nibbles are unsigned (q + 8, 0..15), the unsigned operand of vpdpbusd / vpmaddubsw, the
+// activations the signed one: sum_k (q + 8) x = sum_k q x + 8 sum_k x, so 8 x the row's
+// activation sum over the group is subtracted, exactly, in int32. On the AVX2 path a
+// vpmaddubsw pair is at most 2 x 15 x 127 and two of them 7620 in absolute value: no int16
+// saturation.
+// Paths: the w8a8 kernel's (VNNI vpdpbusd; AVX2 vpmaddubsw + vpmaddwd; portable loops). The
+// group sums are exact in any order; the float sum over groups runs in group order, which
+// XLA's reduction may not: the result agrees with the XLA op to float32 rounding of that sum
+// (tests/test_kernels.py), and bit for bit where the weight has one group.
+
+// Octs (8 k) of one block of a tile: 32 x 128 x 4 bytes = 16 KiB, from L1 for every row chunk.
+constexpr int64_t kW4A8BlockOcts = 32;
+
+#if defined(HPLLM_W8A8_VNNI)
+constexpr int64_t kW4A8Rows = 4;  // 4 rows x 4 vectors = 16 accumulators, 8 nibble operands
+// out[r][c] (+)= sum over the block's octs of the two quads' dot products (u8 nibbles x s8).
+template <int64_t Rows>
+void w4a8_block(const int8_t* qx, int64_t ldx, const uint8_t* w, int64_t octs,
+                int32_t (*out)[kTile], bool first) {
+  constexpr int64_t kVectors = 4;
+  const __m512i low = _mm512_set1_epi8(15);
+  for (int64_t c0 = 0; c0 < kTile; c0 += kVectors * 16) {
+    __m512i acc[Rows][kVectors];
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v)
+        acc[r][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(out[r] + c0 + v * 16);
+    for (int64_t o = 0; o < octs; ++o) {
+      const uint8_t* row = w + (o * kTile + c0) * 4;
+      __m512i lo[kVectors], hi[kVectors];
+      for (int64_t v = 0; v < kVectors; ++v) {
+        const __m512i bytes = _mm512_loadu_si512(row + v * 64);
+        lo[v] = _mm512_and_si512(bytes, low);
+        hi[v] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+      }
+      for (int64_t r = 0; r < Rows; ++r) {
+        const __m512i x_lo = _mm512_set1_epi32(load_quad(qx + r * ldx + 8 * o));
+        const __m512i x_hi = _mm512_set1_epi32(load_quad(qx + r * ldx + 8 * o + 4));
+        for (int64_t v = 0; v < kVectors; ++v)
+          acc[r][v] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][v], lo[v], x_lo), hi[v], x_hi);
+      }
+    }
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v) _mm512_storeu_si512(out[r] + c0 + v * 16, acc[r][v]);
+  }
+}
+#elif defined(HPLLM_W8A8_MADDUBS)
+constexpr int64_t kW4A8Rows = 4;  // 4 rows x 2 vectors = 8 accumulators (16 registers)
+template <int64_t Rows>
+void w4a8_block(const int8_t* qx, int64_t ldx, const uint8_t* w, int64_t octs,
+                int32_t (*out)[kTile], bool first) {
+  constexpr int64_t kVectors = 2;
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
+  for (int64_t c0 = 0; c0 < kTile; c0 += kVectors * 8) {
+    __m256i acc[Rows][kVectors];
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v)
+        acc[r][v] = first ? _mm256_setzero_si256()
+                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out[r] + c0 + v * 8));
+    for (int64_t o = 0; o < octs; ++o) {
+      const uint8_t* row = w + (o * kTile + c0) * 4;
+      __m256i lo[kVectors], hi[kVectors];
+      for (int64_t v = 0; v < kVectors; ++v) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + v * 32));
+        lo[v] = _mm256_and_si256(bytes, low);
+        hi[v] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+      }
+      for (int64_t r = 0; r < Rows; ++r) {
+        const __m256i x_lo = _mm256_set1_epi32(load_quad(qx + r * ldx + 8 * o));
+        const __m256i x_hi = _mm256_set1_epi32(load_quad(qx + r * ldx + 8 * o + 4));
+        for (int64_t v = 0; v < kVectors; ++v) {
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[v], x_lo),
+                                                 _mm256_maddubs_epi16(hi[v], x_hi));
+          acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t v = 0; v < kVectors; ++v)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + c0 + v * 8), acc[r][v]);
+  }
+}
+#else
+constexpr int64_t kW4A8Rows = 6;
+template <int64_t Rows>
+void w4a8_block(const int8_t* qx, int64_t ldx, const uint8_t* w, int64_t octs,
+                int32_t (*out)[kTile], bool first) {
+  for (int64_t r = 0; r < Rows; ++r) {
+    int32_t acc[kTile];
+    for (int64_t j = 0; j < kTile; ++j) acc[j] = first ? 0 : out[r][j];
+    for (int64_t o = 0; o < octs; ++o)
+      for (int64_t b = 0; b < 4; ++b) {
+        const int32_t x_lo = qx[r * ldx + 8 * o + b], x_hi = qx[r * ldx + 8 * o + 4 + b];
+        const uint8_t* row = w + o * kTile * 4 + b;
+        for (int64_t j = 0; j < kTile; ++j)
+          acc[j] += x_lo * (row[4 * j] & 15) + x_hi * (row[4 * j] >> 4);
+      }
+    for (int64_t j = 0; j < kTile; ++j) out[r][j] = acc[j];
+  }
+}
+#endif
+
+#if defined(HPLLM_AMX)
+// w4a8 on the tile unit, where each quantization group is whole k-steps of it (a multiple of 64
+// k, or one group per channel): the activations are int8 already, so each weight operand takes
+// one TDPBSSD where int4's f32 activations take three digits. Each weight tile's nibbles are
+// unpacked per call into the unit's layout as signed q (amx_w4a8_operands), and each group's
+// int32 sums are flushed to float in group order as on the other paths: the same bits.
+
+// A w4a8 tile ([octs][128][4], TiledW4A8Weight) as the unit's weight operands, [k_pad / 64
+// steps][8 column groups][16][64] int8: oct o = 8 x step + i gives operand rows 2i (its low
+// nibbles: k 8o .. 8o + 3 of the group's 16 columns, four bytes per column, as TDPBSSD reads
+// them) and 2i + 1 (its high nibbles: k 8o + 4 .. 8o + 7), minus 8. Octs past K are q = 0.
+void amx_w4a8_operands(const uint8_t* tile, int64_t octs, int64_t k_pad, int8_t* out) {
+  const __m512i low = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+  for (int64_t o = 0; o < k_pad / 8; ++o) {
+    prefetch_ahead(tile + (o + kPrefetchRows) * kTile * 4, kTile * 4);
+    const int64_t step = o / 8, i = o % 8;
+    for (int64_t g = 0; g < kTile / kAmxCols; ++g) {
+      int8_t* operand = out + ((step * 8 + g) * kAmxRows + 2 * i) * 64;
+      __m512i q_low = _mm512_setzero_si512(), q_high = q_low;
+      if (o < octs) {
+        const __m512i bytes = _mm512_loadu_si512(tile + (o * kTile + g * kAmxCols) * 4);
+        q_low = _mm512_sub_epi8(_mm512_and_si512(bytes, low), eight);
+        q_high = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(bytes, 4), low), eight);
+      }
+      _mm512_store_si512(operand, q_low);
+      _mm512_store_si512(operand + 64, q_high);
+    }
+  }
+}
+
+// y[M, N] = the w4a8 product on the tile unit; K a multiple of 8, groups as above.
+void amx_w4a8_product(ffi::ThreadPool& pool, const int8_t* qx, int64_t M, int64_t K, int64_t N,
+                      const uint8_t* w, const float* x_scale, const float* w_scale,
+                      int64_t ld_scale, int64_t groups, float* y) {
+  const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
+  const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK, steps = k_pad / kAmxK, octs = K / 8;
+  const int64_t group_steps = groups == 1 ? steps : K / groups / kAmxK;
+  int8_t* activations = thread_scratch<int8_t, Scratch::kAmxActivations>(rows * k_pad);
+  std::memset(activations, 0, rows * k_pad);
+  for (int64_t r = 0; r < M; ++r) std::memcpy(activations + r * k_pad, qx + r * K, K);
+  parallel_tiles(pool, (N + kTile - 1) / kTile, [&](int64_t t) {
+    int8_t* operands = thread_scratch<int8_t, Scratch::kAmxOperands>(k_pad * kTile);
+    amx_w4a8_operands(w + t * octs * kTile * 4, octs, k_pad, operands);
+    static const AmxConfig config;
+    _tile_loadconfig(&config);
+    const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+    alignas(64) int32_t sums[kAmxRows][kTile];
+    alignas(64) float acc[kAmxRows][kTile];
+    for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
+      const int64_t valid_rows = std::min(kAmxRows, M - m0);
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t h = 0; h < 2; ++h) {  // four column groups per half: tiles 0-3
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t step = g * group_steps; step < (g + 1) * group_steps; ++step) {
+            _tile_loadd(4, activations + m0 * k_pad + step * kAmxK, k_pad);
+            const int8_t* b = operands + (step * 8 + 4 * h) * kAmxRows * 64;
+            _tile_loadd(5, b, 64);
+            _tile_dpbssd(0, 4, 5);
+            _tile_loadd(6, b + kAmxRows * 64, 64);
+            _tile_dpbssd(1, 4, 6);
+            _tile_loadd(7, b + 2 * kAmxRows * 64, 64);
+            _tile_dpbssd(2, 4, 7);
+            _tile_loadd(5, b + 3 * kAmxRows * 64, 64);
+            _tile_dpbssd(3, 4, 5);
+          }
+          _tile_stored(0, &sums[0][64 * h], kTile * 4);
+          _tile_stored(1, &sums[0][64 * h + 16], kTile * 4);
+          _tile_stored(2, &sums[0][64 * h + 32], kTile * 4);
+          _tile_stored(3, &sums[0][64 * h + 48], kTile * 4);
+        }
+        // The XLA op's order: float(sum) * w_scale, added group by group.
+        const float* s = w_scale + g * ld_scale + n0;
+        for (int64_t r = 0; r < valid_rows; ++r)
+          for (int64_t j = 0; j < kTile; ++j) {
+            const float part = static_cast<float>(sums[r][j]) * s[j];
+            acc[r][j] = g == 0 ? part : acc[r][j] + part;
+          }
+      }
+      for (int64_t r = 0; r < valid_rows; ++r)
+        for (int64_t j = 0; j < width; ++j) y[(m0 + r) * N + n0 + j] = acc[r][j] * x_scale[m0 + r];
+    }
+    _tile_release();
+  });
+}
+#endif
+
+ffi::Error W4A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
+                          ffi::Buffer<ffi::F32> x_scale, ffi::Buffer<ffi::U8> w,
+                          ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = qx.dimensions(), wd = w.dimensions(), sd = w_scale.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || sd.size() != 2 || yd.size() != 2 || wd[2] != kTile ||
+      wd[3] != 4 || xd[1] != 8 * wd[1] || yd[0] != xd[0] || (yd[1] + kTile - 1) / kTile != wd[0] ||
+      static_cast<int64_t>(x_scale.element_count()) != xd[0] || sd[1] != wd[0] * kTile ||
+      sd[0] < 1 || xd[1] % sd[0] || (sd[0] > 1 && (xd[1] / sd[0]) % 8))
+    return ffi::Error::InvalidArgument(
+        "w4a8_matmul: expects qx[M, K], x_scale[M], w[tiles, K/8, 128, 4], w_scale[groups, "
+        "tiles * 128] with K / groups a multiple of 8 (or one group) -> y[M, N]");
+  const int64_t M = xd[0], K = xd[1], N = yd[1], groups = sd[0], ld_scale = sd[1];
+  const int64_t octs = K / 8, group_octs = octs / groups;
+  const int8_t* xp = qx.typed_data();
+  const float* xs = x_scale.typed_data();
+  const uint8_t* wp = w.typed_data();
+  const float* ws = w_scale.typed_data();
+  float* yp = y->typed_data();
+#if defined(HPLLM_AMX)
+  if (M >= kBatchRows && (groups == 1 || (K / groups) % kAmxK == 0) && amx_permitted()) {
+    amx_w4a8_product(pool, xp, M, K, N, wp, xs, ws, ld_scale, groups, yp);
+    return ffi::Error::Success();
+  }
+#endif
+  // Each row's activation sum per group, for the nibbles' + 8 (once per call, not per tile).
+  int32_t* group_sums = thread_scratch<int32_t, Scratch::kW4A8GroupSums>(M * groups);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t sum = 0;
+      for (int64_t k = g * group_octs * 8; k < (g + 1) * group_octs * 8; ++k) sum += xp[r * K + k];
+      group_sums[r * groups + g] = sum;
+    }
+  parallel_tiles(pool, wd[0], [&](int64_t t) {
+    const uint8_t* wt = wp + t * octs * kTile * 4;
+    const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += kSlabRows) {
+      const int64_t rows = std::min(kSlabRows, M - m0);
+      alignas(64) int32_t out[kSlabRows][kTile];
+      alignas(64) float acc[kSlabRows][kTile];
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t first = g * group_octs, end = first + group_octs;
+        for (int64_t o0 = first; o0 < end; o0 += kW4A8BlockOcts) {
+          const int64_t on = std::min(kW4A8BlockOcts, end - o0);
+          for (int64_t m = 0; m < rows; m += kW4A8Rows)
+            with_rows_upto6(std::min(kW4A8Rows, rows - m), [&](auto r) {
+              w4a8_block<decltype(r)::value>(xp + (m0 + m) * K + 8 * o0, K,
+                                             wt + o0 * kTile * 4, on, out + m, o0 == first);
+            });
+        }
+        // The XLA op's order: float(sum) * w_scale, added group by group.
+        const float* s = ws + g * ld_scale + n0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int32_t correction = 8 * group_sums[(m0 + r) * groups + g];
+          for (int64_t j = 0; j < kTile; ++j) {
+            const float part = static_cast<float>(out[r][j] - correction) * s[j];
+            acc[r][j] = g == 0 ? part : acc[r][j] + part;
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < width; ++j) yp[(m0 + r) * N + n0 + j] = acc[r][j] * xs[m0 + r];
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // ---- Attention over the KV cache (decode steps and prefills), masked slots skipped ----
 //
 // XLA:CPU runs the attention einsums of a decode step as small batched dots that want the
@@ -2105,6 +2376,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmW8A8Matmul, W8A8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmW4A8Matmul, W4A8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmDecodeAttention, DecodeAttentionImpl,

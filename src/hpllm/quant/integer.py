@@ -11,7 +11,7 @@ activations are scaled per token (row) and weights per output channel (column).
 """
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int8, Int32
+from jaxtyping import Array, Float, Int8, Int32, UInt8
 
 from hpllm.linear import MatmulOp
 from hpllm.quant.quantizers import (
@@ -76,22 +76,30 @@ class W8A8Dot(MatmulOp):
         return y.astype(x.dtype)
 
 
+def w4a8_matmul(x: Float[Array, "*batch d_in"], packed: UInt8[Array, "half_padded_d_in d_out"],
+                scales: Float[Array, "groups d_out"], d_in: int) -> Float[Array, "*batch d_out"]:
+    """int4 group-wise weights (`Int4Weight`'s packed values and scales) times activations
+    quantized to int8 per token: each group an exact int32 matmul, rescaled by its group's
+    scales; the groups summed in float32, then the token's scale."""
+    x_scale = int8_scale(x, axis=-1)
+    qx = quantize_int(x, x_scale, INT8_MAX)
+    qw = unpack_int4(packed)  # [padded_d_in, d_out]
+    groups, d_out = scales.shape
+    rows = qw.shape[0]
+    pad = [(0, 0)] * (qx.ndim - 1) + [(0, rows - d_in)]
+    qx = jnp.pad(qx, pad).reshape(*qx.shape[:-1], groups, rows // groups)
+    acc = jnp.einsum("...gk,gkn->...gn", qx, qw.reshape(groups, rows // groups, d_out),
+                     preferred_element_type=jnp.int32)
+    w_scales = scales.reshape((1,) * (acc.ndim - 2) + (groups, d_out))
+    y = jnp.sum(acc.astype(jnp.float32) * w_scales, axis=-2) * x_scale
+    return y.astype(x.dtype)
+
+
 class W4A8Dot(MatmulOp):
     """W4A8 inference op: int4 group-wise weights and activations quantized to int8 per token
     on the fly. The weight scale varies along d_in, so each group is an exact int32 matmul,
-    rescaled by its group's scales, and the groups are summed in float32."""
+    rescaled by its group's scales, and the groups are summed in float32 (`w4a8_matmul`)."""
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: Int4Weight
                  ) -> Float[Array, "*batch d_out"]:
-        x_scale = int8_scale(x, axis=-1)
-        qx = quantize_int(x, x_scale, INT8_MAX)
-        qw = unpack_int4(weight.packed)  # [padded_d_in, d_out]
-        groups, d_out = weight.scales.shape
-        rows = qw.shape[0]
-        pad = [(0, 0)] * (qx.ndim - 1) + [(0, rows - weight.d_in)]
-        qx = jnp.pad(qx, pad).reshape(*qx.shape[:-1], groups, rows // groups)
-        acc = jnp.einsum("...gk,gkn->...gn", qx, qw.reshape(groups, rows // groups, d_out),
-                         preferred_element_type=jnp.int32)
-        w_scales = weight.scales.reshape((1,) * (acc.ndim - 2) + (groups, d_out))
-        y = jnp.sum(acc.astype(jnp.float32) * w_scales, axis=-2) * x_scale
-        return y.astype(x.dtype)
+        return w4a8_matmul(x, weight.packed, weight.scales, weight.d_in)
