@@ -9,6 +9,7 @@ A path this CPU cannot execute is skipped with the reason; the portable path run
 C++ compiler does.
 """
 
+import functools
 import platform
 import shutil
 
@@ -340,6 +341,17 @@ def _check_w8a8_kernel_against_the_xla_op(isa: str) -> None:
                                           err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}")
 
 
+@eqx.filter_jit
+def _decode_step_logits(model: Transformer, tokens: jax.Array) -> jax.Array:
+    """Prefill all but the last token of each row of `tokens`, then one decode step of every
+    row: that step's logits."""
+    cache = model.allocate_cache(tokens.shape[0], 16)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    _, cache = model.decode(tokens[:, :-1], positions[:, :-1], cache)
+    logits, _ = model.decode(tokens[:, -1:], positions[:, -1:], cache)
+    return logits
+
+
 def test_w8a8_batched_decode_matches_the_fake_quant_model():
     built = _kernels_or_skip("native")
     float_model = Transformer(preset("tiny"), key=jax.random.key(0))
@@ -347,18 +359,9 @@ def test_w8a8_batched_decode_matches_the_fake_quant_model():
     xla_op = quantize(float_model.unstacked(), "w8a8")  # the QAT targets: head stays float
     native = use_native_kernels(xla_op, built.isa)
     assert isinstance(native.blocks[0].attn.wq.op, NativeW8A8Dot)
-    batch, prompt = 8, 5
-    tokens = jax.random.randint(jax.random.key(1), (batch, prompt + 1), 0, 512)
-
-    @eqx.filter_jit
-    def decode_step_logits(model):
-        """Prefill `prompt` tokens, then one decode step of `batch` rows (the batched path)."""
-        cache = model.allocate_cache(batch, 16)
-        positions = jnp.broadcast_to(jnp.arange(prompt + 1, dtype=jnp.int32), tokens.shape)
-        _, cache = model.decode(tokens[:, :prompt], positions[:, :prompt], cache)
-        logits, _ = model.decode(tokens[:, prompt:], positions[:, prompt:], cache)
-        return logits
-
+    # 8 rows: a 5-token prefill, then one decode step (the batched path).
+    tokens = jax.random.randint(jax.random.key(1), (8, 6), 0, 512)
+    decode_step_logits = functools.partial(_decode_step_logits, tokens=tokens)
     got = decode_step_logits(native)
     # The kernel's int32 sums are exact, as the XLA op's; what differs is how XLA fuses the
     # float ops around a custom call: largest difference measured 6e-8 on logits up to ~0.36.
@@ -399,9 +402,8 @@ def test_w4a8_kernel_equals_the_xla_op(isa):
 
 def test_w4a8_batched_decode_matches_the_xla_and_fake_quant_models():
     """A tiny w4a8 model (head too) on the native kernel: its prefill and batched decode step
-    against the XLA op's model and
-    against the QAT model's fake quantization. A group size that is not whole octs keeps the
-    XLA op."""
+    against the XLA op's model and against the QAT model's fake quantization. A group size
+    that is not whole octs keeps the XLA op."""
     built = _kernels_or_skip("native")
     float_model = Transformer(preset("tiny"), key=jax.random.key(0))
     fake_quant = quantize_for_training(
@@ -413,18 +415,9 @@ def test_w4a8_batched_decode_matches_the_xla_and_fake_quant_models():
         assert isinstance(linear.weight, TiledW4A8Weight)
     odd_groups = use_native_kernels(quantize(float_model.unstacked(), "w4a8", 6), built.isa)
     assert isinstance(odd_groups.blocks[0].mlp.w_up.op, W4A8Dot)
-    batch, prompt = 8, 5
-    tokens = jax.random.randint(jax.random.key(1), (batch, prompt + 1), 0, 512)
-
-    @eqx.filter_jit
-    def decode_step_logits(model):
-        """Prefill `prompt` tokens, then one decode step of `batch` rows (the batched path)."""
-        cache = model.allocate_cache(batch, 16)
-        positions = jnp.broadcast_to(jnp.arange(prompt + 1, dtype=jnp.int32), tokens.shape)
-        _, cache = model.decode(tokens[:, :prompt], positions[:, :prompt], cache)
-        logits, _ = model.decode(tokens[:, prompt:], positions[:, prompt:], cache)
-        return logits
-
+    # 8 rows: a 5-token prefill, then one decode step (the batched path).
+    tokens = jax.random.randint(jax.random.key(1), (8, 6), 0, 512)
+    decode_step_logits = functools.partial(_decode_step_logits, tokens=tokens)
     got = decode_step_logits(native)
     # Each product equals the XLA op's bits (test above); what differs is how XLA fuses the
     # float ops around a custom call (as for w8a8): largest difference measured 3.0e-8 on
