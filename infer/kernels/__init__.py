@@ -47,7 +47,8 @@ takes it where each scale group is whole 64-row k-steps of the unit (group size 
 
 w4a8 (int4 weights, activations quantized to int8 per token: the arithmetic of llama.cpp's
 Q4_0 dot) runs the integer paths of the w8a8 kernel (`NativeW4A8Dot` on `TiledW4A8Weight`,
-where each group is whole octs of k: `w4a8_on_native`), equal to the XLA op bit for bit.
+where each group is whole octs of k: `w4a8_on_native`), and with `Kernels.amx` the tile unit
+from 5 rows where each group is whole 64-k steps; every path equals the XLA op bit for bit.
 """
 
 import ctypes
@@ -181,8 +182,8 @@ class Kernels:
     path: str  # "avx512" | "avx2" | "portable", as the library reports it
     w8a8_path: str  # "avx512_vnni" | "avx2" | "portable"
     # Products on the AMX tile unit: int8 weights (every row count, `TiledAmxInt8Weight`),
-    # and from 5 rows up w8a8 and int4 weights in groups of a multiple of 64 or one per
-    # channel (`int4_on_amx`).
+    # and from 5 rows up w8a8, and int4 and w4a8 weights in groups of a multiple of 64 or one
+    # per channel (`int4_on_amx`).
     amx: bool
     int8_target: str
     int4_target: str

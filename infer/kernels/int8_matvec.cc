@@ -2453,8 +2453,8 @@ extern "C" const char* HpllmKernelPath() {
 
 
 // Whether the AMX tile unit runs int8-weight products (HpllmAmxInt8Matmul, every row count)
-// and w8a8 ones (from kBatchRows rows): compiled with AMX-INT8 and granted the tile registers
-// by the OS.
+// and, from kBatchRows rows, w8a8, int4-weight and w4a8 ones (the last two where each group is
+// whole k-steps): compiled with AMX-INT8 and granted the tile registers by the OS.
 extern "C" int HpllmAmx() {
 #if defined(HPLLM_AMX)
   return amx_permitted() ? 1 : 0;
