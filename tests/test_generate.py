@@ -66,17 +66,28 @@ def test_greedy_with_cache_equals_recomputation(model, layout):
     assert got == greedy_by_recomputation(model, prompt, 17)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_greedy_with_cache_equals_recomputation_for_quantized_weights(model, scheme):
-    from infer.kernels import NativeAmxInt8Dot, NativeInt4Dot, NativeInt8Dot, available
+@pytest.mark.parametrize(("scheme", "layout"), [("int8", "unrolled"), ("int4", "unrolled"),
+                                               ("w4a8", "unrolled"), ("w4a8", "scanned")])
+def test_greedy_with_cache_equals_recomputation_for_quantized_weights(model, scheme, layout):
+    from infer.kernels import (
+        NativeAmxInt8Dot,
+        NativeInt4Dot,
+        NativeInt8Dot,
+        NativeW4A8Dot,
+        available,
+    )
 
     quantized = quantize(model, scheme, group_size=32)
     prompt = _prompt(1, 9)
-    generator = Generator(quantized, chunk_size=4, kv_cache_dtype="float32")
-    if available():  # the unstacked blocks run the native kernels
+    generator = Generator(quantized, chunk_size=4, layout=layout, kv_cache_dtype="float32")
+    if available():  # the blocks run the native kernels, unrolled or scanned
         # int8: the tile unit's op where the build has AMX, else the FMA kernels' op
-        native = (NativeInt8Dot, NativeAmxInt8Dot) if scheme == "int8" else NativeInt4Dot
-        assert all(isinstance(block.mlp.w_up.op, native) for block in generator.model.blocks)
+        native = {"int8": (NativeInt8Dot, NativeAmxInt8Dot), "int4": NativeInt4Dot,
+                  "w4a8": NativeW4A8Dot}[scheme]
+        blocks = generator.model.blocks
+        ops = [block.mlp.w_up.op for block in blocks] if isinstance(blocks, tuple) else [
+            blocks.mlp.w_up.op]
+        assert all(isinstance(op, native) for op in ops)
     got = generator.generate([prompt], max_new_tokens=12)[0]
     assert got == greedy_by_recomputation(quantized, prompt, 12)
 
