@@ -2,9 +2,10 @@
 the XLA ops, the CPU-keyed build cache, and the prefill threshold.
 
 Each path is a separate build of int8_matvec.cc (HPLLM_KERNEL_ISA): AVX-512 (with VNNI for
-w8a8), AVX2 + FMA, and the portable loops. On the SIMD paths row counts 1-4 take the
-row-chunk route, 5-63 the few-rows route (whole-tile blocks dequantized once and shared by all
-rows), 64 and up the blocked GEMM (weight panels dequantized once per k-block and row block).
+w8a8 and w4a8), AVX2 + FMA (with AVX-VNNI for them), and the portable loops. On the SIMD paths
+row counts 1-4 take the row-chunk route, 5-63 the few-rows route (whole-tile blocks
+dequantized once and shared by all rows), 64 and up the blocked GEMM (weight panels
+dequantized once per k-block and row block).
 A path this CPU cannot execute is skipped with the reason; the portable path runs everywhere a
 C++ compiler does.
 """
@@ -50,10 +51,11 @@ PATHS = ("portable", "avx2", "avx512")
 ROWS = (1, 2, 3, 4, 7, 8, 16, 33, 200)
 NEVER = 10**9  # a prefill threshold no test reaches: the kernel runs for every row count
 X86 = platform.machine() in ("x86_64", "AMD64")
-# What each forced build runs where its name is not the path: the f32 kernels of the VNNI build
-# are the AVX-512 ones, and w8a8 without VNNI runs the AVX2 integer path.
-FLOAT_PATH = {"avx512vnni": "avx512", "avx512amx": "avx512"}
-W8A8_PATH = {"avx512": "avx2", "avx512vnni": "avx512_vnni", "avx512amx": "avx2"}
+# What each forced build runs where its name is not the path: the f32 kernels of the VNNI builds
+# are the AVX-512 and AVX2 ones, and w8a8 without VNNI runs the AVX2 integer path.
+FLOAT_PATH = {"avx512vnni": "avx512", "avx512amx": "avx512", "avx2vnni": "avx2"}
+W8A8_PATH = {"avx512": "avx2", "avx512vnni": "avx512_vnni", "avx512amx": "avx2",
+             "avx2vnni": "avx2_vnni"}
 
 
 def _kernels_or_skip(isa: str) -> kernels.Kernels:
@@ -320,7 +322,7 @@ def test_bf16_weights_of_a_bfloat16_compute_model_keep_the_xla_op():
 W8A8_SHAPES = ((90, 300), (200, 130))
 
 
-@pytest.mark.parametrize("isa", PATHS + ("avx512vnni",))
+@pytest.mark.parametrize("isa", PATHS + ("avx512vnni", "avx2vnni"))
 def test_w8a8_kernel_equals_the_xla_op(isa):
     _kernels_or_skip(isa)
     _check_w8a8_kernel_against_the_xla_op(isa)
@@ -377,11 +379,12 @@ def test_w8a8_batched_decode_matches_the_fake_quant_model():
 W4A8_SHAPES = ((96, 300, 32), (90, 300, 0), (320, 130, 64), (384, 300, 128))
 
 
-@pytest.mark.parametrize("isa", PATHS + ("avx512vnni", "native"))
+@pytest.mark.parametrize("isa", PATHS + ("avx512vnni", "avx2vnni", "native"))
 def test_w4a8_kernel_equals_the_xla_op(isa):
-    """int4 x int8 products on each integer path (VNNI vpdpbusd, AVX2 vpmaddubsw, portable
-    loops; `native` on a CPU with AMX: the tile unit from 5 rows where groups are whole 64-k
-    steps, here all but group 32) against `W4A8Dot`, over every row route and slab boundary."""
+    """int4 x int8 products on each integer path (VNNI vpdpbusd, AVX2 vpmaddubsw or AVX-VNNI's
+    256-bit vpdpbusd, portable loops; `native` on a CPU with AMX: the tile unit from 5 rows
+    where groups are whole 64-k steps, here all but group 32) against `W4A8Dot`, over every
+    row route and slab boundary."""
     _kernels_or_skip(isa)
     for d_in, d_out, group in W4A8_SHAPES:
         weight = Int4Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32),

@@ -16,7 +16,9 @@ build:
 
 - `native` (default): `-march=native`, the best path this CPU runs;
 - `avx512` / `avx2`: `-march=x86-64-v4` / `-march=x86-64-v3` (for tests and comparisons);
-- `avx512vnni`: `-march=x86-64-v4 -mavx512vnni` (the w8a8 kernel's `vpdpbusd` path);
+- `avx512vnni`: `-march=x86-64-v4 -mavx512vnni` (the w8a8 and w4a8 kernels' `vpdpbusd` path);
+- `avx2vnni`: `-march=x86-64-v3 -mavxvnni` (AVX2 with AVX-VNNI's 256-bit `vpdpbusd` in the
+  w8a8 and w4a8 kernels, as on Alder Lake and later client CPUs);
 - `avx512amx`: AVX-512 plus AMX-INT8 (batched int8-, w8a8 and int4-weight products on the tile
   unit; `native` has it on CPUs that do);
 - `portable`: the plain loops (`-DHPLLM_PORTABLE`), the path of non-x86 machines.
@@ -90,6 +92,8 @@ ISA_FLAGS = {
     "avx2": ("-march=x86-64-v3",),
     # AVX-512 plus VNNI: the w8a8 kernel's vpdpbusd path (x86-64-v4 alone runs its AVX2 path).
     "avx512vnni": ("-march=x86-64-v4", "-mavx512vnni"),
+    # AVX2 plus AVX-VNNI: the integer kernels' 256-bit vpdpbusd (client cores without AVX-512).
+    "avx2vnni": ("-march=x86-64-v3", "-mavxvnni"),
     # AVX-512 plus AMX-INT8: batched int8, w8a8 and int4 products on the tile unit (Sapphire
     # Rapids on).
     "avx512amx": ("-march=x86-64-v4", "-mamx-tile", "-mamx-int8"),
@@ -101,6 +105,7 @@ ISA_CPU_FLAGS = {
     "avx2": ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"),
 }
 ISA_CPU_FLAGS["avx512vnni"] = ISA_CPU_FLAGS["avx512"] + ("avx512_vnni",)
+ISA_CPU_FLAGS["avx2vnni"] = ISA_CPU_FLAGS["avx2"] + ("avx_vnni",)
 ISA_CPU_FLAGS["avx512amx"] = ISA_CPU_FLAGS["avx512"] + ("amx_tile", "amx_int8")
 # Predefined macros that name a target feature: the part of the compiler's view of the target
 # that decides which instructions the library may contain.
@@ -180,7 +185,7 @@ class Kernels:
 
     isa: str
     path: str  # "avx512" | "avx2" | "portable", as the library reports it
-    w8a8_path: str  # "avx512_vnni" | "avx2" | "portable"
+    w8a8_path: str  # "avx512_vnni" | "avx2_vnni" | "avx2" | "portable" (w4a8's too)
     # Products on the AMX tile unit: int8 weights (every row count, `TiledAmxInt8Weight`),
     # and from 5 rows up w8a8, and int4 and w4a8 weights in groups of a multiple of 64 or one
     # per channel (`int4_on_amx`).

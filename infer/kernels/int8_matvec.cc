@@ -1379,12 +1379,17 @@ ffi::Error Bf16MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 //   are offset to unsigned (qx + 128) and 128 x the column's weight sum is subtracted at the end;
 // - AVX2 (and AVX-512 without VNNI): `vpmaddubsw` (u8 x s8 -> pairs summed in int16) then
 //   `vpmaddwd` by ones (-> int32), llama.cpp's Q8_0 trick: |qx| times the weight with qx's sign,
-//   so a pair is at most 2 x 127 x 127 and never saturates (weights are in [-127, 127]);
+//   so a pair is at most 2 x 127 x 127 and never saturates (weights are in [-127, 127]); on a
+//   CPU with AVX-VNNI (256-bit `vpdpbusd`, Alder Lake and later client cores) one `vpdpbusd`
+//   of the same operands replaces the pair of instructions and the add;
 // - portable: an int32 loop.
 #if defined(HPLLM_PATH_AVX512) && defined(__AVX512VNNI__)
 #define HPLLM_W8A8_VNNI 1
 #elif defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
 #define HPLLM_W8A8_MADDUBS 1
+#endif
+#if defined(HPLLM_W8A8_MADDUBS) && defined(__AVXVNNI__)
+#define HPLLM_W8A8_AVX_VNNI 1
 #endif
 
 // Quads (4 k) of one block of a w8a8 tile: 32 x 128 x 4 bytes = 16 KiB, read from memory once
@@ -1456,8 +1461,12 @@ void w8a8_block(const int8_t* qx, int64_t ldx, const int8_t* w, int64_t quads,
         const __m256i xb = _mm256_set1_epi32(load_quad(qx + r * ldx + 4 * q));
         const __m256i magnitude = _mm256_abs_epi8(xb);
         for (int64_t v = 0; v < kVectors; ++v) {
+#if defined(HPLLM_W8A8_AVX_VNNI)
+          acc[r][v] = _mm256_dpbusd_avx_epi32(acc[r][v], magnitude, _mm256_sign_epi8(wv[v], xb));
+#else
           const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(wv[v], xb));
           acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
+#endif
         }
       }
     }
@@ -1627,7 +1636,8 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
 // activation sum over the group is subtracted, exactly, in int32. On the AVX2 path a
 // vpmaddubsw pair is at most 2 x 15 x 127 and two of them 7620 in absolute value: no int16
 // saturation.
-// Paths: the w8a8 kernel's (VNNI vpdpbusd; AVX2 vpmaddubsw + vpmaddwd; portable loops). The
+// Paths: the w8a8 kernel's (VNNI vpdpbusd; AVX2 vpmaddubsw + vpmaddwd, or AVX-VNNI's 256-bit
+// vpdpbusd; portable loops). The
 // group sums are exact in any order; the float sum over groups runs in group order, which
 // XLA's reduction may not: the result agrees with the XLA op to float32 rounding of that sum
 // (tests/test_kernels.py), and bit for bit where the weight has one group.
@@ -1692,9 +1702,14 @@ void w4a8_block(const int8_t* qx, int64_t ldx, const uint8_t* w, int64_t octs,
         const __m256i x_lo = _mm256_set1_epi32(load_quad(qx + r * ldx + 8 * o));
         const __m256i x_hi = _mm256_set1_epi32(load_quad(qx + r * ldx + 8 * o + 4));
         for (int64_t v = 0; v < kVectors; ++v) {
+#if defined(HPLLM_W8A8_AVX_VNNI)
+          acc[r][v] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc[r][v], lo[v], x_lo),
+                                              hi[v], x_hi);
+#else
           const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[v], x_lo),
                                                  _mm256_maddubs_epi16(hi[v], x_hi));
           acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(pairs, ones));
+#endif
         }
       }
     }
@@ -2463,11 +2478,13 @@ extern "C" int HpllmAmx() {
 #endif
 }
 
-// Which w8a8 path this library was compiled with ("avx512_vnni", "avx2" or "portable"; the
-// AVX-512 build without VNNI runs the AVX2 integer path).
+// Which w8a8 (and w4a8) path this library was compiled with ("avx512_vnni", "avx2_vnni",
+// "avx2" or "portable"; the AVX-512 build without VNNI runs the AVX2 integer path).
 extern "C" const char* HpllmW8A8Path() {
 #if defined(HPLLM_W8A8_VNNI)
   return "avx512_vnni";
+#elif defined(HPLLM_W8A8_AVX_VNNI)
+  return "avx2_vnni";
 #elif defined(HPLLM_W8A8_MADDUBS)
   return "avx2";
 #else
