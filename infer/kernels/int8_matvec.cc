@@ -48,6 +48,7 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -1495,6 +1496,48 @@ void w8a8_block(const int8_t* qx, int64_t ldx, const int8_t* w, int64_t quads,
 #endif
 
 #if defined(HPLLM_AMX)
+// The int8 activations qx[M, K] in a scratch copy of whole 16-row chunks and k-steps (zeros
+// around them), rows k_pad bytes apart, as the tile unit loads them.
+const int8_t* amx_padded_activations(const int8_t* qx, int64_t M, int64_t K, int64_t k_pad) {
+  const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
+  int8_t* activations = thread_scratch<int8_t, Scratch::kAmxActivations>(rows * k_pad);
+  std::memset(activations, 0, rows * k_pad);
+  for (int64_t r = 0; r < M; ++r) std::memcpy(activations + r * k_pad, qx + r * K, K);
+  return activations;
+}
+
+// sums[16][64 h .. 64 h + 63] (rows kTile apart) = 16 activation rows (`a`, rows `lda` bytes
+// apart) times column groups 4h .. 4h + 3 over k-steps first .. end - 1, where operand(step, g)
+// is column group g's weight operand of that step as {pointer, row stride}. Tile registers: 0-3
+// the sums, 4 the activations, 5-7 the weight operands in turn.
+template <typename Operand>
+void amx_half_sums(const int8_t* a, int64_t lda, int64_t first, int64_t end, int64_t h,
+                   const Operand& operand, int32_t (*sums)[kTile]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t step = first; step < end; ++step) {
+    _tile_loadd(4, a + step * kAmxK, lda);
+    const auto [b0, stride0] = operand(step, 4 * h);
+    _tile_loadd(5, b0, stride0);
+    _tile_dpbssd(0, 4, 5);
+    const auto [b1, stride1] = operand(step, 4 * h + 1);
+    _tile_loadd(6, b1, stride1);
+    _tile_dpbssd(1, 4, 6);
+    const auto [b2, stride2] = operand(step, 4 * h + 2);
+    _tile_loadd(7, b2, stride2);
+    _tile_dpbssd(2, 4, 7);
+    const auto [b3, stride3] = operand(step, 4 * h + 3);
+    _tile_loadd(5, b3, stride3);
+    _tile_dpbssd(3, 4, 5);
+  }
+  _tile_stored(0, &sums[0][64 * h], kTile * 4);
+  _tile_stored(1, &sums[0][64 * h + 16], kTile * 4);
+  _tile_stored(2, &sums[0][64 * h + 32], kTile * 4);
+  _tile_stored(3, &sums[0][64 * h + 48], kTile * 4);
+}
+
 // w8a8 on the tile unit: the activations are int8 already (one digit), the weight tiles are in
 // the unit's layout already ([K / 4][128][4]: four k of a column adjacent), so each operand is
 // one strided tile load from the weights. Exact int32 sums, then the XLA op's two float
@@ -1502,12 +1545,9 @@ void w8a8_block(const int8_t* qx, int64_t ldx, const int8_t* w, int64_t quads,
 // the activations and, for the last partial step, of its weight operands.
 void amx_w8a8_product(ffi::ThreadPool& pool, const int8_t* qx, int64_t M, int64_t K, int64_t N,
                       const int8_t* w, const float* x_scale, const float* w_scale, float* y) {
-  const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
   const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK, quads = K / 4;
   const int64_t full_steps = K / kAmxK, steps = k_pad / kAmxK;
-  int8_t* activations = thread_scratch<int8_t, Scratch::kAmxActivations>(rows * k_pad);
-  std::memset(activations, 0, rows * k_pad);
-  for (int64_t r = 0; r < M; ++r) std::memcpy(activations + r * k_pad, qx + r * K, K);
+  const int8_t* activations = amx_padded_activations(qx, M, K, k_pad);
   const int64_t tiles = (N + kTile - 1) / kTile;
   parallel_tiles(pool, tiles, [&](int64_t t) {
     const int8_t* wt = w + t * quads * kTile * 4;
@@ -1519,33 +1559,17 @@ void amx_w8a8_product(ffi::ThreadPool& pool, const int8_t* qx, int64_t M, int64_
     static const AmxConfig config;
     _tile_loadconfig(&config);
     const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+    // Column group g's operand of a step: four k of each column adjacent in the weights, or
+    // the zero-padded copy of the last, partial step.
+    const auto operand = [&](int64_t step, int64_t g) -> std::pair<const int8_t*, int64_t> {
+      if (step < full_steps)
+        return {wt + (step * (kAmxK / 4) * kTile + g * kAmxCols) * 4, kTile * 4};
+      return {tail[g], 64};
+    };
     alignas(64) int32_t sums[kAmxRows][kTile];
     for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
-      for (int64_t h = 0; h < 2; ++h) {  // four column groups per half: tiles 0-3
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t step = 0; step < steps; ++step) {
-          _tile_loadd(4, activations + m0 * k_pad + step * kAmxK, k_pad);
-#define HPLLM_AMX_W8A8_GROUP(j)                                                            \
-          if (step < full_steps)                                                           \
-            _tile_loadd(5, wt + (step * (kAmxK / 4) * kTile + (4 * h + j) * kAmxCols) * 4,  \
-                        kTile * 4);                                                        \
-          else                                                                             \
-            _tile_loadd(5, tail[4 * h + j], 64);                                           \
-          _tile_dpbssd(j, 4, 5);
-          HPLLM_AMX_W8A8_GROUP(0)
-          HPLLM_AMX_W8A8_GROUP(1)
-          HPLLM_AMX_W8A8_GROUP(2)
-          HPLLM_AMX_W8A8_GROUP(3)
-#undef HPLLM_AMX_W8A8_GROUP
-        }
-        _tile_stored(0, &sums[0][64 * h], kTile * 4);
-        _tile_stored(1, &sums[0][64 * h + 16], kTile * 4);
-        _tile_stored(2, &sums[0][64 * h + 32], kTile * 4);
-        _tile_stored(3, &sums[0][64 * h + 48], kTile * 4);
-      }
+      for (int64_t h = 0; h < 2; ++h)
+        amx_half_sums(activations + m0 * k_pad, k_pad, 0, steps, h, operand, sums);
       for (int64_t r = 0; r < std::min(kAmxRows, M - m0); ++r)
         for (int64_t j = 0; j < width; ++j)
           // The XLA op's order: (float(sum) * x_scale) * w_scale.
@@ -1772,45 +1796,26 @@ void amx_w4a8_operands(const uint8_t* tile, int64_t octs, int64_t k_pad, int8_t*
 void amx_w4a8_product(ffi::ThreadPool& pool, const int8_t* qx, int64_t M, int64_t K, int64_t N,
                       const uint8_t* w, const float* x_scale, const float* w_scale,
                       int64_t ld_scale, int64_t groups, float* y) {
-  const int64_t rows = (M + kAmxRows - 1) / kAmxRows * kAmxRows;
   const int64_t k_pad = (K + kAmxK - 1) / kAmxK * kAmxK, steps = k_pad / kAmxK, octs = K / 8;
   const int64_t group_steps = groups == 1 ? steps : K / groups / kAmxK;
-  int8_t* activations = thread_scratch<int8_t, Scratch::kAmxActivations>(rows * k_pad);
-  std::memset(activations, 0, rows * k_pad);
-  for (int64_t r = 0; r < M; ++r) std::memcpy(activations + r * k_pad, qx + r * K, K);
+  const int8_t* activations = amx_padded_activations(qx, M, K, k_pad);
   parallel_tiles(pool, (N + kTile - 1) / kTile, [&](int64_t t) {
     int8_t* operands = thread_scratch<int8_t, Scratch::kAmxOperands>(k_pad * kTile);
     amx_w4a8_operands(w + t * octs * kTile * 4, octs, k_pad, operands);
     static const AmxConfig config;
     _tile_loadconfig(&config);
     const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
+    const auto operand = [&](int64_t step, int64_t g) -> std::pair<const int8_t*, int64_t> {
+      return {operands + (step * 8 + g) * kAmxRows * 64, 64};
+    };
     alignas(64) int32_t sums[kAmxRows][kTile];
     alignas(64) float acc[kAmxRows][kTile];
     for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
       const int64_t valid_rows = std::min(kAmxRows, M - m0);
       for (int64_t g = 0; g < groups; ++g) {
-        for (int64_t h = 0; h < 2; ++h) {  // four column groups per half: tiles 0-3
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-          for (int64_t step = g * group_steps; step < (g + 1) * group_steps; ++step) {
-            _tile_loadd(4, activations + m0 * k_pad + step * kAmxK, k_pad);
-            const int8_t* b = operands + (step * 8 + 4 * h) * kAmxRows * 64;
-            _tile_loadd(5, b, 64);
-            _tile_dpbssd(0, 4, 5);
-            _tile_loadd(6, b + kAmxRows * 64, 64);
-            _tile_dpbssd(1, 4, 6);
-            _tile_loadd(7, b + 2 * kAmxRows * 64, 64);
-            _tile_dpbssd(2, 4, 7);
-            _tile_loadd(5, b + 3 * kAmxRows * 64, 64);
-            _tile_dpbssd(3, 4, 5);
-          }
-          _tile_stored(0, &sums[0][64 * h], kTile * 4);
-          _tile_stored(1, &sums[0][64 * h + 16], kTile * 4);
-          _tile_stored(2, &sums[0][64 * h + 32], kTile * 4);
-          _tile_stored(3, &sums[0][64 * h + 48], kTile * 4);
-        }
+        for (int64_t h = 0; h < 2; ++h)
+          amx_half_sums(activations + m0 * k_pad, k_pad, g * group_steps, (g + 1) * group_steps,
+                        h, operand, sums);
         // The XLA op's order: float(sum) * w_scale, added group by group.
         const float* s = w_scale + g * ld_scale + n0;
         for (int64_t r = 0; r < valid_rows; ++r)
