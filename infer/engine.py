@@ -8,9 +8,10 @@ cache (`DecodeState`: the row's position, budget, sampling settings and random k
    never writes into the cache again);
 2. queued requests take free slots and are prefilled together (`prefill_slots`: the rows'
    caches are gathered, `prefill_rows` writes the new tokens, the rows go back), as few calls
-   as their padded lengths allow (`Engine.prefill_groups`), and join the batch: a burst of
-   requests costs one prefill of many rows rather than one stall of the running requests per
-   request (vLLM and llama.cpp's server batch waiting prompts the same way);
+   as their padded lengths allow (`Engine.prefill_groups`; a call may carry a padding row or
+   two where that saves calls), and join the batch: a burst of requests costs one prefill of
+   many rows rather than one stall of the running requests per request (vLLM and llama.cpp's
+   server batch waiting prompts the same way);
 3. one decode chunk (`infer.generate.decode_chunk`) runs over the first slots, up to the last
    busy one, rounded up to a power of two (`row_buckets`): a lone request decodes as a batch of
    one, not of `max_batch` (each row costs a pass over the weights in the matmul kernels and
@@ -126,7 +127,8 @@ def prefill_slots(
     stop_ids: tuple[int, ...],
 ) -> tuple[DecodeState, Int[Array, " rows"]]:
     """Prefill one request into each of the (distinct) rows `slots` of the shared state; the
-    other rows are untouched.
+    other rows are untouched. A slot index past the last row is a padding row: it computes on
+    a copy of the last row and is never written back.
 
     The rows' caches are gathered, `prefill_rows` writes each one's new tokens at its `starts`
     entry on (the slots before it keep what they hold), and the rows are scattered back.
@@ -174,19 +176,20 @@ def _put_rows(state: DecodeState, part: DecodeState, start: Int[Array, ""] | int
 
 
 def _gather_rows(cache: ModelCache, slots: Int[Array, " rows"]) -> ModelCache:
-    """The cache rows `slots`, in that order."""
+    """The cache rows `slots`, in that order (a slot past the last row reads the last row)."""
     axis = _batch_axis(cache)
-    return jax.tree.map(lambda c: jnp.take(c, slots, axis=axis, unique_indices=True), cache)
+    return jax.tree.map(lambda c: jnp.take(c, slots, axis=axis, mode="clip"), cache)
 
 
 def _scatter_rows(state: DecodeState, part: DecodeState, slots: Int[Array, " rows"]
                   ) -> DecodeState:
-    """`state` with `part`'s row i written to row `slots[i]` of every per-row leaf."""
+    """`state` with `part`'s row i written to row `slots[i]` of every per-row leaf (dropped
+    for a slot past the last row: a padding row)."""
     axis = _batch_axis(state.cache)
 
     def put(whole: Array, rows: Array, axis: int) -> Array:
         index = (slice(None),) * axis + (slots,)
-        return whole.at[index].set(rows, unique_indices=True)
+        return whole.at[index].set(rows, unique_indices=True, mode="drop")
 
     return DecodeState(
         cache=jax.tree.map(lambda w, p: put(w, p, axis), state.cache, part.cache),
@@ -221,6 +224,15 @@ def prefill_shapes(context: int, max_batch: int) -> list[tuple[int, int]]:
     rows of it where they hold at most `PREFILL_TOKENS` padded tokens."""
     return [(rows, bucket) for bucket in prefill_buckets(context)
             for rows in row_buckets(max_batch) if rows == 1 or rows * bucket <= PREFILL_TOKENS]
+
+
+def _greedy_calls(rows: int, sizes: Sequence[int]) -> int:
+    """How many calls `rows` rows take in calls of the largest of `sizes` that fits each time."""
+    calls = 0
+    while rows:
+        rows -= max(size for size in sizes if size <= rows)
+        calls += 1
+    return calls
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -391,15 +403,26 @@ class Engine:
 
     def prefill_groups(self, lengths: Sequence[int]) -> list[list[int]]:
         """How to prefill requests of `lengths` new tokens: lists of their indices, each one
-        prefill call. Requests padded to the same length share calls, as many rows as
-        `prefill_shapes` has for it (no row is padding)."""
+        prefill call. Requests padded to the same length share calls of the row counts
+        `prefill_shapes` has for it: the largest that fits, unless the rest fit one call
+        padded with at most as many rows as the calls it saves (`_prefill_call` pads a call
+        to its row count)."""
         by_bucket: dict[int, list[int]] = {}
         for i, length in enumerate(lengths):
             by_bucket.setdefault(bucket_length(length, self.context), []).append(i)
         groups = []
         for bucket, members in sorted(by_bucket.items()):
             sizes = [rows for rows, b in self.prefill_shapes if b == bucket]
+
             while members:
+                # A padding row costs a row's compute; each call saved saves its host round
+                # trip and dispatch, and the stall its prefill puts between the first and
+                # second tokens of the requests prefilled in the calls before it.
+                padded = min((s for s in sizes if s >= len(members)), default=None)
+                saved = _greedy_calls(len(members), sizes) - 1
+                if padded is not None and padded - len(members) <= saved:
+                    groups.append(members)
+                    break
                 size = max(n for n in sizes if n <= len(members))
                 groups.append(members[:size])
                 members = members[size:]
@@ -426,8 +449,14 @@ class Engine:
     def _prefill_call(self, placed: list[tuple[int, Request, list[int]]]
                       ) -> Int[Array, " rows"]:
         """Prefill `placed` (slot, request, new tokens) into the state; each row's first new
-        token (NO_TOKEN where it ended at once)."""
+        token (NO_TOKEN where it ended at once), padding rows' after them. The call has the
+        fewest rows of `prefill_shapes` for its padded length that hold `placed`; the rows
+        beyond it are padding (a one-token request at a slot past the last row)."""
         bucket = bucket_length(max(len(new) for _, _, new in placed), self.context)
+        rows = min(r for r, b in self.prefill_shapes if b == bucket and r >= len(placed))
+        padding = [(self.max_batch + i, Request([0], 0, lambda *_: None), [0])
+                   for i in range(rows - len(placed))]
+        placed = placed + padding
         indices = [index for index, _, _ in placed]
         self.state, first = prefill_slots(
             self.model, self.state, jnp.asarray(indices, jnp.int32),

@@ -129,11 +129,44 @@ def test_chat_with_cache_reuse_replies_as_a_fresh_prefill_of_the_whole_conversat
 def test_queued_requests_prefill_together_as_their_padded_lengths_allow(model):
     engine = Engine(model, max_batch=8, context=128)
     # Lengths 5..16 pad to 16, 17..32 to 32, ...; several rows of one length share a call of
-    # at most `PREFILL_TOKENS` padded tokens, and no call has a padding row.
+    # at most `PREFILL_TOKENS` padded tokens.
     assert engine.prefill_groups([5, 40, 16, 3, 9, 100, 7, 30]) == [
         [0, 2, 3, 4], [6], [7], [1], [5]]
     # 16 rows of 128 would be 2048 tokens: 8 rows at most.
     wide = Engine(model, max_batch=16, context=128)
     assert wide.prefill_groups([100] * 17) == [list(range(8)), list(range(8, 16)), [16]]
+    # A call takes padding rows, at most as many as the calls it saves: 7 rows go in one call
+    # of 8 (not 4 + 2 + 1), 3 in one of 4 (not 2 + 1), 15 in one of 16; 5 stay 4 + 1.
+    assert wide.prefill_groups([20] * 7) == [list(range(7))]
+    assert wide.prefill_groups([20] * 3) == [[0, 1, 2]]
+    assert wide.prefill_groups([20] * 15) == [list(range(15))]
+    assert wide.prefill_groups([20] * 5) == [[0, 1, 2, 3], [4]]
+    assert wide.prefill_groups([20] * 13) == [list(range(8)), list(range(8, 12)), [12]]
+
+
+def test_padding_rows_of_a_prefill_call_write_nothing(model, monkeypatch):
+    # One request decoding in slot 0, then three queued ones: they share one prefill call of
+    # four rows, one of them padding (past the last slot, so dropped). Every reply, the
+    # running one's too, is the reply of the same request alone.
+    engine = Engine(model, max_batch=4, context=CONTEXT, chunk_size=2)
+    prompts = [_prompt(20 + i, 4 + 3 * i) for i in range(4)]
+    requests = [Request(p, 12, lambda ids, finish: None) for p in prompts]
+    engine.submit(requests[0])
+    engine.step()
+    prefilled_rows = []
+    real = engine_module.prefill_slots
+
+    def counted(model, state, slots, *args):
+        prefilled_rows.append(np.asarray(slots).tolist())
+        return real(model, state, slots, *args)
+
+    monkeypatch.setattr(engine_module, "prefill_slots", counted)
+    for request in requests[1:]:
+        engine.submit(request)
+    engine.run_until_idle()
+    assert prefilled_rows == [[1, 2, 3, 4]]
+    alone = Generator(model, context=CONTEXT)
+    for request, prompt in zip(requests, prompts, strict=True):
+        assert request.generated == alone.generate([prompt], max_new_tokens=12)[0]
     assert all(rows == 1 or rows * bucket <= engine_module.PREFILL_TOKENS
                for rows, bucket in engine.prefill_shapes)
