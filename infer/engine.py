@@ -8,8 +8,8 @@ cache (`DecodeState`: the row's position, budget, sampling settings and random k
    never writes into the cache again);
 2. queued requests take free slots and are prefilled together (`prefill_slots`: the rows'
    caches are gathered, `prefill_rows` writes the new tokens, the rows go back), as few calls
-   as their padded lengths allow (`Engine.prefill_groups`; a call may carry a padding row or
-   two where that saves calls), and join the batch: a burst of requests costs one prefill of
+   as their padded lengths allow (`Engine.prefill_groups`; a call may carry a few padding
+   rows where that saves calls), and join the batch: a burst of requests costs one prefill of
    many rows rather than one stall of the running requests per request (vLLM and llama.cpp's
    server batch waiting prompts the same way);
 3. one decode chunk (`infer.generate.decode_chunk`) runs over the first slots, up to the last
@@ -413,7 +413,6 @@ class Engine:
         groups = []
         for bucket, members in sorted(by_bucket.items()):
             sizes = [rows for rows, b in self.prefill_shapes if b == bucket]
-
             while members:
                 # A padding row costs a row's compute; each call saved saves its host round
                 # trip and dispatch, and the stall its prefill puts between the first and
