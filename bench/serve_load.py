@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--kv-cache-dtype", choices=("bf16", "f32", "int8"), default="bf16",
                         help="the server's KV cache (default %(default)s, as `infer serve`'s)")
+    parser.add_argument("--chunk-size", type=int, default=4,
+                        help="decode steps per engine round (default %(default)s, as `infer "
+                             "serve`'s)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import openai
@@ -105,6 +108,7 @@ def main() -> None:
             [sys.executable, "-m", "infer", "serve", str(checkpoint), "--port", str(port),
              "--max-batch", str(args.max_batch), "--max-queue", "1024", "--max-seq-len",
              str(args.max_seq_len), "--kv-cache-dtype", args.kv_cache_dtype,
+             "--chunk-size", str(args.chunk_size),
              "--model-name", "bench"],
             cwd=REPO, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -129,7 +133,8 @@ def main() -> None:
         print(json.dumps({"args": vars(args), "results": rows}, indent=1))
         return
     head = ", head too" if args.quantize_head else ", head float32"
-    print(f"{args.preset} {args.to}{head}, {args.kv_cache_dtype} KV cache, prompt "
+    print(f"{args.preset} {args.to}{head}, {args.kv_cache_dtype} KV cache, chunks of "
+          f"{args.chunk_size}, prompt "
           f"{args.prompt_len} tokens, output {args.output_len}, --max-batch {args.max_batch}, "
           f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print("| concurrency | requests/s | output tokens/s | TTFT p50 / p99 ms | "
