@@ -401,6 +401,10 @@ class Engine:
                 best, best_shared = i, shared
         return best, best_shared
 
+    def _call_rows(self, bucket: int) -> list[int]:
+        """The row counts a prefill call of padded length `bucket` runs at (`prefill_shapes`)."""
+        return [rows for rows, b in self.prefill_shapes if b == bucket]
+
     def prefill_groups(self, lengths: Sequence[int]) -> list[list[int]]:
         """How to prefill requests of `lengths` new tokens: lists of their indices, each one
         prefill call. Requests padded to the same length share calls of the row counts
@@ -412,7 +416,7 @@ class Engine:
             by_bucket.setdefault(bucket_length(length, self.context), []).append(i)
         groups = []
         for bucket, members in sorted(by_bucket.items()):
-            sizes = [rows for rows, b in self.prefill_shapes if b == bucket]
+            sizes = self._call_rows(bucket)
             while members:
                 # A padding row costs a row's compute; each call saved saves its host round
                 # trip and dispatch, and the stall its prefill puts between the first and
@@ -452,7 +456,7 @@ class Engine:
         fewest rows of `prefill_shapes` for its padded length that hold `placed`; the rows
         beyond it are padding (a one-token request at a slot past the last row)."""
         bucket = bucket_length(max(len(new) for _, _, new in placed), self.context)
-        rows = min(r for r, b in self.prefill_shapes if b == bucket and r >= len(placed))
+        rows = min(r for r in self._call_rows(bucket) if r >= len(placed))
         padding = [(self.max_batch + i, Request([0], 0, lambda *_: None), [0])
                    for i in range(rows - len(placed))]
         placed = placed + padding
