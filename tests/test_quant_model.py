@@ -272,12 +272,16 @@ def test_quantized_logits_stay_close_to_float_logits(model, scheme):
     assert float(relative_rms) > 0
 
 
-# |fake-quant loss - converted loss| on random tokens, measured (tiny preset, seed 0, 4 x 32
-# tokens; quantization itself moves the loss by 2e-4 (int8) to 1.3e-3 (int4)): int8 -> w8a8
-# 1.1e-5 (int32 vs float32 sums shift an activation across a rounding edge now and then);
-# int4w -> int4 and w4a8 -> w4a8 0.0 (int4 products sum exactly in float32 too). Tolerances:
-# a few times that, and 2 float32 ulps of a loss near 6.3 (1e-6) where it was exact.
-TRAINED_FORMAT_LOSS_TOLERANCE = {"int8": 5e-5, "int4w": 1e-6, "w4a8": 1e-6}
+# |fake-quant loss - converted loss| on random tokens (tiny preset, seed 0, 4 x 32 tokens;
+# quantization itself moves the loss by 2e-4 (int8) to 1.3e-3 (int4)). Where the activations
+# are quantized too (int8 -> w8a8, w4a8 -> w4a8), the fake-quant f32 dot of dequantized values
+# and the integer one rounded apart by an ulp now and then (on a Zen 4 only 28% of a 64-deep
+# w4a8 product's outputs were bit-equal), and an ulp can carry an activation of the next layer
+# across an int8 rounding edge: over 30 token sets (AMD EPYC Zen 4) the loss moved by up to
+# 1.1e-5 (int8) and 1.9e-5 (w4a8), and by 0.0 in two thirds of them. int4w -> int4 rounds
+# nothing apart (both sides are x @ the same dequantized weight): 0.0 in all 30. Tolerances:
+# a few times the largest, and 2 float32 ulps of a loss near 6.3 (1e-6) where it was exact.
+TRAINED_FORMAT_LOSS_TOLERANCE = {"int8": 5e-5, "int4w": 1e-6, "w4a8": 5e-5}
 
 
 @pytest.mark.parametrize(("name", "group_size", "scheme", "op"), [

@@ -314,11 +314,12 @@ def test_quant_choices_come_from_the_library():
         assert f"{name} =" in text  # each mode is documented in --help
 
 
-# |fake-quant loss - converted loss| of the w4a8 per-channel model below, measured 0.0 (int4 x
-# int8 products sum exactly in float32 and in int32 at these sizes; the quantization itself
-# moves the loss by 1.2e-3). Tolerance: 2 float32 ulps of a loss near 6.2, in case another
-# backend orders the sums differently.
-CONVERTED_LOSS_TOLERANCE = 1e-6
+# |fake-quant loss - converted loss| of the w4a8 per-channel model below: the fake-quant f32
+# dot and the integer one round apart by an ulp now and then, which can carry an activation of
+# the next layer across an int8 rounding edge (test_quant_model.py's
+# TRAINED_FORMAT_LOSS_TOLERANCE). Over 30 token sets on an AMD EPYC (Zen 4): up to 1.1e-5, 0.0
+# in 16; the quantization itself moves this model's loss by 1.3e-3. The same 5e-5 as there.
+CONVERTED_LOSS_TOLERANCE = 5e-5
 
 
 def test_init_from_restores_the_weights_and_starts_a_fresh_optimizer(tmp_path, tokenizer_file,
