@@ -1396,6 +1396,11 @@ ffi::Error Bf16MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // Quads (4 k) of one block of a w8a8 tile: 32 x 128 x 4 bytes = 16 KiB, read from memory once
 // and from L1 by every row chunk.
 constexpr int64_t kW8A8BlockQuads = 32;
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+// How many quads (or w4a8 octs: 512 bytes of a tile each) ahead the first rows of a block
+// prefetch the weight stream: 4 KiB, as kPrefetchRows.
+constexpr int64_t kPrefetchQuads = kPrefetchRows / 4;
+#endif
 
 int32_t load_quad(const int8_t* p) {
   int32_t v;
@@ -1403,46 +1408,50 @@ int32_t load_quad(const int8_t* p) {
   return v;
 }
 
-template <typename Fn>
-void with_rows_upto6(int64_t rows, const Fn& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int64_t, 1>{}); break;
-    case 2: f(std::integral_constant<int64_t, 2>{}); break;
-    case 3: f(std::integral_constant<int64_t, 3>{}); break;
-    case 4: f(std::integral_constant<int64_t, 4>{}); break;
-    case 5: f(std::integral_constant<int64_t, 5>{}); break;
-    default: f(std::integral_constant<int64_t, 6>{}); break;
-  }
+// Calls f(std::integral_constant<int64_t, R>{}) with R = min(rows, Max) (rows >= 1): a block
+// kernel is compiled for each row count up to its own maximum and no further.
+template <int64_t Max, typename Fn>
+void with_rows_upto(int64_t rows, const Fn& f) {
+  if constexpr (Max > 1)
+    if (rows < Max) return with_rows_upto<Max - 1>(rows, f);
+  f(std::integral_constant<int64_t, Max>{});
 }
 
 #if defined(HPLLM_W8A8_VNNI)
-constexpr int64_t kW8A8Rows = 6;  // 6 rows x 4 vectors = 24 accumulators
-// out[r][c] (+)= sum over the block's quads of xu[r] . w (u8 x s8 dot products of 4).
-template <int64_t Rows>
-void w8a8_block(const int8_t* xu, int64_t ldx, const int8_t* w, int64_t quads,
+// Rows of one pass: 2 rows x a whole 512-byte quad row of the tile (8 vectors) = 16
+// accumulators. A pass reads the block in memory order, once, with every row it serves. On a
+// Zen 4 (bench/decode_matmuls.py --formats "w8a8 native", two builds alternated) this took the
+// 85 products of a decode step from 5.2 to 3.9 ms at 1 row and from 14.3 to 9.4 at 16, against
+// 4 rows x 4 vectors in two passes of 64 columns (6 rows' 24 accumulators spilled to the stack;
+// the strided first pass left the hardware prefetcher behind).
+constexpr int64_t kW8A8Rows = 2;
+// out[r][c] (+)= sum over the block's quads of xu[r] . w (u8 x s8 dot products of 4). Prefetch
+// (the first rows of a block): fetch the weight stream kPrefetchQuads quads ahead, a template
+// parameter so that the loop has no branch (with one, GCC shuffled the accumulators between
+// registers and the stack).
+template <int64_t Rows, bool Prefetch>
+__attribute__((noinline)) void w8a8_block(const int8_t* xu, int64_t ldx, const int8_t* w, int64_t quads,
                 int32_t (*out)[kTile], bool first) {
-  constexpr int64_t kVectors = 4;
-  for (int64_t c0 = 0; c0 < kTile; c0 += kVectors * 16) {
-    __m512i acc[Rows][kVectors];
-    for (int64_t r = 0; r < Rows; ++r)
+  constexpr int64_t kVectors = kTile / 16;
+  __m512i acc[Rows][kVectors];
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t v = 0; v < kVectors; ++v)
+      acc[r][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(out[r] + v * 16);
+  for (int64_t q = 0; q < quads; ++q) {
+    const int8_t* row = w + q * kTile * 4;
+    if constexpr (Prefetch) prefetch_ahead(row + kPrefetchQuads * kTile * 4, kTile * 4);
+    for (int64_t r = 0; r < Rows; ++r) {
+      const __m512i xb = _mm512_set1_epi32(load_quad(xu + r * ldx + 4 * q));
       for (int64_t v = 0; v < kVectors; ++v)
-        acc[r][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(out[r] + c0 + v * 16);
-    for (int64_t q = 0; q < quads; ++q) {
-      const int8_t* row = w + (q * kTile + c0) * 4;
-      __m512i wv[kVectors];
-      for (int64_t v = 0; v < kVectors; ++v) wv[v] = _mm512_loadu_si512(row + v * 64);
-      for (int64_t r = 0; r < Rows; ++r) {
-        const __m512i xb = _mm512_set1_epi32(load_quad(xu + r * ldx + 4 * q));
-        for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xb, wv[v]);
-      }
+        acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xb, _mm512_loadu_si512(row + v * 64));
     }
-    for (int64_t r = 0; r < Rows; ++r)
-      for (int64_t v = 0; v < kVectors; ++v) _mm512_storeu_si512(out[r] + c0 + v * 16, acc[r][v]);
   }
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t v = 0; v < kVectors; ++v) _mm512_storeu_si512(out[r] + v * 16, acc[r][v]);
 }
 #elif defined(HPLLM_W8A8_MADDUBS)
 constexpr int64_t kW8A8Rows = 4;  // 4 rows x 2 vectors = 8 accumulators (16 registers)
-template <int64_t Rows>
+template <int64_t Rows, bool Prefetch>
 void w8a8_block(const int8_t* qx, int64_t ldx, const int8_t* w, int64_t quads,
                 int32_t (*out)[kTile], bool first) {
   constexpr int64_t kVectors = 2;
@@ -1455,6 +1464,8 @@ void w8a8_block(const int8_t* qx, int64_t ldx, const int8_t* w, int64_t quads,
                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out[r] + c0 + v * 8));
     for (int64_t q = 0; q < quads; ++q) {
       const int8_t* row = w + (q * kTile + c0) * 4;
+      // Each pass reads one cache line of a quad row: it prefetches that line further on.
+      if constexpr (Prefetch) _mm_prefetch(row + kPrefetchQuads * kTile * 4, _MM_HINT_T0);
       __m256i wv[kVectors];
       for (int64_t v = 0; v < kVectors; ++v)
         wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + v * 32));
@@ -1478,7 +1489,7 @@ void w8a8_block(const int8_t* qx, int64_t ldx, const int8_t* w, int64_t quads,
 }
 #else
 constexpr int64_t kW8A8Rows = 6;
-template <int64_t Rows>
+template <int64_t Rows, bool Prefetch>
 void w8a8_block(const int8_t* qx, int64_t ldx, const int8_t* w, int64_t quads,
                 int32_t (*out)[kTile], bool first) {
   for (int64_t r = 0; r < Rows; ++r) {
@@ -1626,9 +1637,14 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
       for (int64_t q0 = 0; q0 < quads; q0 += kW8A8BlockQuads) {
         const int64_t qn = std::min(kW8A8BlockQuads, quads - q0);
         for (int64_t m = 0; m < rows; m += kW8A8Rows)
-          with_rows_upto6(std::min(kW8A8Rows, rows - m), [&](auto r) {
-            w8a8_block<decltype(r)::value>(xp + (m0 + m) * K + 4 * q0, K,
-                                           wt + q0 * kTile * 4, qn, out + m, q0 == 0);
+          with_rows_upto<kW8A8Rows>(rows - m, [&](auto r) {
+            constexpr int64_t R = decltype(r)::value;
+            const int8_t* x_rows = xp + (m0 + m) * K + 4 * q0;
+            const int8_t* block = wt + q0 * kTile * 4;
+            if (m0 + m == 0)  // the block's first rows fetch the next one
+              w8a8_block<R, true>(x_rows, K, block, qn, out + m, q0 == 0);
+            else
+              w8a8_block<R, false>(x_rows, K, block, qn, out + m, q0 == 0);
           });
       }
       for (int64_t r = 0; r < rows; ++r)
@@ -1670,40 +1686,43 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
 constexpr int64_t kW4A8BlockOcts = 32;
 
 #if defined(HPLLM_W8A8_VNNI)
-constexpr int64_t kW4A8Rows = 4;  // 4 rows x 4 vectors = 16 accumulators, 8 nibble operands
+// Rows of one pass: 2 rows x a whole 512-byte oct row of the tile (8 vectors) = 16
+// accumulators; each weight vector's nibbles are unpacked once and serve both rows, and the
+// block is read in memory order (as w8a8_block; figures in docs/performance.md).
+constexpr int64_t kW4A8Rows = 2;
 // out[r][c] (+)= sum over the block's octs of the two quads' dot products (u8 nibbles x s8).
-template <int64_t Rows>
-void w4a8_block(const int8_t* qx, int64_t ldx, const uint8_t* w, int64_t octs,
-                int32_t (*out)[kTile], bool first) {
-  constexpr int64_t kVectors = 4;
+// Prefetch and noinline as in w8a8_block.
+template <int64_t Rows, bool Prefetch>
+__attribute__((noinline)) void w4a8_block(const int8_t* qx, int64_t ldx, const uint8_t* w,
+                                          int64_t octs, int32_t (*out)[kTile], bool first) {
+  constexpr int64_t kVectors = kTile / 16;
   const __m512i low = _mm512_set1_epi8(15);
-  for (int64_t c0 = 0; c0 < kTile; c0 += kVectors * 16) {
-    __m512i acc[Rows][kVectors];
-    for (int64_t r = 0; r < Rows; ++r)
-      for (int64_t v = 0; v < kVectors; ++v)
-        acc[r][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(out[r] + c0 + v * 16);
-    for (int64_t o = 0; o < octs; ++o) {
-      const uint8_t* row = w + (o * kTile + c0) * 4;
-      __m512i lo[kVectors], hi[kVectors];
-      for (int64_t v = 0; v < kVectors; ++v) {
-        const __m512i bytes = _mm512_loadu_si512(row + v * 64);
-        lo[v] = _mm512_and_si512(bytes, low);
-        hi[v] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
-      }
-      for (int64_t r = 0; r < Rows; ++r) {
-        const __m512i x_lo = _mm512_set1_epi32(load_quad(qx + r * ldx + 8 * o));
-        const __m512i x_hi = _mm512_set1_epi32(load_quad(qx + r * ldx + 8 * o + 4));
-        for (int64_t v = 0; v < kVectors; ++v)
-          acc[r][v] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][v], lo[v], x_lo), hi[v], x_hi);
-      }
+  __m512i acc[Rows][kVectors];
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t v = 0; v < kVectors; ++v)
+      acc[r][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(out[r] + v * 16);
+  for (int64_t o = 0; o < octs; ++o) {
+    const uint8_t* row = w + o * kTile * 4;
+    if constexpr (Prefetch) prefetch_ahead(row + kPrefetchQuads * kTile * 4, kTile * 4);
+    __m512i x_lo[Rows], x_hi[Rows];
+    for (int64_t r = 0; r < Rows; ++r) {
+      x_lo[r] = _mm512_set1_epi32(load_quad(qx + r * ldx + 8 * o));
+      x_hi[r] = _mm512_set1_epi32(load_quad(qx + r * ldx + 8 * o + 4));
     }
-    for (int64_t r = 0; r < Rows; ++r)
-      for (int64_t v = 0; v < kVectors; ++v) _mm512_storeu_si512(out[r] + c0 + v * 16, acc[r][v]);
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const __m512i bytes = _mm512_loadu_si512(row + v * 64);
+      const __m512i lo = _mm512_and_si512(bytes, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+      for (int64_t r = 0; r < Rows; ++r)
+        acc[r][v] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][v], lo, x_lo[r]), hi, x_hi[r]);
+    }
   }
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t v = 0; v < kVectors; ++v) _mm512_storeu_si512(out[r] + v * 16, acc[r][v]);
 }
 #elif defined(HPLLM_W8A8_MADDUBS)
 constexpr int64_t kW4A8Rows = 4;  // 4 rows x 2 vectors = 8 accumulators (16 registers)
-template <int64_t Rows>
+template <int64_t Rows, bool Prefetch>
 void w4a8_block(const int8_t* qx, int64_t ldx, const uint8_t* w, int64_t octs,
                 int32_t (*out)[kTile], bool first) {
   constexpr int64_t kVectors = 2;
@@ -1716,6 +1735,7 @@ void w4a8_block(const int8_t* qx, int64_t ldx, const uint8_t* w, int64_t octs,
                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out[r] + c0 + v * 8));
     for (int64_t o = 0; o < octs; ++o) {
       const uint8_t* row = w + (o * kTile + c0) * 4;
+      if constexpr (Prefetch) _mm_prefetch(row + kPrefetchQuads * kTile * 4, _MM_HINT_T0);
       __m256i lo[kVectors], hi[kVectors];
       for (int64_t v = 0; v < kVectors; ++v) {
         const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + v * 32));
@@ -1744,7 +1764,7 @@ void w4a8_block(const int8_t* qx, int64_t ldx, const uint8_t* w, int64_t octs,
 }
 #else
 constexpr int64_t kW4A8Rows = 6;
-template <int64_t Rows>
+template <int64_t Rows, bool Prefetch>
 void w4a8_block(const int8_t* qx, int64_t ldx, const uint8_t* w, int64_t octs,
                 int32_t (*out)[kTile], bool first) {
   for (int64_t r = 0; r < Rows; ++r) {
@@ -1877,9 +1897,14 @@ ffi::Error W4A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
         for (int64_t o0 = first; o0 < end; o0 += kW4A8BlockOcts) {
           const int64_t on = std::min(kW4A8BlockOcts, end - o0);
           for (int64_t m = 0; m < rows; m += kW4A8Rows)
-            with_rows_upto6(std::min(kW4A8Rows, rows - m), [&](auto r) {
-              w4a8_block<decltype(r)::value>(xp + (m0 + m) * K + 8 * o0, K,
-                                             wt + o0 * kTile * 4, on, out + m, o0 == first);
+            with_rows_upto<kW4A8Rows>(rows - m, [&](auto r) {
+              constexpr int64_t R = decltype(r)::value;
+              const int8_t* x_rows = xp + (m0 + m) * K + 8 * o0;
+              const uint8_t* block = wt + o0 * kTile * 4;
+              if (m0 + m == 0)  // the block's first rows fetch the next one
+                w4a8_block<R, true>(x_rows, K, block, on, out + m, o0 == first);
+              else
+                w4a8_block<R, false>(x_rows, K, block, on, out + m, o0 == first);
             });
         }
         // The XLA op's order: float(sum) * w_scale, added group by group.
