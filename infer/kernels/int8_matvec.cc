@@ -1418,6 +1418,19 @@ void with_rows_upto(int64_t rows, const Fn& f) {
 }
 
 #if defined(HPLLM_W8A8_VNNI)
+// A block's int32 sums over whole tile rows: zero for a tile's first block, else out's.
+template <int64_t Rows>
+inline void begin_row_sums(__m512i (&acc)[Rows][kTile / 16], int32_t (*out)[kTile], bool first) {
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t v = 0; v < kTile / 16; ++v)
+      acc[r][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(out[r] + v * 16);
+}
+template <int64_t Rows>
+inline void end_row_sums(const __m512i (&acc)[Rows][kTile / 16], int32_t (*out)[kTile]) {
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t v = 0; v < kTile / 16; ++v) _mm512_storeu_si512(out[r] + v * 16, acc[r][v]);
+}
+
 // Rows of one pass: 2 rows x a whole 512-byte quad row of the tile (8 vectors) = 16
 // accumulators. A pass reads the block in memory order, once, with every row it serves. On a
 // Zen 4 (bench/decode_matmuls.py --formats "w8a8 native", two builds alternated) this took the
@@ -1430,24 +1443,20 @@ constexpr int64_t kW8A8Rows = 2;
 // parameter so that the loop has no branch (with one, GCC shuffled the accumulators between
 // registers and the stack).
 template <int64_t Rows, bool Prefetch>
-__attribute__((noinline)) void w8a8_block(const int8_t* xu, int64_t ldx, const int8_t* w, int64_t quads,
-                int32_t (*out)[kTile], bool first) {
-  constexpr int64_t kVectors = kTile / 16;
-  __m512i acc[Rows][kVectors];
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t v = 0; v < kVectors; ++v)
-      acc[r][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(out[r] + v * 16);
+__attribute__((noinline)) void w8a8_block(const int8_t* xu, int64_t ldx, const int8_t* w,
+                                          int64_t quads, int32_t (*out)[kTile], bool first) {
+  __m512i acc[Rows][kTile / 16];
+  begin_row_sums(acc, out, first);
   for (int64_t q = 0; q < quads; ++q) {
     const int8_t* row = w + q * kTile * 4;
     if constexpr (Prefetch) prefetch_ahead(row + kPrefetchQuads * kTile * 4, kTile * 4);
     for (int64_t r = 0; r < Rows; ++r) {
       const __m512i xb = _mm512_set1_epi32(load_quad(xu + r * ldx + 4 * q));
-      for (int64_t v = 0; v < kVectors; ++v)
+      for (int64_t v = 0; v < kTile / 16; ++v)
         acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xb, _mm512_loadu_si512(row + v * 64));
     }
   }
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t v = 0; v < kVectors; ++v) _mm512_storeu_si512(out[r] + v * 16, acc[r][v]);
+  end_row_sums(acc, out);
 }
 #elif defined(HPLLM_W8A8_MADDUBS)
 // 4 rows x 2 vectors = 8 accumulators (16 registers), in 8 passes of 16 columns over a block.
@@ -1701,12 +1710,9 @@ constexpr int64_t kW4A8Rows = 2;
 template <int64_t Rows, bool Prefetch>
 __attribute__((noinline)) void w4a8_block(const int8_t* qx, int64_t ldx, const uint8_t* w,
                                           int64_t octs, int32_t (*out)[kTile], bool first) {
-  constexpr int64_t kVectors = kTile / 16;
   const __m512i low = _mm512_set1_epi8(15);
-  __m512i acc[Rows][kVectors];
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t v = 0; v < kVectors; ++v)
-      acc[r][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(out[r] + v * 16);
+  __m512i acc[Rows][kTile / 16];
+  begin_row_sums(acc, out, first);
   for (int64_t o = 0; o < octs; ++o) {
     const uint8_t* row = w + o * kTile * 4;
     if constexpr (Prefetch) prefetch_ahead(row + kPrefetchQuads * kTile * 4, kTile * 4);
@@ -1715,7 +1721,7 @@ __attribute__((noinline)) void w4a8_block(const int8_t* qx, int64_t ldx, const u
       x_lo[r] = _mm512_set1_epi32(load_quad(qx + r * ldx + 8 * o));
       x_hi[r] = _mm512_set1_epi32(load_quad(qx + r * ldx + 8 * o + 4));
     }
-    for (int64_t v = 0; v < kVectors; ++v) {
+    for (int64_t v = 0; v < kTile / 16; ++v) {
       const __m512i bytes = _mm512_loadu_si512(row + v * 64);
       const __m512i lo = _mm512_and_si512(bytes, low);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
@@ -1723,8 +1729,7 @@ __attribute__((noinline)) void w4a8_block(const int8_t* qx, int64_t ldx, const u
         acc[r][v] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][v], lo, x_lo[r]), hi, x_hi[r]);
     }
   }
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t v = 0; v < kVectors; ++v) _mm512_storeu_si512(out[r] + v * 16, acc[r][v]);
+  end_row_sums(acc, out);
 }
 #elif defined(HPLLM_W8A8_MADDUBS)
 // 4 rows x 2 vectors = 8 accumulators (16 registers); a lone row one pass, as w8a8_block.
