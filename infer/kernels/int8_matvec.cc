@@ -1432,16 +1432,16 @@ inline void end_row_sums(const __m512i (&acc)[Rows][kTile / 16], int32_t (*out)[
 }
 
 // Rows of one pass: 2 rows x a whole 512-byte quad row of the tile (8 vectors) = 16
-// accumulators. A pass reads the block in memory order, once, with every row it serves. On a
-// Zen 4 (bench/decode_matmuls.py --formats "w8a8 native", two builds alternated) this took the
-// 85 products of a decode step from 5.2 to 3.9 ms at 1 row and from 14.3 to 9.4 at 16, against
-// 4 rows x 4 vectors in two passes of 64 columns (6 rows' 24 accumulators spilled to the stack;
-// the strided first pass left the hardware prefetcher behind).
+// accumulators. A pass reads the block in memory order, once, with every row it serves; before,
+// 6 rows x 4 vectors ran two strided passes of 64 columns, which the hardware prefetcher did not
+// follow (Zen 4 figures in docs/performance.md, ninth sitting: batch 1 150-164 -> 216-246
+// tokens/s, batch 16 630-681 -> 1095-1131).
 constexpr int64_t kW8A8Rows = 2;
 // out[r][c] (+)= sum over the block's quads of xu[r] . w (u8 x s8 dot products of 4). Prefetch
 // (the first rows of a block): fetch the weight stream kPrefetchQuads quads ahead, a template
-// parameter so that the loop has no branch (with one, GCC shuffled the accumulators between
-// registers and the stack).
+// parameter so that the loop has no branch. noinline: inlined into the product's lambda, GCC 12
+// copied every accumulator to another register after each vpdpbusd and spilled some to the
+// stack inside the loop; compiled alone, the loop is the 16 vpdpbusd and two broadcasts.
 template <int64_t Rows, bool Prefetch>
 __attribute__((noinline)) void w8a8_block(const int8_t* xu, int64_t ldx, const int8_t* w,
                                           int64_t quads, int32_t (*out)[kTile], bool first) {
