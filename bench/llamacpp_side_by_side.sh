@@ -7,6 +7,11 @@
 # against Q8_0 and Q4_0.
 # KV cache: hpllm's bf16 (`infer bench`'s default; --kv-cache-dtype in the extra args changes
 # it) against llama.cpp's f16 (llama-bench's default, given explicitly); the table says both.
+# Positions: llama-bench's tg128 decodes positions 0-127 of an emptied cache (its test_gen after
+# llama_memory_clear), so hpllm's decode is timed after a 1-token prompt (positions 1-128), and
+# its prefill in a second `infer bench` call with a 128-token prompt, as pp128. (Until the tenth
+# sitting hpllm's decode followed its 128-token prefill: positions 128-255, three times the
+# cache reads per step of llama.cpp's on average.)
 #
 #   flock /tmp/hpllm-bench.lock bench/llamacpp_side_by_side.sh [base] [extra args for infer bench]
 #
@@ -27,11 +32,14 @@ echo "hpllm kernels: HPLLM_KERNEL_ISA=${HPLLM_KERNEL_ISA:-native} XLA_FLAGS=${XL
 run_llama() { for m in f32 f16 q8_0 q4_0; do
   "$LLAMA_BUILD/bin/llama-bench" -m "$P/models/$shape-$m.gguf" -t "$(nproc)" -p 128 -n 128 -r 3 \
     -ctk f16 -ctv f16 -o json >"$out/llama-$m-$1.json" 2>/dev/null; done; }
+# run_ours TAG: decode (tg-TAG: 1-token prompt, 128 steps) and prefill (pp-TAG: 128 tokens).
 run_ours() { local tag=$1; shift
-  .venv/bin/python -m infer bench --preset "$shape" --json --to f32,bf16,int8,int4,w8a8,w4a8 --quantize-head \
-    --batch-sizes 1 --prompt-len 128 --new-tokens 128 --repeats 3 --kv-cache-dtype bf16 "$@" \
-    >"$out/ours-$tag.json" 2>"$out/ours-$tag.err" \
-    || { echo "python -m infer bench failed: $(tail -n 1 "$out/ours-$tag.err")"; exit 1; }; }
+  for part in "tg 1 129" "pp 128 2"; do set -- $part "$@"; local what=$1 prompt=$2 new=$3; shift 3
+    .venv/bin/python -m infer bench --preset "$shape" --json --to f32,bf16,int8,int4,w8a8,w4a8 \
+      --quantize-head --batch-sizes 1 --prompt-len "$prompt" --new-tokens "$new" --repeats 3 \
+      --kv-cache-dtype bf16 "$@" >"$out/ours-$what-$tag.json" 2>"$out/ours-$tag.err" \
+      || { echo "python -m infer bench failed: $(tail -n 1 "$out/ours-$tag.err")"; exit 1; }
+  done; }
 run_ours 1 "$@"; run_llama 1; run_ours 2 "$@"; run_llama 2
 .venv/bin/python - "$out" <<'PY'
 import glob, json, statistics, sys
@@ -43,17 +51,19 @@ for f in glob.glob(f"{d}/llama-*.json"):
         theirs_runs.setdefault((fmt, "tg" if r["n_gen"] else "pp"), []).append(r["avg_ts"])
 path, kv = "", set()
 for f in glob.glob(f"{d}/ours-*.json"):
+    part = f.split("ours-")[1].split("-")[0]  # tg: the decode call, pp: the prefill call
+    field = "decode_tokens_per_s" if part == "tg" else "prefill_tokens_per_s"
     report = json.load(open(f))
     for rep in report["reports"]:
         path = rep.get("native_kernel_path") or path
         kv.add(rep["kv_cache_dtype"])
         for row in rep["results"]:
-            ours_runs.setdefault((rep["weights"], "tg"), []).append(row["decode_tokens_per_s"])
-            ours_runs.setdefault((rep["weights"], "pp"), []).append(row["prefill_tokens_per_s"])
+            ours_runs.setdefault((rep["weights"], part), []).append(row[field])
 median = lambda runs, key: statistics.median(runs.get(key) or [0])
 ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
 print(f"hpllm native kernel path: {path or 'none'}; KV cache: hpllm {', '.join(sorted(kv))}, "
-      "llama.cpp f16; medians of two interleaved rounds")
+      "llama.cpp f16; decode at positions 1-128 (llama.cpp 0-127); medians of two interleaved "
+      "rounds")
 print("| hpllm / llama.cpp | hpllm decode tok/s | llama.cpp tg128 | ratio "
       "| hpllm prefill tok/s | llama.cpp pp128 | ratio |")
 print("|---|---|---|---|---|---|---|")
