@@ -6,7 +6,9 @@
 // 512-bit operations it issues, whichever units they use. On a Zen 4 (tenth sitting)
 // every kind alone issues one per cycle, any one kind hides under the FMAs, and the
 // mixes cost 0.50-0.55 cycles per instruction (36 in 17.9 FMA-cycles, 30 in 16.3):
-// fewer instructions, not cheaper ones, is what speeds the loop.
+// fewer instructions, not cheaper ones, is what speeds the loop. Broadcasts from memory are
+// free beside the FMAs; two 512-bit stores are not (the batched routes' choice, see
+// kBatchRows in the kernel source).
 //
 //   g++ -O2 -march=native bench/instruction_mix.cc -o /tmp/instruction_mix
 //   flock /tmp/hpllm-bench.lock /tmp/instruction_mix
@@ -19,7 +21,7 @@
 
 namespace {
 
-alignas(64) unsigned char weight_bytes[4096];
+alignas(64) unsigned char weight_bytes[4096];  // also the stores' target
 
 #define FMA12                                                                                 \
   "vfmadd231ps %%zmm30,%%zmm31,%%zmm0\n vfmadd231ps %%zmm30,%%zmm31,%%zmm1\n"                 \
@@ -38,6 +40,10 @@ alignas(64) unsigned char weight_bytes[4096];
 #define MOVZX6                                                                                \
   "vpmovzxbd (%1),%%zmm12\n vpmovzxbd 16(%1),%%zmm13\n vpmovzxbd 32(%1),%%zmm14\n"           \
   "vpmovzxbd 48(%1),%%zmm15\n vpmovzxbd 64(%1),%%zmm16\n vpmovzxbd 80(%1),%%zmm17\n"
+#define STORE2 "vmovups %%zmm20,512(%1)\n vmovups %%zmm21,576(%1)\n"
+#define BROADCAST6                                                                            \
+  "vbroadcastss (%1),%%zmm12\n vbroadcastss 4(%1),%%zmm13\n vbroadcastss 8(%1),%%zmm14\n"  \
+  "vbroadcastss 12(%1),%%zmm15\n vbroadcastss 16(%1),%%zmm16\n vbroadcastss 20(%1),%%zmm17\n"
 #define AND6                                                                                  \
   "vpandd %%zmm20,%%zmm28,%%zmm12\n vpandd %%zmm21,%%zmm28,%%zmm13\n"                         \
   "vpandd %%zmm22,%%zmm28,%%zmm14\n vpandd %%zmm23,%%zmm28,%%zmm15\n"                         \
@@ -80,6 +86,8 @@ int main() {
   TIME("12 FMA + 6 vpermps", 18, FMA12 PERM6)
   TIME("12 FMA + 6 vpmovzxbd", 18, FMA12 MOVZX6)
   TIME("12 FMA + 6 vpandd", 18, FMA12 AND6)
+  TIME("12 FMA + 6 vbroadcastss (load)", 18, FMA12 BROADCAST6)
+  TIME("12 FMA + 2 zmm stores", 14, FMA12 STORE2)
   TIME("int4 loop before: 12 FMA + 12 vcvtdq2ps + 6 vpmovzxbd + 6 vpandd", 36,
        FMA12 CVT6 CVT6 MOVZX6 AND6)
   TIME("int4 loop now: 12 FMA + 6 vcvtdq2ps + 6 vpermps + 6 vpmovzxbd", 30,

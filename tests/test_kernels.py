@@ -5,12 +5,14 @@ Each path is a separate build of int8_matvec.cc (HPLLM_KERNEL_ISA): AVX-512 (wit
 w8a8 and w4a8), AVX2 + FMA (with AVX-VNNI for them), and the portable loops. On the SIMD paths
 row counts 1-4 take the row-chunk route, 5-63 the few-rows route (whole-tile blocks
 dequantized once and shared by all rows), 64 and up the blocked GEMM (weight panels
-dequantized once per k-block and row block).
+dequantized once per k-block and row block); int8 from 5 rows may take the registers route
+instead (chunks of 6 rows of the tile kernel), and its test runs both.
 A path this CPU cannot execute is skipped with the reason; the portable path runs everywhere a
 C++ compiler does.
 """
 
 import functools
+import itertools
 import platform
 import shutil
 
@@ -101,14 +103,16 @@ def _check_int8_kernel_against_the_xla_op(isa: str, amx: bool = False) -> None:
         np.testing.assert_array_equal(plain_scales, weight.scales)
         x = _activations(d_in)
         reference = jax.jit(Int8WeightOnlyDot())(x, weight)
-        for rows in ROWS:
-            got = jax.jit(op(isa, NEVER))(x[:rows], tiled)
+        # The FMA kernels' two batched routes (5 rows and up), whichever this CPU defaults to.
+        ops = [op(isa, NEVER)] if amx else [op(isa, NEVER, widen) for widen in (False, True)]
+        for rows, dot in itertools.product(ROWS, ops):
+            got = jax.jit(dot)(x[:rows], tiled)
             # Same products of exactly representable values in float32, summed in another
             # order: on outputs up to ~72 the largest difference measured was 4.6e-5 on every
             # FMA path (1.7e-5 at d_in 96) and 1.9e-5 on the AMX route (8.1e-6 at d_in 96;
             # 1.2e-5 at 1-5 rows), so this only admits reordering.
-            np.testing.assert_allclose(got, reference[:rows], rtol=1e-5,
-                                       atol=1e-4, err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}")
+            np.testing.assert_allclose(got, reference[:rows], rtol=1e-5, atol=1e-4,
+                                       err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}, {dot}")
 
 
 @pytest.mark.parametrize("isa", PATHS)

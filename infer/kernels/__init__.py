@@ -33,8 +33,11 @@ Every f32 product runs the kernel, prompts included: from 5 activation rows up e
 block is dequantized once and shared by all rows (whole-tile blocks for batched decode, from 64
 rows a blocked GEMM on weight panels), which measured level with or faster than XLA's f32 dot
 on a dequantized copy of the weight at every row count up to 2048 (`bench/prefill_threshold.py`,
-docs/performance.md). `prefill_rows` switches a product with that many rows or more to the XLA
-route (the bench and the tests use it; `PREFILL_ROWS` is None: never).
+docs/performance.md). On AMD CPUs int8 products of 5 rows and up take the registers route
+instead (`WIDEN_IN_REGISTERS`: chunks of 6 rows widen each weight in registers, faster where a
+widening issues beside the FMAs; `int8_matvec.cc`, at kBatchRows, has the measurements).
+`prefill_rows` switches a product with that many rows or more to the XLA route (the bench and
+the tests use it; `PREFILL_ROWS` is None: never).
 
 On a CPU with AMX-INT8 whose OS grants the tile registers (`Kernels.amx`, asked once when the
 build loads), `use_native_kernels` tiles int8 weight-only linears into the tile unit's layout
@@ -354,11 +357,13 @@ def _rows(x: Float[Array, "*batch d_in"]) -> int:
 
 
 def _kernel_product(target: str, x2: Shaped[Array, "rows d_in"], batch: tuple[int, ...],
-                    d_out: int, *operands: Shaped[Array, "..."]) -> Float[Array, "*batch d_out"]:
+                    d_out: int, *operands: Shaped[Array, "..."], **attributes: bool
+                    ) -> Float[Array, "*batch d_out"]:
     """The f32 [rows, d_out] product of FFI target `target` on the flattened activations `x2`
-    and `operands`, reshaped back to the activations' `batch` axes."""
+    and `operands` (and the target's `attributes`), reshaped back to the activations' `batch`
+    axes."""
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], d_out), jnp.float32))
-    return call(x2, *operands).reshape(batch + (d_out,))
+    return call(x2, *operands, **attributes).reshape(batch + (d_out,))
 
 
 # Activation rows from which a product goes to XLA's f32 dot on a dequantized copy of the weight
@@ -372,13 +377,32 @@ def _xla_route(rows: int, prefill_rows: int | None) -> bool:
     return prefill_rows is not None and rows >= prefill_rows
 
 
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("AuthenticAMD", "GenuineIntel", ...), or "" if unknown."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                 if line.startswith("vendor_id")), "")
+
+
+# Whether batched int8 products (5 rows and up) widen each weight in registers per chunk of 6
+# rows instead of dequantizing it once into an L1 block (int8_matvec.cc, at kBatchRows): faster
+# on AMD's cores, which issue a widening beside their FMAs (measured on a Zen 4, both paths); on
+# Intel's a widening takes an FMA port, which is what the dequantized routes avoid.
+WIDEN_IN_REGISTERS = cpu_vendor() == "AuthenticAMD"
+
+
 class NativeInt8Dot(MatmulOp):
     """`Int8WeightOnlyDot` on the native kernel of build `isa` (each row chunk reuses a weight
     tile from cache). From `prefill_rows` rows up (None: never), and for bf16 activations, the
-    XLA op on the untiled weight (the reference numerics) runs instead."""
+    XLA op on the untiled weight (the reference numerics) runs instead. `widen_in_registers`
+    picks the batched route (`WIDEN_IN_REGISTERS`)."""
 
     isa: str = eqx.field(static=True, default="native")
     prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
+    widen_in_registers: bool = eqx.field(static=True, default=WIDEN_IN_REGISTERS)
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledInt8Weight
                  ) -> Float[Array, "*batch d_out"]:
@@ -387,7 +411,8 @@ class NativeInt8Dot(MatmulOp):
         if x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None:
             return int8_weight_only_matmul(x, *weight.plain())
         return _kernel_product(kernels.int8_target, x.reshape(rows, d_in), x.shape[:-1],
-                               weight.d_out, weight.values, weight.scales)
+                               weight.d_out, weight.values, weight.scales,
+                               widen_in_registers=self.widen_in_registers)
 
 
 AMX_GROUP = 16  # output columns per weight operand of the tile unit

@@ -226,6 +226,13 @@ constexpr int64_t vectors_per_pass(int64_t rows) {
   return v;
 }
 
+// Vectors per column pass of the registers route (below, at kBatchRows): up to 4 rows as the
+// tile kernels, 5-6 rows the micro-kernel's kMicroVectors (AVX-512: 6 x 4 = 24 accumulators,
+// AVX2: 6 x 2 = 12), enough independent FMAs per widened weight vector to hide its widening.
+constexpr int64_t registers_route_vectors(int64_t rows) {
+  return rows > 4 ? Simd::kMicroVectors : vectors_per_pass(rows);
+}
+
 // How far ahead (in tile rows) the tile kernels (int8, int4, bf16) prefetch their weight
 // stream. One core alone keeps too few cache-line reads in flight to stream a tile at the
 // memory's pace: in a scratch run of the bf16 kernel (one thread, 768 x 2048, 300 MB of copies,
@@ -248,11 +255,12 @@ inline void prefetch_ahead(const void* ahead, int64_t bytes) {
 // multiplied by `scale` (one per column) at the end, or left as they are if it is null.
 constexpr int64_t kBlockBytes = 8192;
 
-template <int64_t Rows, typename Weight, typename Widen>
+template <int64_t Rows, int64_t kVectors = vectors_per_pass(Rows), typename Weight,
+          typename Widen>
 void widening_tile_simd(const float* x, int64_t ldx, const Weight* w, const float* scale,
                         int64_t K, float (*out)[kTile], const Widen& widen) {
   using F = Simd::F;
-  constexpr int64_t kVectors = vectors_per_pass(Rows), kWidth = kVectors * Simd::kLanes;
+  constexpr int64_t kWidth = kVectors * Simd::kLanes;
   constexpr int64_t kRowsPerBlock = kBlockBytes / (kTile * sizeof(Weight));
   for (int64_t k0 = 0; k0 < K; k0 += kRowsPerBlock) {
     const int64_t k1 = std::min(K, k0 + kRowsPerBlock);
@@ -283,11 +291,11 @@ void widening_tile_simd(const float* x, int64_t ldx, const Weight* w, const floa
 }
 
 // int8 tile in intrinsics: sign-extending load + convert, the column scale at the end.
-template <int64_t Rows>
+template <int64_t Rows, int64_t kVectors = vectors_per_pass(Rows)>
 void int8_tile_simd(const float* x, int64_t ldx, const int8_t* w, const float* scale, int64_t K,
                     float (*out)[kTile]) {
-  widening_tile_simd<Rows>(x, ldx, w, scale, K, out,
-                           [](const int8_t* p) { return Simd::widen_int8(p); });
+  widening_tile_simd<Rows, kVectors>(x, ldx, w, scale, K, out,
+                                     [](const int8_t* p) { return Simd::widen_int8(p); });
 }
 
 // int4 tile in intrinsics: the nibbles go from one load to FMAs in registers (no staging
@@ -589,6 +597,23 @@ void dequantize_int4(const uint8_t* packed, const float* scale, int64_t ld_scale
 // tile_batched_rows) instead of row chunks of the tile kernels (which stay the batch-1 path:
 // there the weight stream, not arithmetic, sets the pace, and widening in registers reads it
 // once without an L1 round trip).
+//
+// The int8 product's caller picks one of two batched routes (`widen_in_registers`, chosen per
+// CPU in infer.kernels):
+// - dequantized (the routes above): each weight is widened once into an L1 block or panel that
+//   every row reads. Where a widening instruction takes an FMA's issue slot (Intel cores: the
+//   convert and the sign extension share the two 512-bit FMA ports), widening once per weight
+//   is what keeps the FMAs busy.
+// - registers: chunks of kMicroRows rows run the tile kernel (int8_tile_simd, 6 rows x
+//   kMicroVectors), so each weight is widened once per chunk, in registers, and nothing is
+//   stored but the sums. A Zen 4 issues a widening beside its FMAs for free while a 512-bit
+//   store costs FMA time (bench/instruction_mix.cc: 12 FMAs alone, with 6 converts or with 6
+//   sign-extending loads take 12 cycles, with 2 stores 14.6), and the dequantized routes store
+//   every widened weight once.
+//   One thread, base's MLP shapes, weights in L2/L3 (`bench/batched_routes.cc`), GFLOP/s of
+//   the registers route against the few-rows route: 8 rows 108 / 86, 16 rows 112 / 94, 32 rows
+//   112 / 104, and against the GEMM at 128 rows 112 / 101-104 (AVX2 build: 100 / 79, 105 / 97,
+//   106-107 / 100, 107-108 / 103-109).
 constexpr int64_t kBatchRows = 5;
 
 template <int64_t Rows>
@@ -671,14 +696,16 @@ void batched_tasks(ffi::ThreadPool& pool, int64_t M, int64_t tiles, const TileFn
 }
 #endif
 
-// Computes tile t of y for all activation rows, kRowChunk rows per pass over the tile (so the
-// tile is read from memory once and from cache for the later rows); writes the valid columns.
-template <typename RowsFn>
-void tile_all_rows(int64_t t, int64_t M, int64_t N, float* y, const RowsFn& rows_fn) {
+// Computes tile t of y for activation rows m0 .. m0 + M, Chunk rows per pass over the tile (so
+// the tile is read from memory once and from cache for the later rows); writes the valid
+// columns.
+template <int64_t Chunk = kRowChunk, typename RowsFn>
+void tile_all_rows(int64_t t, int64_t M, int64_t N, float* y, const RowsFn& rows_fn,
+                   int64_t m0 = 0) {
   const int64_t n0 = t * kTile, width = std::min(kTile, N - n0);
-  for (int64_t m = 0; m < M; m += kRowChunk) {
-    float out[kRowChunk][kTile];
-    const int64_t rows = std::min(kRowChunk, M - m);
+  for (int64_t m = m0; m < m0 + M; m += Chunk) {
+    float out[Chunk][kTile];
+    const int64_t rows = std::min(Chunk, m0 + M - m);
     rows_fn(m, rows, out);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < width; ++j) y[(m + r) * N + n0 + j] = out[r][j];
@@ -1010,7 +1037,8 @@ void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
 #endif
 
 ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y,
+                          bool widen_in_registers) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kTile || xd[1] != wd[1] ||
       yd[0] != xd[0] || (yd[1] + kTile - 1) / kTile != wd[0] ||
@@ -1024,6 +1052,20 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   float* yp = y->typed_data();
   const int64_t tiles = (N + kTile - 1) / kTile;
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+  if (M >= kBatchRows && widen_in_registers) {
+    batched_tasks(pool, M, tiles, [&](int64_t t, int64_t m0, int64_t rows) {
+      const int8_t* wt = wp + t * K * kTile;
+      tile_all_rows<Simd::kMicroRows>(t, rows, N, yp, [&](int64_t m, int64_t chunk,
+                                                          float (*out)[kTile]) {
+        with_micro_rows(chunk, [&](auto r) {
+          constexpr int64_t kRows = decltype(r)::value;
+          int8_tile_simd<kRows, registers_route_vectors(kRows)>(xp + m * K, K, wt,
+                                                                sp + t * kTile, K, out);
+        });
+      }, m0);
+    });
+    return ffi::Error::Success();
+  }
   if (M >= kBatchRows && M < kGemmRows) {
     parallel_tiles(pool, tiles, [&](int64_t t) {
       const int8_t* wt = wp + t * K * kTile;
@@ -2485,7 +2527,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt8Matvec, Int8MatvecImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("widen_in_registers"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmAmxInt8Matmul, AmxInt8MatmulImpl,
                               ffi::Ffi::Bind()
