@@ -242,14 +242,15 @@ def test_bf16_kernel_matches_the_xla_op(isa):
         np.testing.assert_array_equal(tiled.plain(), weight)  # the layout round-trips
         x = _activations(d_in)
         reference = jax.jit(FloatDot())(x, weight)  # x @ weight.astype(f32)
-        for rows in ROWS:
-            got = jax.jit(NativeBf16Dot(isa, NEVER))(x[:rows], tiled)
+        for rows, widen in itertools.product(ROWS, (False, True)):  # both batched routes
+            got = jax.jit(NativeBf16Dot(isa, NEVER, widen))(x[:rows], tiled)
             # bf16 -> f32 is exact, so these are the reference's products, possibly summed in
             # another order: the largest difference measured was 5.0e-5 on every path (outputs
             # up to ~72; 1.5e-5 at d_in 96), about what float32 rounding over 300 terms gives;
             # the bound leaves several times it.
-            np.testing.assert_allclose(got, reference[:rows], rtol=1e-5,
-                                       atol=1e-4, err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}")
+            np.testing.assert_allclose(
+                got, reference[:rows], rtol=1e-5, atol=1e-4,
+                err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}, widen_in_registers={widen}")
 
 
 def test_kernel_keeps_leading_axes_and_runs_under_jit():

@@ -33,9 +33,9 @@ Every f32 product runs the kernel, prompts included: from 5 activation rows up e
 block is dequantized once and shared by all rows (whole-tile blocks for batched decode, from 64
 rows a blocked GEMM on weight panels), which measured level with or faster than XLA's f32 dot
 on a dequantized copy of the weight at every row count up to 2048 (`bench/prefill_threshold.py`,
-docs/performance.md). On AMD CPUs int8 products of 5 rows and up take the registers route
-instead (`WIDEN_IN_REGISTERS`: chunks of 6 rows widen each weight in registers, faster where a
-widening issues beside the FMAs; `int8_matvec.cc`, at kBatchRows, has the measurements).
+docs/performance.md). On AMD CPUs int8 and bf16 products of 5 rows and up take the registers
+route instead (`WIDEN_IN_REGISTERS`: chunks of 6 rows widen each weight in registers, faster
+where a widening issues beside the FMAs; `int8_matvec.cc`, at kBatchRows, has the figures).
 `prefill_rows` switches a product with that many rows or more to the XLA route (the bench and
 the tests use it; `PREFILL_ROWS` is None: never).
 
@@ -387,10 +387,11 @@ def cpu_vendor() -> str:
                  if line.startswith("vendor_id")), "")
 
 
-# Whether batched int8 products (5 rows and up) widen each weight in registers per chunk of 6
-# rows instead of dequantizing it once into an L1 block (int8_matvec.cc, at kBatchRows): faster
-# on AMD's cores, which issue a widening beside their FMAs (measured on a Zen 4, both paths); on
-# Intel's a widening takes an FMA port, which is what the dequantized routes avoid.
+# Whether batched int8 and bf16 products (5 rows and up) widen each weight in registers per
+# chunk of 6 rows instead of dequantizing it once into an L1 block (int8_matvec.cc, at
+# kBatchRows): faster on AMD's cores, which issue a widening beside their FMAs (measured on a
+# Zen 4, both paths); on Intel's a widening takes an FMA port, which the dequantized routes
+# spare.
 WIDEN_IN_REGISTERS = cpu_vendor() == "AuthenticAMD"
 
 
@@ -519,10 +520,12 @@ class NativeBf16Dot(MatmulOp):
     """`FloatDot` on a bf16 weight, on the native kernel of build `isa`: each weight is widened
     to f32 in registers (exactly) instead of XLA's f32 copy of the whole weight per call. From
     `prefill_rows` rows up (None: never), and for bf16 activations, `FloatDot` on the untiled
-    weight (the reference numerics) runs instead."""
+    weight (the reference numerics) runs instead. `widen_in_registers` picks the batched route
+    (`WIDEN_IN_REGISTERS`)."""
 
     isa: str = eqx.field(static=True, default="native")
     prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
+    widen_in_registers: bool = eqx.field(static=True, default=WIDEN_IN_REGISTERS)
 
     def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledBf16Weight
                  ) -> Float[Array, "*batch d_out"]:
@@ -531,7 +534,8 @@ class NativeBf16Dot(MatmulOp):
         if x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None:
             return FloatDot()(x, weight.plain())
         return _kernel_product(kernels.bf16_target, x.reshape(rows, d_in), x.shape[:-1],
-                               weight.d_out, weight.values)
+                               weight.d_out, weight.values,
+                               widen_in_registers=self.widen_in_registers)
 
 
 def _is_bf16_float_linear(x: Linear) -> bool:

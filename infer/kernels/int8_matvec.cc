@@ -598,15 +598,15 @@ void dequantize_int4(const uint8_t* packed, const float* scale, int64_t ld_scale
 // there the weight stream, not arithmetic, sets the pace, and widening in registers reads it
 // once without an L1 round trip).
 //
-// The int8 product's caller picks one of two batched routes (`widen_in_registers`, chosen per
-// CPU in infer.kernels):
+// The int8 and bf16 products' caller picks one of two batched routes (`widen_in_registers`,
+// chosen per CPU in infer.kernels):
 // - dequantized (the routes above): each weight is widened once into an L1 block or panel that
 //   every row reads. Where a widening instruction takes an FMA's issue slot (Intel cores: the
 //   convert and the sign extension share the two 512-bit FMA ports), widening once per weight
 //   is what keeps the FMAs busy.
-// - registers: chunks of kMicroRows rows run the tile kernel (int8_tile_simd, 6 rows x
-//   kMicroVectors), so each weight is widened once per chunk, in registers, and nothing is
-//   stored but the sums. A Zen 4 issues a widening beside its FMAs for free while a 512-bit
+// - registers: chunks of kMicroRows rows run the tile kernel (int8_tile_simd, bf16_tile_simd;
+//   6 rows x kMicroVectors), so each weight is widened once per chunk, in registers, and
+//   nothing is stored but the sums. A Zen 4 issues a widening beside its FMAs for free while a 512-bit
 //   store costs FMA time (bench/instruction_mix.cc: 12 FMAs alone, with 6 converts or with 6
 //   sign-extending loads take 12 cycles, with 2 stores 14.6), and the dequantized routes store
 //   every widened weight once.
@@ -1036,6 +1036,22 @@ void amx_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t 
 }
 #endif
 
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+// The registers route (see kBatchRows) over M rows: row blocks x tiles handed out as the GEMM's,
+// each block in chunks of up to kMicroRows rows, `chunk_fn(t, m, rows, out)` computing rows m ..
+// m + rows of tile t into out (rows: a std::integral_constant).
+template <typename ChunkFn>
+void registers_route(ffi::ThreadPool& pool, int64_t M, int64_t N, int64_t tiles, float* y,
+                     const ChunkFn& chunk_fn) {
+  batched_tasks(pool, M, tiles, [&](int64_t t, int64_t m0, int64_t rows) {
+    tile_all_rows<Simd::kMicroRows>(t, rows, N, y, [&](int64_t m, int64_t chunk,
+                                                       float (*out)[kTile]) {
+      with_micro_rows(chunk, [&](auto r) { chunk_fn(t, m, r, out); });
+    }, m0);
+  });
+}
+#endif
+
 ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y,
                           bool widen_in_registers) {
@@ -1053,16 +1069,11 @@ ffi::Error Int8MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int64_t tiles = (N + kTile - 1) / kTile;
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
   if (M >= kBatchRows && widen_in_registers) {
-    batched_tasks(pool, M, tiles, [&](int64_t t, int64_t m0, int64_t rows) {
-      const int8_t* wt = wp + t * K * kTile;
-      tile_all_rows<Simd::kMicroRows>(t, rows, N, yp, [&](int64_t m, int64_t chunk,
-                                                          float (*out)[kTile]) {
-        with_micro_rows(chunk, [&](auto r) {
-          constexpr int64_t kRows = decltype(r)::value;
-          int8_tile_simd<kRows, registers_route_vectors(kRows)>(xp + m * K, K, wt,
-                                                                sp + t * kTile, K, out);
-        });
-      }, m0);
+    registers_route(pool, M, N, tiles, yp, [&](int64_t t, int64_t m, auto rows,
+                                               float (*out)[kTile]) {
+      constexpr int64_t kRows = decltype(rows)::value;
+      int8_tile_simd<kRows, registers_route_vectors(kRows)>(xp + m * K, K, wp + t * K * kTile,
+                                                            sp + t * kTile, K, out);
     });
     return ffi::Error::Success();
   }
@@ -1345,10 +1356,10 @@ inline Simd::F widen_bf16(const uint16_t* p) {
 #endif
 
 // bf16 tile in intrinsics: int8's loop (widening_tile_simd) without a column scale.
-template <int64_t Rows>
+template <int64_t Rows, int64_t kVectors = vectors_per_pass(Rows)>
 void bf16_tile_simd(const float* x, int64_t ldx, const uint16_t* w, int64_t K,
                     float (*out)[kTile]) {
-  widening_tile_simd<Rows>(x, ldx, w, nullptr, K, out, widen_bf16);
+  widening_tile_simd<Rows, kVectors>(x, ldx, w, nullptr, K, out, widen_bf16);
 }
 
 // bf16 block for the few-rows route: the weights as f32, exactly.
@@ -1376,7 +1387,8 @@ void bf16_tile(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float 
 }
 
 ffi::Error Bf16MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+                          ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y,
+                          bool widen_in_registers) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kTile || xd[1] != wd[1] ||
       yd[0] != xd[0] || (yd[1] + kTile - 1) / kTile != wd[0])
@@ -1388,6 +1400,15 @@ ffi::Error Bf16MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* yp = y->typed_data();
   const int64_t tiles = (N + kTile - 1) / kTile;
 #if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
+  if (M >= kBatchRows && widen_in_registers) {
+    registers_route(pool, M, N, tiles, yp, [&](int64_t t, int64_t m, auto rows,
+                                               float (*out)[kTile]) {
+      constexpr int64_t kRows = decltype(rows)::value;
+      bf16_tile_simd<kRows, registers_route_vectors(kRows)>(xp + m * K, K, wp + t * K * kTile,
+                                                            K, out);
+    });
+    return ffi::Error::Success();
+  }
   if (M >= kBatchRows && M < kGemmRows) {
     parallel_tiles(pool, tiles, [&](int64_t t) {
       const uint16_t* wt = wp + t * K * kTile;
@@ -2543,7 +2564,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmBf16Matvec, Bf16MatvecImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("widen_in_registers"));
 
 // Which instruction path this library was compiled with ("avx512", "avx2" or "portable"):
 // infer.kernels records it, and the tests check that each forced build runs the path it asked for.
