@@ -1,7 +1,9 @@
 // The two batched routes of the native int8 / int4 kernels (infer/kernels/int8_matvec.cc) at
 // the same row counts, one thread, outside JAX: tile_few_rows (whole-tile blocks of 32 k-rows,
 // the route below kGemmRows) against tile_batched_rows (the blocked GEMM on column panels, the
-// route from kGemmRows), on base's MLP shapes. This is where kGemmRows comes from.
+// route from kGemmRows), on base's MLP shapes. This is where kGemmRows comes from. For int8,
+// also the registers route (chunks of kMicroRows rows of the tile kernel, each weight widened
+// in registers per chunk: what AMD CPUs run from kBatchRows rows, WIDEN_IN_REGISTERS).
 //
 //   g++ -O3 -march=native -fopenmp-simd -std=c++17 -w \
 //       -I"$(.venv/bin/python -c 'import jax; print(jax.ffi.include_dir())')" \
@@ -63,8 +65,8 @@ int main(int argc, char** argv) {
   }
   std::printf("path %s, one thread, load %.1f before\n", HpllmKernelPath(), load);
   std::puts("| weights | K x N | rows | few-rows route GFLOP/s | GEMM route GFLOP/s "
-            "| GEMM / few |");
-  std::puts("|---|---|---|---|---|---|");
+            "| GEMM / few | registers route GFLOP/s |");
+  std::puts("|---|---|---|---|---|---|---|");
   const int64_t shapes[2][2] = {{768, 2048}, {2048, 768}}, group = 128;
   for (const char* scheme : {"int8", "int4"}) {
     const bool int8 = scheme[3] == '8';
@@ -120,9 +122,24 @@ int main(int argc, char** argv) {
               }
             }
         };
+        auto registers = [&] {
+          for (int64_t t = 0; t < tiles; ++t)
+            tile_all_rows<Simd::kMicroRows>(t, M, N, y.data(), [&](int64_t m, int64_t chunk,
+                                                                   float (*out)[kTile]) {
+              with_micro_rows(chunk, [&](auto r) {
+                constexpr int64_t kRows = decltype(r)::value;
+                int8_tile_simd<kRows, registers_route_vectors(kRows)>(
+                    x.data() + m * K, K, w.data() + t * K * kTile, scale.data() + t * kTile, K,
+                    out);
+              });
+            });
+        };
         const double few_rate = gflops(M, K, N, few), gemm_rate = gflops(M, K, N, gemm);
-        std::printf("| %s | %ld x %ld | %ld | %.1f | %.1f | %.2f |\n", scheme, K, N, M, few_rate,
-                    gemm_rate, gemm_rate / few_rate);
+        char registers_rate[16] = "-";
+        if (int8) std::snprintf(registers_rate, sizeof registers_rate, "%.1f",
+                                gflops(M, K, N, registers));
+        std::printf("| %s | %ld x %ld | %ld | %.1f | %.1f | %.2f | %s |\n", scheme, K, N, M,
+                    few_rate, gemm_rate, gemm_rate / few_rate, registers_rate);
       }
     }
   }

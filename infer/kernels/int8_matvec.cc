@@ -272,11 +272,24 @@ void widening_tile_simd(const float* x, int64_t ldx, const Weight* w, const floa
       for (int64_t k = k0; k < k1; ++k) {
         const Weight* row = w + k * kTile + c0;
         prefetch_ahead(row + kPrefetchRows * kTile, kWidth * sizeof(Weight));
-        F xv[Rows];
-        for (int64_t r = 0; r < Rows; ++r) xv[r] = Simd::set1(x[r * ldx + k]);
-        for (int64_t v = 0; v < kVectors; ++v) {
-          const F wv = widen(row + v * Simd::kLanes);
-          for (int64_t r = 0; r < Rows; ++r) acc[r][v] = Simd::fma(xv[r], wv, acc[r][v]);
+        if constexpr (Rows <= kRowChunk) {
+          F xv[Rows];
+          for (int64_t r = 0; r < Rows; ++r) xv[r] = Simd::set1(x[r * ldx + k]);
+          for (int64_t v = 0; v < kVectors; ++v) {
+            const F wv = widen(row + v * Simd::kLanes);
+            for (int64_t r = 0; r < Rows; ++r) acc[r][v] = Simd::fma(xv[r], wv, acc[r][v]);
+          }
+        } else {
+          // The registers route's 5-6 rows: the widened vectors first and one broadcast at a
+          // time, so the AVX2 path's 12 accumulators, 2 vectors and a broadcast fit its 16
+          // registers (six broadcasts held at once spilled: 60 against 105 GFLOP/s at 16
+          // rows in bench/batched_routes.cc).
+          F wv[kVectors];
+          for (int64_t v = 0; v < kVectors; ++v) wv[v] = widen(row + v * Simd::kLanes);
+          for (int64_t r = 0; r < Rows; ++r) {
+            const F xv = Simd::set1(x[r * ldx + k]);
+            for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = Simd::fma(xv, wv[v], acc[r][v]);
+          }
         }
       }
       const bool scaled = scale != nullptr && k1 == K;
