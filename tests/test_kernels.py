@@ -52,6 +52,7 @@ PATHS = ("portable", "avx2", "avx512")
 # at most), the last partial and ending in a 2-row micro-kernel; 4 slabs of the w8a8 kernel.
 ROWS = (1, 2, 3, 4, 7, 8, 16, 33, 200)
 NEVER = 10**9  # a prefill threshold no test reaches: the kernel runs for every row count
+BATCH_ROWS = 5  # kBatchRows: where the batched routes begin
 X86 = platform.machine() in ("x86_64", "AMD64")
 # What each forced build runs where its name is not the path: the f32 kernels of the VNNI builds
 # are the AVX-512 and AVX2 ones, and w8a8 without VNNI runs the AVX2 integer path.
@@ -103,9 +104,12 @@ def _check_int8_kernel_against_the_xla_op(isa: str, amx: bool = False) -> None:
         np.testing.assert_array_equal(plain_scales, weight.scales)
         x = _activations(d_in)
         reference = jax.jit(Int8WeightOnlyDot())(x, weight)
-        # The FMA kernels' two batched routes (5 rows and up), whichever this CPU defaults to.
+        # The FMA kernels' two batched routes (they differ from 5 rows), whichever this CPU
+        # defaults to.
         ops = [op(isa, NEVER)] if amx else [op(isa, NEVER, widen) for widen in (False, True)]
         for rows, dot in itertools.product(ROWS, ops):
+            if dot is not ops[0] and rows < BATCH_ROWS:
+                continue
             got = jax.jit(dot)(x[:rows], tiled)
             # Same products of exactly representable values in float32, summed in another
             # order: on outputs up to ~72 the largest difference measured was 4.6e-5 on every
@@ -243,6 +247,8 @@ def test_bf16_kernel_matches_the_xla_op(isa):
         x = _activations(d_in)
         reference = jax.jit(FloatDot())(x, weight)  # x @ weight.astype(f32)
         for rows, widen in itertools.product(ROWS, (False, True)):  # both batched routes
+            if widen and rows < BATCH_ROWS:
+                continue
             got = jax.jit(NativeBf16Dot(isa, NEVER, widen))(x[:rows], tiled)
             # bf16 -> f32 is exact, so these are the reference's products, possibly summed in
             # another order: the largest difference measured was 5.0e-5 on every path (outputs
