@@ -34,7 +34,8 @@ run_llama() { for m in f32 f16 q8_0 q4_0; do
     -ctk f16 -ctv f16 -o json >"$out/llama-$m-$1.json" 2>/dev/null; done; }
 # run_ours TAG: decode (tg-TAG: 1-token prompt, 128 steps) and prefill (pp-TAG: 128 tokens).
 run_ours() { local tag=$1; shift
-  for part in "tg 1 129" "pp 128 2"; do set -- $part "$@"; local what=$1 prompt=$2 new=$3; shift 3
+  local what prompt new
+  for part in "tg 1 129" "pp 128 2"; do read -r what prompt new <<<"$part"
     .venv/bin/python -m infer bench --preset "$shape" --json --to f32,bf16,int8,int4,w8a8,w4a8 \
       --quantize-head --batch-sizes 1 --prompt-len "$prompt" --new-tokens "$new" --repeats 3 \
       --kv-cache-dtype bf16 "$@" >"$out/ours-$what-$tag.json" 2>"$out/ours-$tag.err" \

@@ -5,14 +5,13 @@ Each path is a separate build of int8_matvec.cc (HPLLM_KERNEL_ISA): AVX-512 (wit
 w8a8 and w4a8), AVX2 + FMA (with AVX-VNNI for them), and the portable loops. On the SIMD paths
 row counts 1-4 take the row-chunk route, 5-63 the few-rows route (whole-tile blocks
 dequantized once and shared by all rows), 64 and up the blocked GEMM (weight panels
-dequantized once per k-block and row block); int8 from 5 rows may take the registers route
-instead (chunks of 6 rows of the tile kernel), and its test runs both.
+dequantized once per k-block and row block); int8 and bf16 from 5 rows may take the
+registers route instead (chunks of 6 rows of the tile kernel), and their tests run both.
 A path this CPU cannot execute is skipped with the reason; the portable path runs everywhere a
 C++ compiler does.
 """
 
 import functools
-import itertools
 import platform
 import shutil
 
@@ -53,6 +52,10 @@ PATHS = ("portable", "avx2", "avx512")
 ROWS = (1, 2, 3, 4, 7, 8, 16, 33, 200)
 NEVER = 10**9  # a prefill threshold no test reaches: the kernel runs for every row count
 BATCH_ROWS = 5  # kBatchRows: where the batched routes begin
+# (rows, widen_in_registers) for the int8 and bf16 kernels: both batched routes, the registers
+# one only where it differs (from BATCH_ROWS rows).
+ROUTE_CASES = tuple((rows, widen) for widen in (False, True) for rows in ROWS
+                    if not widen or rows >= BATCH_ROWS)
 X86 = platform.machine() in ("x86_64", "AMD64")
 # What each forced build runs where its name is not the path: the f32 kernels of the VNNI builds
 # are the AVX-512 and AVX2 ones, and w8a8 without VNNI runs the AVX2 integer path.
@@ -104,12 +107,10 @@ def _check_int8_kernel_against_the_xla_op(isa: str, amx: bool = False) -> None:
         np.testing.assert_array_equal(plain_scales, weight.scales)
         x = _activations(d_in)
         reference = jax.jit(Int8WeightOnlyDot())(x, weight)
-        # The FMA kernels' two batched routes (they differ from 5 rows), whichever this CPU
-        # defaults to.
-        ops = [op(isa, NEVER)] if amx else [op(isa, NEVER, widen) for widen in (False, True)]
-        for rows, dot in itertools.product(ROWS, ops):
-            if dot is not ops[0] and rows < BATCH_ROWS:
-                continue
+        # The FMA kernels: both batched routes, whichever this CPU defaults to.
+        cases = [(rows, op(isa, NEVER)) for rows in ROWS] if amx else [
+            (rows, op(isa, NEVER, widen)) for rows, widen in ROUTE_CASES]
+        for rows, dot in cases:
             got = jax.jit(dot)(x[:rows], tiled)
             # Same products of exactly representable values in float32, summed in another
             # order: on outputs up to ~72 the largest difference measured was 4.6e-5 on every
@@ -246,9 +247,7 @@ def test_bf16_kernel_matches_the_xla_op(isa):
         np.testing.assert_array_equal(tiled.plain(), weight)  # the layout round-trips
         x = _activations(d_in)
         reference = jax.jit(FloatDot())(x, weight)  # x @ weight.astype(f32)
-        for rows, widen in itertools.product(ROWS, (False, True)):  # both batched routes
-            if widen and rows < BATCH_ROWS:
-                continue
+        for rows, widen in ROUTE_CASES:
             got = jax.jit(NativeBf16Dot(isa, NEVER, widen))(x[:rows], tiled)
             # bf16 -> f32 is exact, so these are the reference's products, possibly summed in
             # another order: the largest difference measured was 5.0e-5 on every path (outputs

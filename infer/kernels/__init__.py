@@ -124,17 +124,26 @@ def default_isa() -> str:
     return isa
 
 
+def cpuinfo_field(name: str) -> str | None:
+    """The value of the first CPU's `name` line in /proc/cpuinfo ("flags", "vendor_id", ...):
+    "" if it has no such line, None if there is no /proc/cpuinfo to read."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                 if line.split(":", 1)[0].strip() == name), "")
+
+
 def cpu_lacks(isa: str) -> str | None:
     """Why this CPU cannot run the `isa` build, or None if it can."""
     needed = ISA_CPU_FLAGS.get(isa, ())
     if not needed:
         return None
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    listed = cpuinfo_field("flags")
+    if listed is None:
         return "no /proc/cpuinfo to read the CPU's flags from"
-    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                      if line.startswith("flags")), []))
+    flags = set(listed.split())
     missing = [flag for flag in needed if flag not in flags]
     return f"this CPU lacks {', '.join(missing)}" if missing else None
 
@@ -377,22 +386,12 @@ def _xla_route(rows: int, prefill_rows: int | None) -> bool:
     return prefill_rows is not None and rows >= prefill_rows
 
 
-def cpu_vendor() -> str:
-    """/proc/cpuinfo's vendor_id ("AuthenticAMD", "GenuineIntel", ...), or "" if unknown."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                 if line.startswith("vendor_id")), "")
-
-
 # Whether batched int8 and bf16 products (5 rows and up) widen each weight in registers per
 # chunk of 6 rows instead of dequantizing it once into an L1 block (int8_matvec.cc, at
 # kBatchRows): faster on AMD's cores, which issue a widening beside their FMAs (measured on a
 # Zen 4, both paths); on Intel's a widening takes an FMA port, which the dequantized routes
 # spare.
-WIDEN_IN_REGISTERS = cpu_vendor() == "AuthenticAMD"
+WIDEN_IN_REGISTERS = cpuinfo_field("vendor_id") == "AuthenticAMD"
 
 
 class NativeInt8Dot(MatmulOp):

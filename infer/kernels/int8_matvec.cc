@@ -619,14 +619,14 @@ void dequantize_int4(const uint8_t* packed, const float* scale, int64_t ld_scale
 //   is what keeps the FMAs busy.
 // - registers: chunks of kMicroRows rows run the tile kernel (int8_tile_simd, bf16_tile_simd;
 //   6 rows x kMicroVectors), so each weight is widened once per chunk, in registers, and
-//   nothing is stored but the sums. A Zen 4 issues a widening beside its FMAs for free while a 512-bit
-//   store costs FMA time (bench/instruction_mix.cc: 12 FMAs alone, with 6 converts or with 6
-//   sign-extending loads take 12 cycles, with 2 stores 14.6), and the dequantized routes store
-//   every widened weight once.
-//   One thread, base's MLP shapes, weights in L2/L3 (`bench/batched_routes.cc`), GFLOP/s of
-//   the registers route against the few-rows route: 8 rows 108 / 86, 16 rows 112 / 94, 32 rows
-//   112 / 104, and against the GEMM at 128 rows 112 / 101-104 (AVX2 build: 100 / 79, 105 / 97,
-//   106-107 / 100, 107-108 / 103-109).
+//   nothing is stored but the sums. A Zen 4 issues a widening beside its FMAs for free while
+//   a 512-bit store costs FMA time (bench/instruction_mix.cc: 12 FMAs alone, with 6 converts
+//   or with 6 sign-extending loads take 12 cycles, with 2 stores 14.6), and the dequantized
+//   routes store every widened weight once.
+//   One thread, base's MLP shapes (`bench/batched_routes.cc`, Zen 4), GFLOP/s of the registers
+//   route against the few-rows route: 8 rows 108-109 / 86-87, 16 rows 112 / 95, 32 rows 112-113
+//   / 104, and against the GEMM at 128 rows 112-113 / 101-106 (AVX2 build: 99-100 / 79-80,
+//   105-106 / 97-98, 105-107 / 100, and 106 / 102-107 at 128).
 constexpr int64_t kBatchRows = 5;
 
 template <int64_t Rows>
