@@ -73,6 +73,7 @@ def test_greedy_with_cache_equals_recomputation_for_quantized_weights(model, sch
         NativeAmxInt8Dot,
         NativeInt4Dot,
         NativeInt8Dot,
+        NativeVnniInt8Dot,
         NativeW4A8Dot,
         available,
     )
@@ -81,8 +82,10 @@ def test_greedy_with_cache_equals_recomputation_for_quantized_weights(model, sch
     prompt = _prompt(1, 9)
     generator = Generator(quantized, chunk_size=4, layout=layout, kv_cache_dtype="float32")
     if available():  # the blocks run the native kernels, unrolled or scanned
-        # int8: the tile unit's op where the build has AMX, else the FMA kernels' op
-        native = {"int8": (NativeInt8Dot, NativeAmxInt8Dot), "int4": NativeInt4Dot,
+        # int8: the tile unit's op where the build has AMX, VNNI's on AMD CPUs with AVX-512
+        # VNNI, else the FMA kernels' op
+        native = {"int8": (NativeInt8Dot, NativeAmxInt8Dot, NativeVnniInt8Dot),
+                  "int4": NativeInt4Dot,
                   "w4a8": NativeW4A8Dot}[scheme]
         blocks = generator.model.blocks
         ops = [block.mlp.w_up.op for block in blocks] if isinstance(blocks, tuple) else [

@@ -34,12 +34,14 @@ from infer.kernels import (
     NativeDecodeAttention,
     NativeInt4Dot,
     NativeInt8Dot,
+    NativeVnniInt8Dot,
     NativeW4A8Dot,
     NativeW8A8Dot,
     TiledAmxInt8Weight,
     TiledBf16Weight,
     TiledInt4Weight,
     TiledInt8Weight,
+    TiledVnniInt8Weight,
     TiledW4A8Weight,
     TiledW8A8Weight,
     use_native_kernels,
@@ -94,10 +96,16 @@ def _activations(d_in: int) -> jax.Array:
     return jnp.asarray(rng.standard_normal((max(ROWS), d_in), np.float32))
 
 
-def _check_int8_kernel_against_the_xla_op(isa: str, amx: bool = False) -> None:
-    """The FMA kernels' layout and op, or (`amx`) the tile unit's layout and op."""
-    tiled_weight, op = (TiledAmxInt8Weight, NativeAmxInt8Dot) if amx else (TiledInt8Weight,
-                                                                          NativeInt8Dot)
+# The int8 weight-only routes: weight layout and op of each.
+INT8_ROUTES = {"fma": (TiledInt8Weight, NativeInt8Dot),
+               "amx": (TiledAmxInt8Weight, NativeAmxInt8Dot),
+               "vnni": (TiledVnniInt8Weight, NativeVnniInt8Dot)}
+
+
+def _check_int8_kernel_against_the_xla_op(isa: str, route: str = "fma") -> None:
+    """The FMA kernels' layout and op, or the three-digit routes' (`route` "amx": the tile
+    unit's; "vnni": AVX-512 VNNI's)."""
+    tiled_weight, op = INT8_ROUTES[route]
     for d_in, d_out in INT8_SHAPES:
         w = jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32)
         weight = Int8Weight(w)
@@ -108,14 +116,15 @@ def _check_int8_kernel_against_the_xla_op(isa: str, amx: bool = False) -> None:
         x = _activations(d_in)
         reference = jax.jit(Int8WeightOnlyDot())(x, weight)
         # The FMA kernels: both batched routes, whichever this CPU defaults to.
-        cases = [(rows, op(isa, NEVER)) for rows in ROWS] if amx else [
-            (rows, op(isa, NEVER, widen)) for rows, widen in ROUTE_CASES]
+        cases = [(rows, op(isa, NEVER, widen)) for rows, widen in ROUTE_CASES] if (
+            route == "fma") else [(rows, op(isa, NEVER)) for rows in ROWS]
         for rows, dot in cases:
             got = jax.jit(dot)(x[:rows], tiled)
             # Same products of exactly representable values in float32, summed in another
             # order: on outputs up to ~72 the largest difference measured was 4.6e-5 on every
-            # FMA path (1.7e-5 at d_in 96) and 1.9e-5 on the AMX route (8.1e-6 at d_in 96;
-            # 1.2e-5 at 1-5 rows), so this only admits reordering.
+            # FMA path (1.7e-5 at d_in 96), 1.9e-5 on the AMX route (8.1e-6 at d_in 96; 1.2e-5
+            # at 1-5 rows) and on the VNNI route (8.1e-6 at d_in 96), so this only admits
+            # reordering.
             np.testing.assert_allclose(got, reference[:rows], rtol=1e-5, atol=1e-4,
                                        err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}, {dot}")
 
@@ -133,36 +142,10 @@ INT4_AMX_SHAPES = ((384, 300, 128), (320, 130, 64), (200, 130, 0), (96, 300, 32)
 AMX_ROWS = (5, 7, 8, 16, 33, 200)  # 5: the route's first row count (kBatchRows)
 
 
-def test_amx_routes_match_the_xla_ops_and_the_digits_error_bound():
-    """The AMX routes where this CPU and OS run them: int8 weights in the tile unit's layout,
-    every row count (up to 5 rows all (row, digit) pairs in one digits operand, more 16 at a
-    time), and int4 weights from 5 rows up (activations as three int8 digits of a per-row
-    scale) against the XLA ops on the usual shapes and a float64 reference on rows with a 1000x
-    outlier channel, where the digits' bound bites hardest; w8a8 (5 rows and up) equal to the
-    XLA op bit for bit."""
-    built = _kernels_or_skip("native")
-    if not built.amx:
-        pytest.skip("no AMX-INT8 here (CPU or OS): the native build runs the FMA routes")
-    _check_int8_kernel_against_the_xla_op("native", amx=True)
-    _check_int4_kernel_against_the_xla_op("native", INT4_AMX_SHAPES, AMX_ROWS)
-    _check_w8a8_kernel_against_the_xla_op("native")
-    # (d_in, op, weight, dequantized weight, row counts for the bound, for the non-finite rows)
-    cases = []
-    for d_in, d_out in INT8_SHAPES:
-        weight = Int8Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32))
-        dequantized = np.asarray(weight.values, np.float64) * np.asarray(weight.scales)[None, :]
-        tiled = TiledAmxInt8Weight(weight)
-        cases.append((d_in, NativeAmxInt8Dot("native", NEVER), tiled, dequantized, (3, 16),
-                      (3, 8)))
-        # bf16 activations take the XLA op on the untiled weight: exactly the reference.
-        x16 = _activations(d_in)[:4].astype(jnp.bfloat16)
-        np.testing.assert_array_equal(NativeAmxInt8Dot("native", NEVER)(x16, tiled),
-                                      Int8WeightOnlyDot()(x16, weight))
-    for d_in, d_out, group in INT4_AMX_SHAPES[:3]:
-        weight = Int4Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32),
-                            group)
-        cases.append((d_in, NativeInt4Dot("native", NEVER), TiledInt4Weight(weight),
-                      np.asarray(weight.dequantize(), np.float64), (16,), (8,)))
+def _check_digits_error_bound(cases: list) -> None:
+    """Each case (d_in, op, weight, dequantized weight, row counts for the bound, row counts
+    for the non-finite rows) against a float64 reference on rows with a 1000x outlier channel,
+    where the three digits' bound bites hardest, and with NaN and infinite activations."""
     for d_in, dot, tiled, dequantized, bound_rows, broken_rows in cases:
         x = _activations(d_in)
         outlier = np.array(x[:16], np.float64)
@@ -171,7 +154,8 @@ def test_amx_routes_match_the_xla_ops_and_the_digits_error_bound():
         # Three base-254 digits keep each activation to within 2^-24 of its row's largest
         # magnitude, so |error| <= 2^-24 x max|x_row| x sum|w_column| (plus f32 rounding of the
         # digit sums and, for int4, of the per-group flushes, far smaller). Measured: int8 at
-        # most 0.32 of it at 3 rows and 0.44 at 16 (the int8 FMA routes, avx512 build, 0.87);
+        # most 0.32 of it at 3 rows and 0.44 at 16 on AMX and on VNNI (0.26 at 1 row on VNNI;
+        # the int8 FMA routes, avx512 build, 0.87);
         # int4 0.17 (group 128), 0.22 (group 64), 0.25 (per channel), its FMA routes 0.53-0.81
         # (f32 accumulation carries the outlier's rounding too).
         bound = 2.0**-24 * np.abs(outlier).max(1, keepdims=True) * np.abs(dequantized).sum(0)
@@ -191,6 +175,39 @@ def test_amx_routes_match_the_xla_ops_and_the_digits_error_bound():
             assert np.all(np.isfinite(np.delete(got, bad, axis=0)))
 
 
+def test_amx_routes_match_the_xla_ops_and_the_digits_error_bound():
+    """The AMX routes where this CPU and OS run them: int8 weights in the tile unit's layout,
+    every row count (up to 5 rows all (row, digit) pairs in one digits operand, more 16 at a
+    time), and int4 weights from 5 rows up (activations as three int8 digits of a per-row
+    scale) against the XLA ops on the usual shapes and a float64 reference on rows with a 1000x
+    outlier channel, where the digits' bound bites hardest; w8a8 (5 rows and up) equal to the
+    XLA op bit for bit."""
+    built = _kernels_or_skip("native")
+    if not built.amx:
+        pytest.skip("no AMX-INT8 here (CPU or OS): the native build runs the FMA routes")
+    _check_int8_kernel_against_the_xla_op("native", "amx")
+    _check_int4_kernel_against_the_xla_op("native", INT4_AMX_SHAPES, AMX_ROWS)
+    _check_w8a8_kernel_against_the_xla_op("native")
+    # (d_in, op, weight, dequantized weight, row counts for the bound, for the non-finite rows)
+    cases = []
+    for d_in, d_out in INT8_SHAPES:
+        weight = Int8Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32))
+        dequantized = np.asarray(weight.values, np.float64) * np.asarray(weight.scales)[None, :]
+        tiled = TiledAmxInt8Weight(weight)
+        cases.append((d_in, NativeAmxInt8Dot("native", NEVER), tiled, dequantized, (3, 16),
+                      (3, 8)))
+        # bf16 activations take the XLA op on the untiled weight: exactly the reference.
+        x16 = _activations(d_in)[:4].astype(jnp.bfloat16)
+        np.testing.assert_array_equal(NativeAmxInt8Dot("native", NEVER)(x16, tiled),
+                                      Int8WeightOnlyDot()(x16, weight))
+    for d_in, d_out, group in INT4_AMX_SHAPES[:3]:
+        weight = Int4Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32),
+                            group)
+        cases.append((d_in, NativeInt4Dot("native", NEVER), TiledInt4Weight(weight),
+                      np.asarray(weight.dequantize(), np.float64), (16,), (8,)))
+    _check_digits_error_bound(cases)
+
+
 def test_amx_int8_model_logits_match_the_xla_model():
     """A tiny int8 model (head quantized too) on the AMX route against the same model on the
     XLA ops: a 3-token prompt (one digits operand) and two 24-token ones (48 rows)."""
@@ -208,6 +225,54 @@ def test_amx_int8_model_logits_match_the_xla_model():
         tokens = jax.random.randint(jax.random.key(1), shape, 0, 512)
         # The digits' error and another summation order through two layers and the head:
         # largest difference measured 1.5e-7 on logits up to ~0.4 (the FMA kernels: the same).
+        np.testing.assert_allclose(forward(native, tokens), forward(model, tokens), rtol=0,
+                                   atol=1e-6, err_msg=str(shape))
+
+
+def test_vnni_int8_route_matches_the_xla_op_and_the_digits_error_bound():
+    """int8 weights on the AVX-512 VNNI route (activations as three int8 digits of a per-row
+    scale, `vpdpbusd`), every row count, against the XLA op on the usual shapes and a float64
+    reference under the digits' error bound; bf16 activations, rows from the prefill threshold
+    up, and a build without VNNI take the XLA op: exactly the reference."""
+    _kernels_or_skip("avx512vnni")
+    _check_int8_kernel_against_the_xla_op("avx512vnni", "vnni")
+    cases = []
+    for d_in, d_out in INT8_SHAPES:
+        weight = Int8Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32))
+        dequantized = np.asarray(weight.values, np.float64) * np.asarray(weight.scales)[None, :]
+        tiled = TiledVnniInt8Weight(weight)
+        cases.append((d_in, NativeVnniInt8Dot("avx512vnni", NEVER), tiled, dequantized,
+                      (1, 2, 3, 16), (1, 3, 8)))
+        x = _activations(d_in)[:4]
+        reference = jax.jit(Int8WeightOnlyDot())
+        for x_in, dot in ((x.astype(jnp.bfloat16), NativeVnniInt8Dot("avx512vnni", NEVER)),
+                          (x, NativeVnniInt8Dot("avx512vnni", prefill_rows=4)),
+                          (x, NativeVnniInt8Dot("avx512", NEVER))):
+            np.testing.assert_array_equal(jax.jit(dot)(x_in, tiled), reference(x_in, weight),
+                                          err_msg=str(dot))
+    _check_digits_error_bound(cases)
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+def test_vnni_int8_model_logits_match_the_xla_model(monkeypatch, layout):
+    """A tiny int8 model (head quantized too) on the VNNI route against the same model on the
+    XLA ops, in either layer layout: a 3-token prompt and two 24-token ones (48 rows)."""
+    _kernels_or_skip("avx512vnni")
+    # use_native_kernels takes this route on AMD CPUs; the test runs it on any with VNNI.
+    monkeypatch.setattr(kernels, "INT8_DIGITS_ON_VNNI", True)
+    model = Transformer(preset("tiny"), key=jax.random.key(0))
+    model = quantize(model.unstacked() if layout == "unrolled" else model, "int8",
+                     targets=WITH_HEAD)
+    native = use_native_kernels(model, "avx512vnni")
+    blocks = native.blocks[0] if layout == "unrolled" else native.blocks
+    for linear in (blocks.mlp.w_up, native.lm_head):
+        assert isinstance(linear.op, NativeVnniInt8Dot)
+        assert isinstance(linear.weight, TiledVnniInt8Weight)
+    forward = eqx.filter_jit(lambda model, tokens: model(tokens))
+    for shape in ((1, 3), (2, 24)):
+        tokens = jax.random.randint(jax.random.key(1), shape, 0, 512)
+        # The digits' error and another summation order through two layers and the head:
+        # largest difference measured 1.8e-7 on logits up to ~0.4 (the FMA kernels: 2.4e-7).
         np.testing.assert_allclose(forward(native, tokens), forward(model, tokens), rtol=0,
                                    atol=1e-6, err_msg=str(shape))
 

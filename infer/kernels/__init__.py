@@ -36,6 +36,10 @@ on a dequantized copy of the weight at every row count up to 2048 (`bench/prefil
 docs/performance.md). On AMD CPUs int8 and bf16 products of 5 rows and up take the registers
 route instead (`WIDEN_IN_REGISTERS`: chunks of 6 rows widen each weight in registers, faster
 where a widening issues beside the FMAs; `int8_matvec.cc`, at kBatchRows, has the figures).
+On AMD CPUs with AVX-512 VNNI, int8 weight-only products take neither: every row count runs
+`NativeVnniInt8Dot` on `TiledVnniInt8Weight` (`INT8_DIGITS_ON_VNNI`), the activations as three
+int8 digits as on AMX (below) and their products `vpdpbusd`'s exact int32 sums, which a Zen 4
+issues as often as an FMA, for 64 / 3 multiply-adds per instruction against the FMA's 16.
 `prefill_rows` switches a product with that many rows or more to the XLA route (the bench and
 the tests use it; `PREFILL_ROWS` is None: never).
 
@@ -211,6 +215,7 @@ class Kernels:
     attention_int8_target: str  # ... over an int8 cache with per-slot, per-head scales
     amx_int8_target: str  # int8 weights in the tile unit's layout (only where `amx`)
     w4a8_target: str  # int4 weights x int8 activations (the w8a8 kernel's integer path)
+    vnni_int8_target: str  # int8 weights x f32 activations as three digits (AVX-512 VNNI only)
 
 
 _loaded: dict[str, Kernels | str] = {}  # isa -> the build, or why it is unavailable
@@ -255,7 +260,7 @@ def _load(isa: str) -> Kernels | str:
                       f"hpllm_w8a8_matmul_{isa}", f"hpllm_decode_attention_{isa}",
                       f"hpllm_bf16_matvec_{isa}", f"hpllm_decode_attention_bf16_{isa}",
                       f"hpllm_decode_attention_int8_{isa}", f"hpllm_amx_int8_matmul_{isa}",
-                      f"hpllm_w4a8_matmul_{isa}")
+                      f"hpllm_w4a8_matmul_{isa}", f"hpllm_vnni_int8_matmul_{isa}")
     for target, symbol in ((kernels.int8_target, library.HpllmInt8Matvec),
                            (kernels.int4_target, library.HpllmInt4Matvec),
                            (kernels.w8a8_target, library.HpllmW8A8Matmul),
@@ -264,7 +269,8 @@ def _load(isa: str) -> Kernels | str:
                            (kernels.attention_bf16_target, library.HpllmDecodeAttentionBf16),
                            (kernels.attention_int8_target, library.HpllmDecodeAttentionInt8),
                            (kernels.amx_int8_target, library.HpllmAmxInt8Matmul),
-                           (kernels.w4a8_target, library.HpllmW4A8Matmul)):
+                           (kernels.w4a8_target, library.HpllmW4A8Matmul),
+                           (kernels.vnni_int8_target, library.HpllmVnniInt8Matmul)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return kernels
 
@@ -334,6 +340,44 @@ class TiledInt8Weight(eqx.Module):
     def plain(self) -> tuple[Int8[Array, "*layers d_in d_out"], Float[Array, "*layers d_out"]]:
         """values and scales in the plain [d_in, d_out] layout (for the XLA op)."""
         return untile_columns(self.values, self.d_out), self.scales[..., :self.d_out]
+
+
+VNNI_HALF = 64  # output columns per half of a tile in the VNNI layout; kVnniHalf in int8_matvec.cc
+
+
+class TiledVnniInt8Weight(eqx.Module):
+    """An `Int8Weight` in the VNNI digits kernel's layout (`NativeVnniInt8Dot`): values
+    [d_out / TILE, 2, ceil(d_in / 4), 64, 4], per 128-column tile two halves of 64 columns, each
+    a contiguous stream of quads (the four k of a column adjacent, as `vpdpbusd` takes them),
+    stored offset as unsigned bytes (q + 128: the instruction's unsigned operand; int8_matvec.cc
+    explains the correction). d_in zero-padded to whole quads, d_out to whole tiles; scales
+    padded to whole tiles."""
+
+    values: UInt8[Array, "*layers tiles 2 quads 64 4"]
+    scales: Float[Array, "*layers padded_d_out"]
+    d_in: int = eqx.field(static=True)
+    d_out: int = eqx.field(static=True)
+
+    def __init__(self, weight: Int8Weight):
+        self.d_in, self.d_out = weight.values.shape[-2:]
+        values = pad_inputs(pad_columns(weight.values), 4)
+        *layers, rows, cols = values.shape
+        offset = jax.lax.bitcast_convert_type(values, jnp.uint8) ^ jnp.uint8(0x80)
+        # [quad, k in quad, tile, half, column in half] -> [tile, half, quad, column, k in quad]
+        split = offset.reshape(*layers, rows // 4, 4, cols // TILE, 2, VNNI_HALF)
+        n = len(layers)
+        self.values = jnp.transpose(split, tuple(range(n)) + tuple(n + a for a in (2, 3, 0, 4, 1)))
+        self.scales = pad_columns(weight.scales)
+
+    def plain(self) -> tuple[Int8[Array, "*layers d_in d_out"], Float[Array, "*layers d_out"]]:
+        """values and scales in the plain [d_in, d_out] layout (for the XLA op)."""
+        *layers, tiles, halves, quads, half, four = self.values.shape
+        n = len(layers)
+        # the inverse of __init__'s transpose
+        split = jnp.transpose(self.values, tuple(range(n)) + tuple(n + a for a in (2, 4, 0, 1, 3)))
+        offset = split.reshape(*layers, quads * four, tiles * halves * half)
+        values = jax.lax.bitcast_convert_type(offset ^ jnp.uint8(0x80), jnp.int8)
+        return values[..., :self.d_in, :self.d_out], self.scales[..., :self.d_out]
 
 
 class TiledInt4Weight(eqx.Module):
@@ -413,6 +457,36 @@ class NativeInt8Dot(MatmulOp):
         return _kernel_product(kernels.int8_target, x.reshape(rows, d_in), x.shape[:-1],
                                weight.d_out, weight.values, weight.scales,
                                widen_in_registers=self.widen_in_registers)
+
+
+# Whether int8 weight-only products run on the VNNI digits kernel (`NativeVnniInt8Dot`, every
+# row count) where the build has AVX-512 VNNI and no AMX: on AMD CPUs, whose cores issue a
+# 512-bit vpdpbusd as often as an FMA (measured on a Zen 4; int8_matvec.cc has the figures).
+# Intel's cores without AMX issue vpdpbusd on one port and FMAs on two, so they keep the FMA
+# routes.
+INT8_DIGITS_ON_VNNI = cpuinfo_field("vendor_id") == "AuthenticAMD"
+
+
+class NativeVnniInt8Dot(MatmulOp):
+    """`Int8WeightOnlyDot` on AVX-512 VNNI (build `isa`, where `Kernels.w8a8_path` is
+    "avx512_vnni"), every row count: the f32 activations enter as three int8 digits of a per-row
+    scale, as on the AMX route, and each digit's product with the weights is an exact int32 sum
+    of `vpdpbusd` (`int8_matvec.cc` gives the error bound, 2^-24 x max|x_row| x sum|w_column|).
+    From `prefill_rows` rows up (None: never), for bf16 activations, or where the build has no
+    AVX-512 VNNI, the XLA op on the untiled weight runs."""
+
+    isa: str = eqx.field(static=True, default="native")
+    prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
+
+    def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledVnniInt8Weight
+                 ) -> Float[Array, "*batch d_out"]:
+        rows, d_in = _rows(x), x.shape[-1]
+        kernels = load(self.isa)
+        if (x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None
+                or kernels.w8a8_path != "avx512_vnni"):
+            return int8_weight_only_matmul(x, *weight.plain())
+        return _kernel_product(kernels.vnni_int8_target, x.reshape(rows, d_in), x.shape[:-1],
+                               weight.d_out, weight.values, weight.scales)
 
 
 AMX_GROUP = 16  # output columns per weight operand of the tile unit
@@ -717,6 +791,11 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
         if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot) and built.amx:
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledAmxInt8Weight(x.weight), NativeAmxInt8Dot(isa, prefill_rows)))
+        if (isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot)
+                and built.w8a8_path == "avx512_vnni" and INT8_DIGITS_ON_VNNI):
+            return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
+                               (TiledVnniInt8Weight(x.weight),
+                                NativeVnniInt8Dot(isa, prefill_rows)))
         if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledInt8Weight(x.weight), NativeInt8Dot(isa, prefill_rows)))

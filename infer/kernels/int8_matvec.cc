@@ -66,7 +66,7 @@ constexpr int64_t kRowChunk = 4;
 // allocated and freed as often. A pointer stays valid until the same thread asks again for the
 // same use.
 enum class Scratch { kInt4Factors, kAmxDigits, kAmxRowScale, kAmxOperands, kAmxActivations,
-                   kW4A8GroupSums };
+                   kW4A8GroupSums, kDigitSums };
 
 template <typename T, Scratch Use>
 T* thread_scratch(int64_t count) {
@@ -737,14 +737,10 @@ void with_rows(int64_t rows, const F& f) {
   }
 }
 
-// ---- AMX (Intel Advanced Matrix Extensions): int8 products on the tile unit ----
+// ---- f32 activations as three int8 digits (the AMX and VNNI int8-weight routes) ----
 //
-// CPUs with AMX-INT8 (Xeon from Sapphire Rapids) multiply 16 x 64 int8 by 64 x 16 int8 into
-// 16 x 16 int32 in one instruction (TDPBSSD), 16x the multiply-adds per cycle of the AVX-512
-// FMA units: from kBatchRows rows up the FMA routes above are compute-bound (at 16 rows a base
-// decode step's int8 products ran at ~165 GFLOP/s on two cores, docs/performance.md), and one
-// TDPBSSD per 1 KiB weight operand outpaces the memory even at one row.
-// The activations are f32, so they enter as three int8 digits: per row, s = max|x| / 127 and
+// Integer dot products take int8 activations; the int8 weight-only routes on AMX and on VNNI
+// (below) give them f32 activations as three int8 digits: per row, s = max|x| / 127 and
 // x / s = d0 + d1 / 254 + d2 / 254^2 with every digit in [-127, 127] (each digit rounds the
 // remainder of the last, scaled by 254). Each digit's product with the weights is an exact
 // int32 sum; y = s * w_scale * (C0 + C1 / 254 + C2 / 254^2) in f32. What is lost is the rest
@@ -752,60 +748,13 @@ void with_rows(int64_t rows, const F& f) {
 // magnitude (f32 keeps 2^-24 of each value's own): |error| <= 2^-24 * max|x_row| *
 // sum|w_col|, and the products agree with the f32 route to float32 rounding on rows without
 // extreme outliers (tests/test_kernels.py measures it). A non-finite row gives NaN outputs.
-// int8 weight-only products (AmxInt8MatmulImpl, every row count) read their weights in the
-// unit's layout, made once at load (TiledAmxInt8Weight), so each operand is one tile load
-// straight from the weight array; the (row, digit) pairs of up to five rows are the rows of
-// one digits operand, so batch 1 runs one TDPBSSD per weight operand and is memory-bound; more
-// rows go 16 at a time, each weight operand loaded once for the three digits' operands.
-// w8a8 products (amx_w8a8_product, from kBatchRows rows) load their weights as w8a8 stores
-// them, already four k of a column adjacent.
-// Compiled where the target has AMX-INT8 (HPLLM_KERNEL_ISA=native on such a CPU, or avx512amx);
-// used only if the kernel lets this process use the tile registers (Linux >= 5.16 grants them
-// on request).
-#if defined(HPLLM_PATH_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
-#define HPLLM_AMX 1
-}  // namespace
-#include <sys/syscall.h>
-#include <unistd.h>
-namespace {
-
-// Whether this process may use the AMX tile registers (asked once: Linux only grants them on
-// request, arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
-bool amx_permitted() {
-  static const bool permitted = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return permitted;
-}
-
-constexpr int64_t kAmxRows = 16, kAmxK = 64, kAmxCols = 16;  // one TDPBSSD
+#if defined(HPLLM_PATH_AVX512)
 constexpr int64_t kDigits = 3;
 constexpr float kDigitBase = 254.0f;
 
-// Tile register shapes: all eight registers of 64-byte rows; registers 0 .. short_tiles - 1
-// of `short_rows` rows (the int8 route's sums and digits when a few rows make fewer than 16
-// (row, digit) pairs), the rest of 16 (by default all of them).
-struct alignas(64) AmxConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-  explicit AmxConfig(int64_t short_rows = kAmxRows, int short_tiles = 0) {
-    for (int i = 0; i < 8; ++i)
-      bytes_per_row[i] = 64, rows[i] = static_cast<uint8_t>(i < short_tiles ? short_rows : 16);
-  }
-};
-
-// Bytes from one activation row's digits to the next: k_pad plus one k-step. With rows k_pad
-// bytes apart, a k_pad of 2048 put the 16 rows of a digits operand, and the three digits'
-// operands (32 KiB apart), in the same two L1 sets: a TDPBSSD loop at 16 rows and k_pad 2048
-// (base's down projection) ran at 39-42 ns per k-step against 21-26 at k_pad 768, and at 23 with
-// 2112-byte rows (scratch loop in L1, one thread, quiet; not kept).
-constexpr int64_t digits_stride(int64_t k_pad) { return k_pad + kAmxK; }
-
 // Rows first .. last - 1 of the activations x[M, K] as int8 digits, [kDigits][rows][stride]
-// (M padded to rows and K to the stride with zeros; stride = digits_stride(k_pad)), and each
-// row's scale s (0 for an all-zero row). Calls on disjoint row ranges may run at once.
+// (M padded to rows and K to the stride with zeros; stride >= K), and each row's scale s (0 for
+// an all-zero row). Calls on disjoint row ranges may run at once.
 void activation_digits(const float* x, int64_t M, int64_t K, int64_t rows, int64_t stride,
                        int64_t first, int64_t last, int8_t* digits, float* row_scale) {
   for (int64_t d = 0; d < kDigits; ++d)
@@ -845,6 +794,75 @@ void activation_digits(const float* x, int64_t M, int64_t K, int64_t rows, int64
   }
 }
 
+// Sixteen columns' digit sums as f32, C0 + C1 / 254 + C2 / 254^2: C0 at `sums` (64-byte
+// aligned), C1 and C2 `digit_stride` and twice that many int32 after it.
+inline __m512 combine_digits(const int32_t* sums, int64_t digit_stride) {
+  const __m512 c0 = _mm512_cvtepi32_ps(_mm512_load_si512(sums));
+  const __m512 c1 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + digit_stride));
+  const __m512 c2 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 2 * digit_stride));
+  const __m512 inverse_base = _mm512_set1_ps(1.0f / kDigitBase);
+  return _mm512_fmadd_ps(_mm512_fmadd_ps(c2, inverse_base, c1), inverse_base, c0);
+}
+
+#endif
+
+// ---- AMX (Intel Advanced Matrix Extensions): int8 products on the tile unit ----
+//
+// CPUs with AMX-INT8 (Xeon from Sapphire Rapids) multiply 16 x 64 int8 by 64 x 16 int8 into
+// 16 x 16 int32 in one instruction (TDPBSSD), 16x the multiply-adds per cycle of the AVX-512
+// FMA units: from kBatchRows rows up the FMA routes above are compute-bound (at 16 rows a base
+// decode step's int8 products ran at ~165 GFLOP/s on two cores, docs/performance.md), and one
+// TDPBSSD per 1 KiB weight operand outpaces the memory even at one row.
+// The activations are f32, so they enter as three int8 digits (above, with the error bound).
+// int8 weight-only products (AmxInt8MatmulImpl, every row count) read their weights in the
+// unit's layout, made once at load (TiledAmxInt8Weight), so each operand is one tile load
+// straight from the weight array; the (row, digit) pairs of up to five rows are the rows of
+// one digits operand, so batch 1 runs one TDPBSSD per weight operand and is memory-bound; more
+// rows go 16 at a time, each weight operand loaded once for the three digits' operands.
+// w8a8 products (amx_w8a8_product, from kBatchRows rows) load their weights as w8a8 stores
+// them, already four k of a column adjacent.
+// Compiled where the target has AMX-INT8 (HPLLM_KERNEL_ISA=native on such a CPU, or avx512amx);
+// used only if the kernel lets this process use the tile registers (Linux >= 5.16 grants them
+// on request).
+#if defined(HPLLM_PATH_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define HPLLM_AMX 1
+}  // namespace
+#include <sys/syscall.h>
+#include <unistd.h>
+namespace {
+
+// Whether this process may use the AMX tile registers (asked once: Linux only grants them on
+// request, arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
+bool amx_permitted() {
+  static const bool permitted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return permitted;
+}
+
+constexpr int64_t kAmxRows = 16, kAmxK = 64, kAmxCols = 16;  // one TDPBSSD
+
+// Tile register shapes: all eight registers of 64-byte rows; registers 0 .. short_tiles - 1
+// of `short_rows` rows (the int8 route's sums and digits when a few rows make fewer than 16
+// (row, digit) pairs), the rest of 16 (by default all of them).
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+  explicit AmxConfig(int64_t short_rows = kAmxRows, int short_tiles = 0) {
+    for (int i = 0; i < 8; ++i)
+      bytes_per_row[i] = 64, rows[i] = static_cast<uint8_t>(i < short_tiles ? short_rows : 16);
+  }
+};
+
+// Bytes from one activation row's digits to the next: k_pad plus one k-step. With rows k_pad
+// bytes apart, a k_pad of 2048 put the 16 rows of a digits operand, and the three digits'
+// operands (32 KiB apart), in the same two L1 sets: a TDPBSSD loop at 16 rows and k_pad 2048
+// (base's down projection) ran at 39-42 ns per k-step against 21-26 at k_pad 768, and at 23 with
+// 2112-byte rows (scratch loop in L1, one thread, quiet; not kept).
+constexpr int64_t digits_stride(int64_t k_pad) { return k_pad + kAmxK; }
+
 // For the int4 route (amx_int4_product), whose operands are unpacked per call in a layout of
 // [k_pad / 64][8 column groups][16][64]:
 // k-steps per block: every column group runs a block of steps (its three digit sums loaded
@@ -881,16 +899,6 @@ void amx_column_group(const int8_t* digits, int64_t rows, int64_t stride, int64_
   _tile_stored(0, sums, 64);
   _tile_stored(1, sums + 256, 64);
   _tile_stored(2, sums + 512, 64);
-}
-
-// Sixteen columns' digit sums as f32, C0 + C1 / 254 + C2 / 254^2: C0 at `sums` (64-byte
-// aligned), C1 and C2 `digit_stride` and twice that many int32 after it.
-inline __m512 combine_digits(const int32_t* sums, int64_t digit_stride) {
-  const __m512 c0 = _mm512_cvtepi32_ps(_mm512_load_si512(sums));
-  const __m512 c1 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + digit_stride));
-  const __m512 c2 = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 2 * digit_stride));
-  const __m512 inverse_base = _mm512_set1_ps(1.0f / kDigitBase);
-  return _mm512_fmadd_ps(_mm512_fmadd_ps(c2, inverse_base, c1), inverse_base, c0);
 }
 
 // The int8 weights in the unit's layout, made once at load (infer.kernels.TiledAmxInt8Weight):
@@ -1755,6 +1763,151 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
   return ffi::Error::Success();
 }
 
+// ---- int8 weights x f32 activations on VNNI: three digits, integer dot products ----
+//
+// On a CPU whose vpdpbusd (64 int8 multiply-adds) issues as often as its f32 FMA (16), the
+// three digits of each activation (above) do 64 / 3 multiply-adds of f32 accuracy per
+// instruction where the FMA does 16, and need no widening of the weights: a Zen 4 issues both
+// at one 512-bit instruction per cycle per core (bench/instruction_throughput.cc, ninth
+// sitting), which puts a batch-16 step's products at 4/3 of the FMA ceiling, and batch 1 runs
+// 3 vpdpbusd and 0.33 weight loads per 64 weights where the f32 route runs 4 widenings and 4
+// FMAs. (Intel's server cores without AMX issue vpdpbusd on one port and FMAs on two: there it
+// would lose, so infer.kernels takes this route on AMD CPUs only.)
+//
+// vpdpbusd multiplies unsigned by signed bytes. The weights are the unsigned operand, stored
+// offset (w + 128, made once at load: infer.kernels.TiledVnniInt8Weight) and loaded once per
+// quad into registers; the digits are the signed one, broadcast from memory as the
+// instruction's own operand. Each digit's sum is then off by 128 x that digit's sum over the
+// row, subtracted exactly in int32 (|sum| <= 255 x 127 x K: K up to 66 000).
+// Layout: per 128-column tile two 64-column halves, each [K / 4 quads][64 columns][4 k], one
+// contiguous stream per half (a task), 256 bytes per quad: 4 vectors.
+#if defined(HPLLM_W8A8_VNNI)
+#define HPLLM_VNNI_DIGITS 1
+constexpr int64_t kVnniHalf = 64;                // columns per half
+constexpr int64_t kVnniVectors = kVnniHalf / 16;  // vectors per quad of a half
+// Rows per pass: 2 rows x 3 digits x 4 vectors = 24 accumulators and 4 weight vectors, so
+// each weight vector loaded feeds 6 vpdpbusd.
+constexpr int64_t kVnniRows = 2;
+constexpr int64_t kVnniMaxK = 66000;  // int32 sums stay exact (255 x 127 x K < 2^31)
+
+// sums[r x 3 + d][64] = digit d of rows 0 .. Rows - 1 (`digits`: digit 0 of row 0; rows
+// `stride` bytes apart, digits `digit_bytes` apart) times a half's offset weights (`w`, `quads`
+// quads of 256 bytes). Prefetch (the first rows): fetch the weight stream 16 quads (4 KiB)
+// ahead, a template parameter so that the loop has no branch. noinline for the reason of
+// w8a8_block. One pass per row pair over the whole half (48-128 KiB at base's shapes, from L2
+// after the first): k-blocks that stay in L1, with the sums loaded and stored around each,
+// were 5-10% slower (one thread, scratch harness; not kept).
+template <int64_t Rows, bool Prefetch>
+__attribute__((noinline)) void vnni_digits_half(const int8_t* digits, int64_t stride,
+                                                int64_t digit_bytes, const uint8_t* w,
+                                                int64_t quads, int32_t (*sums)[kVnniHalf]) {
+  __m512i acc[Rows][kDigits][kVnniVectors];
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t d = 0; d < kDigits; ++d)
+      for (int64_t v = 0; v < kVnniVectors; ++v) acc[r][d][v] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < quads; ++q) {
+    const uint8_t* row = w + q * kVnniHalf * 4;
+    if constexpr (Prefetch) prefetch_ahead(row + 16 * kVnniHalf * 4, kVnniHalf * 4);
+    __m512i wv[kVnniVectors];
+    for (int64_t v = 0; v < kVnniVectors; ++v) wv[v] = _mm512_loadu_si512(row + v * 64);
+    for (int64_t r = 0; r < Rows; ++r)
+      for (int64_t d = 0; d < kDigits; ++d) {
+        const __m512i xb = _mm512_set1_epi32(load_quad(digits + d * digit_bytes + r * stride +
+                                                       4 * q));
+        for (int64_t v = 0; v < kVnniVectors; ++v)
+          acc[r][d][v] = _mm512_dpbusd_epi32(acc[r][d][v], wv[v], xb);
+      }
+  }
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t d = 0; d < kDigits; ++d)
+      for (int64_t v = 0; v < kVnniVectors; ++v)
+        _mm512_store_si512(sums[r * kDigits + d] + v * 16, acc[r][d][v]);
+}
+
+// y[M, N] = x[M, K] @ (offset int8 weights w[N / 128][2][K / 4][64][4] - 128) * scale[N].
+void vnni_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
+                       const uint8_t* w, const float* scale, float* y) {
+  const int64_t quads = (K + 3) / 4, stride = 4 * quads;
+  // The caller's scratch: the helpers read it only while the caller waits for their tasks.
+  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(kDigits * M * stride);
+  float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(M);
+  int32_t* digit_sums = thread_scratch<int32_t, Scratch::kDigitSums>(M * kDigits);
+  constexpr int64_t kDigitRows = 4;  // rows per task making digits
+  parallel_tiles(pool, (M + kDigitRows - 1) / kDigitRows, [&](int64_t chunk) {
+    const int64_t first = chunk * kDigitRows, last = std::min(M, first + kDigitRows);
+    activation_digits(x, M, K, M, stride, first, last, digits, row_scale);
+    for (int64_t r = first; r < last; ++r)
+      for (int64_t d = 0; d < kDigits; ++d) {
+        const int8_t* dr = digits + (d * M + r) * stride;
+        int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < stride; ++k) sum += dr[k];
+        digit_sums[r * kDigits + d] = sum;
+      }
+  });
+  const int64_t halves = 2 * ((N + kTile - 1) / kTile);
+  parallel_tiles(pool, halves, [&](int64_t half) {
+    const uint8_t* wh = w + half * quads * kVnniHalf * 4;
+    const int64_t c0 = half * kVnniHalf, width = std::min(kVnniHalf, N - c0);
+    if (width <= 0) return;  // the padding half of the last tile
+    alignas(64) int32_t sums[kVnniRows * kDigits][kVnniHalf];
+    for (int64_t m = 0; m < M; m += kVnniRows) {
+      const int64_t rows = std::min(kVnniRows, M - m);
+      with_rows_upto<kVnniRows>(rows, [&](auto r) {
+        constexpr int64_t R = decltype(r)::value;
+        const int8_t* a = digits + m * stride;
+        if (m == 0)  // the first rows stream the half from memory
+          vnni_digits_half<R, true>(a, stride, M * stride, wh, quads, sums);
+        else
+          vnni_digits_half<R, false>(a, stride, M * stride, wh, quads, sums);
+      });
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = m + r;
+        const __m512 s = _mm512_set1_ps(row_scale[row]);
+        for (int64_t c = 0; c < width; c += 16) {
+          // Each digit's sum less its offset (128 x the digit's row sum), then as on AMX: the
+          // digits combined, the row's scale, the columns' scales.
+          alignas(64) int32_t exact[kDigits][16];
+          for (int64_t d = 0; d < kDigits; ++d)
+            _mm512_store_si512(exact[d], _mm512_sub_epi32(
+                _mm512_load_si512(sums[r * kDigits + d] + c),
+                _mm512_set1_epi32(128 * digit_sums[row * kDigits + d])));
+          const __m512 v = combine_digits(exact[0], 16);
+          const __mmask16 valid = width - c >= 16 ? 0xffff : (1u << (width - c)) - 1;
+          const __m512 column_scale = _mm512_maskz_loadu_ps(valid, scale + c0 + c);
+          _mm512_mask_storeu_ps(y + row * N + c0 + c, valid,
+                                _mm512_mul_ps(_mm512_mul_ps(v, s), column_scale));
+        }
+      }
+    }
+  });
+}
+#endif
+
+ffi::Error VnniInt8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> scale,
+                              ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 5 || yd.size() != 2 || wd[1] != 2 || wd[3] != 64 ||
+      wd[4] != 4 || (xd[1] + 3) / 4 != wd[2] || yd[0] != xd[0] ||
+      (yd[1] + kTile - 1) / kTile != wd[0] ||
+      static_cast<int64_t>(scale.element_count()) != wd[0] * kTile)
+    return ffi::Error::InvalidArgument(
+        "vnni_int8_matmul: expects x[M, K], w[tiles, 2, ceil(K / 4), 64, 4], "
+        "scale[tiles * 128] -> y[M, N]");
+#if defined(HPLLM_VNNI_DIGITS)
+  if (xd[1] > kVnniMaxK)
+    return ffi::Error::InvalidArgument("vnni_int8_matmul: K above 66000 would overflow int32");
+  if (xd[0] > 0)
+    vnni_int8_product(pool, x.typed_data(), xd[0], xd[1], yd[1], w.typed_data(),
+                      scale.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                    "vnni_int8_matmul: this build has no AVX-512 VNNI");
+#endif
+}
+
 // ---- w4a8: int4 weights (group scales) x int8 activations (per row), exact int32 per group ----
 //
 // `W4A8Dot` quantizes each activation row to int8 as `W8A8Dot` does and multiplies it with the
@@ -2569,6 +2722,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmAmxInt8Matmul, AmxInt8MatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmVnniInt8Matmul, VnniInt8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
