@@ -73,6 +73,7 @@ def test_greedy_with_cache_equals_recomputation_for_quantized_weights(model, sch
         NativeAmxInt8Dot,
         NativeInt4Dot,
         NativeInt8Dot,
+        NativeVnniInt4Dot,
         NativeVnniInt8Dot,
         NativeW4A8Dot,
         available,
@@ -85,7 +86,7 @@ def test_greedy_with_cache_equals_recomputation_for_quantized_weights(model, sch
         # int8: the tile unit's op where the build has AMX, VNNI's on AMD CPUs with AVX-512
         # VNNI, else the FMA kernels' op
         native = {"int8": (NativeInt8Dot, NativeAmxInt8Dot, NativeVnniInt8Dot),
-                  "int4": NativeInt4Dot,
+                  "int4": (NativeInt4Dot, NativeVnniInt4Dot),
                   "w4a8": NativeW4A8Dot}[scheme]
         blocks = generator.model.blocks
         ops = [block.mlp.w_up.op for block in blocks] if isinstance(blocks, tuple) else [

@@ -34,6 +34,7 @@ from infer.kernels import (
     NativeDecodeAttention,
     NativeInt4Dot,
     NativeInt8Dot,
+    NativeVnniInt4Dot,
     NativeVnniInt8Dot,
     NativeW4A8Dot,
     NativeW8A8Dot,
@@ -41,6 +42,7 @@ from infer.kernels import (
     TiledBf16Weight,
     TiledInt4Weight,
     TiledInt8Weight,
+    TiledVnniInt4Weight,
     TiledVnniInt8Weight,
     TiledW4A8Weight,
     TiledW8A8Weight,
@@ -156,8 +158,9 @@ def _check_digits_error_bound(cases: list) -> None:
         # digit sums and, for int4, of the per-group flushes, far smaller). Measured: int8 at
         # most 0.32 of it at 3 rows and 0.44 at 16 on AMX and on VNNI (0.26 at 1 row on VNNI;
         # the int8 FMA routes, avx512 build, 0.87);
-        # int4 0.17 (group 128), 0.22 (group 64), 0.25 (per channel), its FMA routes 0.53-0.81
-        # (f32 accumulation carries the outlier's rounding too).
+        # int4 0.17 (group 128), 0.22 (group 64), 0.25 (per channel) on AMX and 0.16, 0.23,
+        # 0.25 on VNNI, its FMA routes 0.53-0.81 (f32 accumulation carries the outlier's
+        # rounding too).
         bound = 2.0**-24 * np.abs(outlier).max(1, keepdims=True) * np.abs(dequantized).sum(0)
         for rows in bound_rows:
             got = np.asarray(jax.jit(dot)(jnp.asarray(outlier[:rows], jnp.float32), tiled),
@@ -229,13 +232,16 @@ def test_amx_int8_model_logits_match_the_xla_model():
                                    atol=1e-6, err_msg=str(shape))
 
 
-def test_vnni_int8_route_matches_the_xla_op_and_the_digits_error_bound():
-    """int8 weights on the AVX-512 VNNI route (activations as three int8 digits of a per-row
-    scale, `vpdpbusd`), every row count, against the XLA op on the usual shapes and a float64
+def test_vnni_routes_match_the_xla_ops_and_the_digits_error_bound():
+    """int8 and int4 weights on the AVX-512 VNNI routes (activations as three int8 digits of a
+    per-row scale, `vpdpbusd`), every row count, against the XLA ops on the usual shapes (int4:
+    groups of 32, 64 and 128 and per channel, odd group counts, a padded d_in) and a float64
     reference under the digits' error bound; bf16 activations, rows from the prefill threshold
     up, and a build without VNNI take the XLA op: exactly the reference."""
     _kernels_or_skip("avx512vnni")
     _check_int8_kernel_against_the_xla_op("avx512vnni", "vnni")
+    _check_int4_kernel_against_the_xla_op("avx512vnni", INT4_AMX_SHAPES + INT4_SHAPES[1:2],
+                                          route="vnni")
     cases = []
     for d_in, d_out in INT8_SHAPES:
         weight = Int8Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32))
@@ -250,48 +256,70 @@ def test_vnni_int8_route_matches_the_xla_op_and_the_digits_error_bound():
                           (x, NativeVnniInt8Dot("avx512", NEVER))):
             np.testing.assert_array_equal(jax.jit(dot)(x_in, tiled), reference(x_in, weight),
                                           err_msg=str(dot))
+    for d_in, d_out, group in INT4_AMX_SHAPES[:3]:
+        weight = Int4Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32),
+                            group)
+        tiled = TiledVnniInt4Weight(weight)
+        cases.append((d_in, NativeVnniInt4Dot("avx512vnni", NEVER), tiled,
+                      np.asarray(weight.dequantize(), np.float64), (1, 16), (1, 8)))
+        x16 = _activations(d_in)[:4].astype(jnp.bfloat16)
+        np.testing.assert_array_equal(NativeVnniInt4Dot("avx512vnni", NEVER)(x16, tiled),
+                                      Int4WeightOnlyDot()(x16, weight))
     _check_digits_error_bound(cases)
 
 
-@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
-def test_vnni_int8_model_logits_match_the_xla_model(monkeypatch, layout):
-    """A tiny int8 model (head quantized too) on the VNNI route against the same model on the
-    XLA ops, in either layer layout: a 3-token prompt and two 24-token ones (48 rows)."""
+@pytest.mark.parametrize(("scheme", "layout"), [("int8", "unrolled"), ("int8", "scanned"),
+                                               ("int4", "unrolled")])
+def test_vnni_model_logits_match_the_xla_model(monkeypatch, scheme, layout):
+    """A tiny int8 or int4 model (head quantized too) on the VNNI routes against the same model
+    on the XLA ops, in either layer layout: a 3-token prompt and two 24-token ones (48 rows)."""
     _kernels_or_skip("avx512vnni")
-    # use_native_kernels takes this route on AMD CPUs; the test runs it on any with VNNI.
-    monkeypatch.setattr(kernels, "INT8_DIGITS_ON_VNNI", True)
+    # use_native_kernels takes these routes on AMD CPUs; the test runs them on any with VNNI.
+    monkeypatch.setattr(kernels, "DIGITS_ON_VNNI", True)
     model = Transformer(preset("tiny"), key=jax.random.key(0))
-    model = quantize(model.unstacked() if layout == "unrolled" else model, "int8",
-                     targets=WITH_HEAD)
+    model = quantize(model.unstacked() if layout == "unrolled" else model, scheme, 32,
+                     WITH_HEAD)
     native = use_native_kernels(model, "avx512vnni")
     blocks = native.blocks[0] if layout == "unrolled" else native.blocks
+    tiled, op = {"int8": (TiledVnniInt8Weight, NativeVnniInt8Dot),
+                 "int4": (TiledVnniInt4Weight, NativeVnniInt4Dot)}[scheme]
     for linear in (blocks.mlp.w_up, native.lm_head):
-        assert isinstance(linear.op, NativeVnniInt8Dot)
-        assert isinstance(linear.weight, TiledVnniInt8Weight)
+        assert isinstance(linear.op, op)
+        assert isinstance(linear.weight, tiled)
     forward = eqx.filter_jit(lambda model, tokens: model(tokens))
     for shape in ((1, 3), (2, 24)):
         tokens = jax.random.randint(jax.random.key(1), shape, 0, 512)
         # The digits' error and another summation order through two layers and the head:
-        # largest difference measured 1.8e-7 on logits up to ~0.4 (the FMA kernels: 2.4e-7).
+        # largest difference measured 1.8e-7 on logits up to ~0.4, int8 and int4 (the FMA kernels:
+        # 2.4e-7).
         np.testing.assert_allclose(forward(native, tokens), forward(model, tokens), rtol=0,
                                    atol=1e-6, err_msg=str(shape))
 
 
+# The int4 weight-only routes: weight layout and op of each.
+INT4_ROUTES = {"fma": (TiledInt4Weight, NativeInt4Dot),
+               "vnni": (TiledVnniInt4Weight, NativeVnniInt4Dot)}
+
+
 def _check_int4_kernel_against_the_xla_op(
         isa: str, shapes: tuple[tuple[int, int, int], ...] = INT4_SHAPES,
-        row_counts: tuple[int, ...] = ROWS) -> None:
+        row_counts: tuple[int, ...] = ROWS, route: str = "fma") -> None:
+    tiled_weight, op = INT4_ROUTES[route]
     for d_in, d_out, group in shapes:
         w = jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32)
         weight = Int4Weight(w, group)
-        tiled = TiledInt4Weight(weight)
+        tiled = tiled_weight(weight)
+        plain_packed, plain_scales = tiled.plain()  # the layout round-trips (the XLA route)
+        np.testing.assert_array_equal(plain_packed, weight.packed)
+        np.testing.assert_array_equal(plain_scales, weight.scales)
         x = _activations(d_in)
         reference = jax.jit(Int4WeightOnlyDot())(x, weight)
         for rows in row_counts:
-            got = jax.jit(NativeInt4Dot(isa, NEVER))(x[:rows], tiled)
+            got = jax.jit(op(isa, NEVER))(x[:rows], tiled)
             # Per-group scaling and the offset-binary correction (8 x the group's activation
             # sum) reorder the float32 arithmetic: largest difference measured 5.7e-5 on
-            # outputs up to ~76 (any path; the AMX route: 2.7e-5 on outputs up to ~81), against
-            # a bound of 2e-4 + 1e-5 x |output|.
+            # outputs up to ~76 (any path; the AMX route: 2.7e-5 on outputs up to ~81; the VNNI
+            # route 2.3e-5), against a bound of 2e-4 + 1e-5 x |output|.
             np.testing.assert_allclose(got, reference[:rows], rtol=1e-5,
                                        atol=2e-4, err_msg=f"{isa}, {rows} rows, {d_in}x{d_out}")
 

@@ -36,10 +36,12 @@ on a dequantized copy of the weight at every row count up to 2048 (`bench/prefil
 docs/performance.md). On AMD CPUs int8 and bf16 products of 5 rows and up take the registers
 route instead (`WIDEN_IN_REGISTERS`: chunks of 6 rows widen each weight in registers, faster
 where a widening issues beside the FMAs; `int8_matvec.cc`, at kBatchRows, has the figures).
-On AMD CPUs with AVX-512 VNNI, int8 weight-only products take neither: every row count runs
-`NativeVnniInt8Dot` on `TiledVnniInt8Weight` (`INT8_DIGITS_ON_VNNI`), the activations as three
-int8 digits as on AMX (below) and their products `vpdpbusd`'s exact int32 sums, which a Zen 4
-issues as often as an FMA, for 64 / 3 multiply-adds per instruction against the FMA's 16.
+On AMD CPUs with AVX-512 VNNI, int8 and int4 weight-only products take neither: every row
+count runs `NativeVnniInt8Dot` on `TiledVnniInt8Weight` and `NativeVnniInt4Dot` on
+`TiledVnniInt4Weight` (int4 in groups of a multiple of 8 or per channel; `DIGITS_ON_VNNI`), the
+activations as three int8 digits as on AMX (below) and their products `vpdpbusd`'s exact int32
+sums, which a Zen 4 issues as often as an FMA: 64 / 3 multiply-adds per instruction against
+the FMA's 16, and no widening of the weights.
 `prefill_rows` switches a product with that many rows or more to the XLA route (the bench and
 the tests use it; `PREFILL_ROWS` is None: never).
 
@@ -216,6 +218,7 @@ class Kernels:
     amx_int8_target: str  # int8 weights in the tile unit's layout (only where `amx`)
     w4a8_target: str  # int4 weights x int8 activations (the w8a8 kernel's integer path)
     vnni_int8_target: str  # int8 weights x f32 activations as three digits (AVX-512 VNNI only)
+    vnni_int4_target: str  # int4 weights x f32 activations as three digits (AVX-512 VNNI only)
 
 
 _loaded: dict[str, Kernels | str] = {}  # isa -> the build, or why it is unavailable
@@ -260,7 +263,8 @@ def _load(isa: str) -> Kernels | str:
                       f"hpllm_w8a8_matmul_{isa}", f"hpllm_decode_attention_{isa}",
                       f"hpllm_bf16_matvec_{isa}", f"hpllm_decode_attention_bf16_{isa}",
                       f"hpllm_decode_attention_int8_{isa}", f"hpllm_amx_int8_matmul_{isa}",
-                      f"hpllm_w4a8_matmul_{isa}", f"hpllm_vnni_int8_matmul_{isa}")
+                      f"hpllm_w4a8_matmul_{isa}", f"hpllm_vnni_int8_matmul_{isa}",
+                      f"hpllm_vnni_int4_matmul_{isa}")
     for target, symbol in ((kernels.int8_target, library.HpllmInt8Matvec),
                            (kernels.int4_target, library.HpllmInt4Matvec),
                            (kernels.w8a8_target, library.HpllmW8A8Matmul),
@@ -270,7 +274,8 @@ def _load(isa: str) -> Kernels | str:
                            (kernels.attention_int8_target, library.HpllmDecodeAttentionInt8),
                            (kernels.amx_int8_target, library.HpllmAmxInt8Matmul),
                            (kernels.w4a8_target, library.HpllmW4A8Matmul),
-                           (kernels.vnni_int8_target, library.HpllmVnniInt8Matmul)):
+                           (kernels.vnni_int8_target, library.HpllmVnniInt8Matmul),
+                           (kernels.vnni_int4_target, library.HpllmVnniInt4Matmul)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return kernels
 
@@ -459,12 +464,12 @@ class NativeInt8Dot(MatmulOp):
                                widen_in_registers=self.widen_in_registers)
 
 
-# Whether int8 weight-only products run on the VNNI digits kernel (`NativeVnniInt8Dot`, every
-# row count) where the build has AVX-512 VNNI and no AMX: on AMD CPUs, whose cores issue a
-# 512-bit vpdpbusd as often as an FMA (measured on a Zen 4; int8_matvec.cc has the figures).
-# Intel's cores without AMX issue vpdpbusd on one port and FMAs on two, so they keep the FMA
-# routes.
-INT8_DIGITS_ON_VNNI = cpuinfo_field("vendor_id") == "AuthenticAMD"
+# Whether int8 and int4 weight-only products run on the VNNI digits kernels
+# (`NativeVnniInt8Dot`, `NativeVnniInt4Dot`, every row count) where the build has AVX-512 VNNI
+# and no AMX: on AMD CPUs, whose cores issue a 512-bit vpdpbusd as often as an FMA (measured on
+# a Zen 4; int8_matvec.cc has the figures). Intel's cores without AMX issue vpdpbusd on one
+# port and FMAs on two, so they keep the FMA routes.
+DIGITS_ON_VNNI = cpuinfo_field("vendor_id") == "AuthenticAMD"
 
 
 class NativeVnniInt8Dot(MatmulOp):
@@ -740,6 +745,71 @@ class NativeW4A8Dot(MatmulOp):
                                x_scale.reshape(rows), weight.packed, weight.scales)
 
 
+class TiledVnniInt4Weight(eqx.Module):
+    """An `Int4Weight` in the VNNI digits kernel's layout (`NativeVnniInt4Dot`): packed
+    [d_out / TILE, 2, padded_d_in / 8, 64, 4], `TiledW4A8Weight`'s octs (a column's four low
+    nibbles one quad of k, its four high ones the next, offset binary q + 8) with each
+    128-column tile split into two 64-column halves, each a contiguous stream. d_in zero-padded
+    to a multiple of 8; scales [groups, d_out] padded to whole tiles."""
+
+    packed: UInt8[Array, "*layers tiles 2 octs 64 4"]
+    scales: Float[Array, "*layers groups padded_d_out"]
+    d_in: int = eqx.field(static=True)
+    d_out: int = eqx.field(static=True)
+    padded_d_in: int = eqx.field(static=True)  # the Int4Weight's (whole groups, even)
+
+    def __init__(self, weight: Int4Weight):
+        if not w4a8_on_native(weight.group_size):
+            raise ValueError(f"the VNNI int4 kernel needs groups of a multiple of {W4A8_OCT} "
+                             f"rows (or one per channel), got {weight.group_size}")
+        self.d_in, self.d_out = weight.d_in, weight.packed.shape[-1]
+        self.padded_d_in = 2 * weight.packed.shape[-2]
+        offset = pad_inputs(pad_columns(unpack_int4(weight.packed)), W4A8_OCT) + jnp.int8(8)
+        *layers, rows, cols = offset.shape
+        octs = offset.astype(jnp.uint8).reshape(*layers, rows // 8, 2, 4, cols // TILE, 2,
+                                                VNNI_HALF)
+        packed = octs[..., 0, :, :, :, :] | (octs[..., 1, :, :, :, :] << jnp.uint8(4))
+        # [oct, k in quad, tile, half, column in half] -> [tile, half, oct, column, k in quad]
+        n = len(layers)
+        self.packed = jnp.transpose(packed, tuple(range(n)) + tuple(n + a for a in (2, 3, 0, 4, 1)))
+        self.scales = pad_columns(weight.scales)
+
+    def plain(self) -> tuple[UInt8[Array, "*layers half_padded_d_in d_out"],
+                             Float[Array, "*layers groups d_out"]]:
+        """`Int4Weight`'s packed values and scales (for the XLA op)."""
+        n = self.packed.ndim - 5
+        # the inverse of __init__'s transpose: [oct, k in quad, tile, half, column in half]
+        packed = jnp.transpose(self.packed, tuple(range(n)) + tuple(n + a for a in (2, 4, 0, 1, 3)))
+        offset = jnp.stack([packed & jnp.uint8(15), packed >> jnp.uint8(4)], axis=-5)
+        *layers, octs, _, _, tiles, halves, half = offset.shape
+        q = offset.reshape(*layers, 8 * octs, tiles * halves * half).astype(jnp.int8) - jnp.int8(8)
+        return (pack_int4(q[..., :self.padded_d_in, :self.d_out]),
+                self.scales[..., :self.d_out])
+
+
+class NativeVnniInt4Dot(MatmulOp):
+    """`Int4WeightOnlyDot` on AVX-512 VNNI (build `isa`, where `Kernels.w8a8_path` is
+    "avx512_vnni"), every row count: the f32 activations as three int8 digits of a per-row scale
+    (as `NativeVnniInt8Dot`), each group's products exact int32 sums of `vpdpbusd`, scaled per
+    group in f32. From `prefill_rows` rows up (None: never), for bf16 activations, or where the
+    build has no AVX-512 VNNI, the XLA op on the untiled weight runs."""
+
+    isa: str = eqx.field(static=True, default="native")
+    prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
+
+    def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledVnniInt4Weight
+                 ) -> Float[Array, "*batch d_out"]:
+        rows, d_in = _rows(x), x.shape[-1]
+        kernels = load(self.isa)
+        if (x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None
+                or kernels.w8a8_path != "avx512_vnni"):
+            return int4_weight_only_matmul(x, *weight.plain(), weight.d_in)
+        x2 = x.reshape(rows, d_in)
+        x2 = jnp.pad(x2, ((0, 0), (0, W4A8_OCT * weight.packed.shape[-3] - d_in)))
+        return _kernel_product(kernels.vnni_int4_target, x2, x.shape[:-1], weight.d_out,
+                               weight.packed, weight.scales)
+
+
 class NativeDecodeAttention(DecodeAttention):
     """The attention over the cache (a decode step's token, or each token of a prefill) on the
     native kernel of build `isa`: reads the cache in place as it is stored (float32, bfloat16,
@@ -792,7 +862,7 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledAmxInt8Weight(x.weight), NativeAmxInt8Dot(isa, prefill_rows)))
         if (isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot)
-                and built.w8a8_path == "avx512_vnni" and INT8_DIGITS_ON_VNNI):
+                and built.w8a8_path == "avx512_vnni" and DIGITS_ON_VNNI):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledVnniInt8Weight(x.weight),
                                 NativeVnniInt8Dot(isa, prefill_rows)))
@@ -806,6 +876,12 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
                 and w4a8_on_native(x.weight.group_size)):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledW4A8Weight(x.weight), NativeW4A8Dot(isa)))
+        if (isinstance(x, Linear) and isinstance(x.op, Int4WeightOnlyDot) and not built.amx
+                and built.w8a8_path == "avx512_vnni" and DIGITS_ON_VNNI
+                and w4a8_on_native(x.weight.group_size)):
+            return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
+                               (TiledVnniInt4Weight(x.weight),
+                                NativeVnniInt4Dot(isa, prefill_rows)))
         if isinstance(x, Linear) and isinstance(x.op, Int4WeightOnlyDot):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledInt4Weight(x.weight), NativeInt4Dot(isa, prefill_rows)))

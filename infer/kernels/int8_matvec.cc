@@ -2171,6 +2171,146 @@ ffi::Error W4A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
   return ffi::Error::Success();
 }
 
+// int4 weights (group scales) on the same route: the nibbles in w4a8's oct layout (a column's
+// four low nibbles one quad of k, its four high ones the next; offset binary, q + 8), split into
+// two 64-column halves (infer.kernels.TiledVnniInt4Weight), are the unsigned operand after one
+// AND (low) or a shift and an AND (high); each group's three digit sums, less 8 x the digit's
+// sum over the group, are combined and scaled by the group's scales into f32.
+#if defined(HPLLM_VNNI_DIGITS)
+// sums[r x 3 + d][64] = digit d of rows 0 .. Rows - 1 (as vnni_digits_half) times `octs` octs
+// of a half's nibbles (`w`, 256 bytes per oct): one group. noinline for the reason of
+// w8a8_block; the high nibbles are loaded again rather than kept (the loop then fits in the
+// registers: 24 accumulators, 4 weight vectors, the mask, a broadcast).
+template <int64_t Rows, bool Prefetch>
+__attribute__((noinline)) void vnni_int4_group(const int8_t* digits, int64_t stride,
+                                               int64_t digit_bytes, const uint8_t* w,
+                                               int64_t octs, int32_t (*sums)[kVnniHalf]) {
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  __m512i acc[Rows][kDigits][kVnniVectors];
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t d = 0; d < kDigits; ++d)
+      for (int64_t v = 0; v < kVnniVectors; ++v) acc[r][d][v] = _mm512_setzero_si512();
+  for (int64_t o = 0; o < octs; ++o) {
+    const uint8_t* row = w + o * kVnniHalf * 4;
+    if constexpr (Prefetch) prefetch_ahead(row + 16 * kVnniHalf * 4, kVnniHalf * 4);
+    for (int64_t high = 0; high < 2; ++high) {  // k 8o .. 8o + 3, then 8o + 4 .. 8o + 7
+      __m512i wv[kVnniVectors];
+      for (int64_t v = 0; v < kVnniVectors; ++v) {
+        const __m512i bytes = _mm512_loadu_si512(row + v * 64);
+        wv[v] = _mm512_and_si512(high ? _mm512_srli_epi16(bytes, 4) : bytes, low4);
+      }
+      for (int64_t r = 0; r < Rows; ++r)
+        for (int64_t d = 0; d < kDigits; ++d) {
+          const __m512i xb = _mm512_set1_epi32(
+              load_quad(digits + d * digit_bytes + r * stride + 8 * o + 4 * high));
+          for (int64_t v = 0; v < kVnniVectors; ++v)
+            acc[r][d][v] = _mm512_dpbusd_epi32(acc[r][d][v], wv[v], xb);
+        }
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t d = 0; d < kDigits; ++d)
+      for (int64_t v = 0; v < kVnniVectors; ++v)
+        _mm512_store_si512(sums[r * kDigits + d] + v * 16, acc[r][d][v]);
+}
+
+// y[M, N] = x[M, K] @ ((nibbles w[N / 128][2][K / 8][64][4] - 8) * scale[g][N] per group of
+// K / groups rows); K is whole octs (x zero-padded to it).
+void vnni_int4_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
+                       const uint8_t* w, const float* scale, int64_t ld_scale, int64_t groups,
+                       float* y) {
+  const int64_t octs = K / 8, group_octs = octs / groups, stride = K;
+  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(kDigits * M * stride);
+  float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(M);
+  // Each row's digit sums per group: [M][groups][kDigits].
+  int32_t* digit_sums = thread_scratch<int32_t, Scratch::kDigitSums>(M * groups * kDigits);
+  constexpr int64_t kDigitRows = 4;  // rows per task making digits
+  parallel_tiles(pool, (M + kDigitRows - 1) / kDigitRows, [&](int64_t chunk) {
+    const int64_t first = chunk * kDigitRows, last = std::min(M, first + kDigitRows);
+    activation_digits(x, M, K, M, stride, first, last, digits, row_scale);
+    for (int64_t r = first; r < last; ++r)
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t d = 0; d < kDigits; ++d) {
+          const int8_t* dr = digits + (d * M + r) * stride + g * group_octs * 8;
+          int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t k = 0; k < group_octs * 8; ++k) sum += dr[k];
+          digit_sums[(r * groups + g) * kDigits + d] = sum;
+        }
+  });
+  const int64_t halves = 2 * ((N + kTile - 1) / kTile);
+  parallel_tiles(pool, halves, [&](int64_t half) {
+    const uint8_t* wh = w + half * octs * kVnniHalf * 4;
+    const int64_t c0 = half * kVnniHalf, width = std::min(kVnniHalf, N - c0);
+    if (width <= 0) return;  // the padding half of the last tile
+    alignas(64) int32_t sums[kVnniRows * kDigits][kVnniHalf];
+    for (int64_t m = 0; m < M; m += kVnniRows) {
+      const int64_t rows = std::min(kVnniRows, M - m);
+      __m512 total[kVnniRows][kVnniVectors];
+      for (int64_t g = 0; g < groups; ++g) {
+        with_rows_upto<kVnniRows>(rows, [&](auto r) {
+          constexpr int64_t R = decltype(r)::value;
+          const int8_t* a = digits + m * stride + g * group_octs * 8;
+          const uint8_t* group = wh + g * group_octs * kVnniHalf * 4;
+          if (m == 0)  // the first rows stream the half from memory
+            vnni_int4_group<R, true>(a, stride, M * stride, group, group_octs, sums);
+          else
+            vnni_int4_group<R, false>(a, stride, M * stride, group, group_octs, sums);
+        });
+        for (int64_t r = 0; r < rows; ++r) {
+          const int32_t* offsets = digit_sums + ((m + r) * groups + g) * kDigits;
+          for (int64_t v = 0; v < kVnniVectors; ++v) {
+            // Each digit's sum less its offset (8 x the digit's group sum), the digits
+            // combined, times the group's scales, added up group by group.
+            alignas(64) int32_t exact[kDigits][16];
+            for (int64_t d = 0; d < kDigits; ++d)
+              _mm512_store_si512(exact[d], _mm512_sub_epi32(
+                  _mm512_load_si512(sums[r * kDigits + d] + v * 16),
+                  _mm512_set1_epi32(8 * offsets[d])));
+            const __m512 part = _mm512_mul_ps(combine_digits(exact[0], 16),
+                                              _mm512_loadu_ps(scale + g * ld_scale + c0 + v * 16));
+            total[r][v] = g == 0 ? part : _mm512_add_ps(total[r][v], part);
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 s = _mm512_set1_ps(row_scale[m + r]);
+        for (int64_t v = 0; v < kVnniVectors && 16 * v < width; ++v) {
+          const int64_t c = 16 * v;
+          const __mmask16 valid = width - c >= 16 ? 0xffff : (1u << (width - c)) - 1;
+          _mm512_mask_storeu_ps(y + (m + r) * N + c0 + c, valid, _mm512_mul_ps(total[r][v], s));
+        }
+      }
+    }
+  });
+}
+#endif
+
+ffi::Error VnniInt4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> scale,
+                              ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 5 || sd.size() != 2 || yd.size() != 2 || wd[1] != 2 ||
+      wd[3] != 64 || wd[4] != 4 || xd[1] != 8 * wd[2] || yd[0] != xd[0] ||
+      (yd[1] + kTile - 1) / kTile != wd[0] || sd[1] != wd[0] * kTile || sd[0] < 1 ||
+      xd[1] % sd[0] || (xd[1] / sd[0]) % 8)
+    return ffi::Error::InvalidArgument(
+        "vnni_int4_matmul: expects x[M, K], w[tiles, 2, K / 8, 64, 4], scale[groups, "
+        "tiles * 128] with K / groups a multiple of 8 -> y[M, N]");
+#if defined(HPLLM_VNNI_DIGITS)
+  if (xd[1] > kVnniMaxK)
+    return ffi::Error::InvalidArgument("vnni_int4_matmul: K above 66000 would overflow int32");
+  if (xd[0] > 0)
+    vnni_int4_product(pool, x.typed_data(), xd[0], xd[1], yd[1], w.typed_data(),
+                      scale.typed_data(), sd[1], sd[0], y->typed_data());
+  return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                    "vnni_int4_matmul: this build has no AVX-512 VNNI");
+#endif
+}
+
 // ---- Attention over the KV cache (decode steps and prefills), masked slots skipped ----
 //
 // XLA:CPU runs the attention einsums of a decode step as small batched dots that want the
@@ -2745,6 +2885,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmAmxInt8Matmul, AmxInt8MatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmVnniInt8Matmul, VnniInt8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmVnniInt4Matmul, VnniInt4MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
