@@ -3,7 +3,11 @@
 // the route below kGemmRows) against tile_batched_rows (the blocked GEMM on column panels, the
 // route from kGemmRows), on base's MLP shapes. This is where kGemmRows comes from. For int8,
 // also the registers route (chunks of kMicroRows rows of the tile kernel, each weight widened
-// in registers per chunk: what AMD CPUs run from kBatchRows rows, WIDEN_IN_REGISTERS).
+// in registers per chunk: what AMD CPUs run from kBatchRows rows, WIDEN_IN_REGISTERS), and,
+// on a build with AVX-512 VNNI, the digits route for both (the activations as three int8
+// digits, vpdpbusd: what AMD CPUs with AVX-512 VNNI run at every row count, DIGITS_ON_VNNI),
+// the digits made in each call as the kernel makes them. GFLOP/s count the f32 products each
+// route stands for (the digits route runs three int8 products for each).
 //
 //   g++ -O3 -march=native -fopenmp-simd -std=c++17 -w \
 //       -I"$(.venv/bin/python -c 'import jax; print(jax.ffi.include_dir())')" \
@@ -65,8 +69,8 @@ int main(int argc, char** argv) {
   }
   std::printf("path %s, one thread, load %.1f before\n", HpllmKernelPath(), load);
   std::puts("| weights | K x N | rows | few-rows route GFLOP/s | GEMM route GFLOP/s "
-            "| GEMM / few | registers route GFLOP/s |");
-  std::puts("|---|---|---|---|---|---|---|");
+            "| GEMM / few | registers route GFLOP/s | digits route GFLOP/s |");
+  std::puts("|---|---|---|---|---|---|---|---|");
   const int64_t shapes[2][2] = {{768, 2048}, {2048, 768}}, group = 128;
   for (const char* scheme : {"int8", "int4"}) {
     const bool int8 = scheme[3] == '8';
@@ -135,11 +139,34 @@ int main(int argc, char** argv) {
             });
         };
         const double few_rate = gflops(M, K, N, few), gemm_rate = gflops(M, K, N, gemm);
-        char registers_rate[16] = "-";
+        char registers_rate[16] = "-", digits_rate[16] = "-";
         if (int8) std::snprintf(registers_rate, sizeof registers_rate, "%.1f",
                                 gflops(M, K, N, registers));
-        std::printf("| %s | %ld x %ld | %ld | %.1f | %.1f | %.2f | %s |\n", scheme, K, N, M,
-                    few_rate, gemm_rate, gemm_rate / few_rate, registers_rate);
+#if defined(HPLLM_VNNI_DIGITS)
+        // The weights in the digits routes' layouts (any bytes: the timing does not depend on
+        // them), the groups of int4's scales.
+        const int64_t stride = K, groups = int8 ? 1 : K / group;
+        std::vector<uint8_t> w_digits(int8 ? tiles * K * kTile : tiles * K / 2 * kTile);
+        for (size_t i = 0; i < w_digits.size(); ++i) w_digits[i] = static_cast<uint8_t>(i % 253);
+        std::vector<int8_t> digits(kDigits * M * stride);
+        std::vector<float> row_scale(M);
+        std::vector<int32_t> digit_sums(M * groups * kDigits);
+        auto digits_route = [&] {
+          vnni_digit_rows(x.data(), M, K, stride, groups, 0, M, digits.data(), row_scale.data(),
+                          digit_sums.data());
+          for (int64_t half = 0; half < 2 * tiles; ++half)
+            if (int8)
+              vnni_int8_half(half, digits.data(), row_scale.data(), digit_sums.data(), M, stride,
+                             N, w_digits.data(), scale.data(), y.data());
+            else
+              vnni_int4_half(half, digits.data(), row_scale.data(), digit_sums.data(), M, stride,
+                             groups, N, w_digits.data(), group_scale.data(), tiles * kTile,
+                             y.data());
+        };
+        std::snprintf(digits_rate, sizeof digits_rate, "%.1f", gflops(M, K, N, digits_route));
+#endif
+        std::printf("| %s | %ld x %ld | %ld | %.1f | %.1f | %.2f | %s | %s |\n", scheme, K, N, M,
+                    few_rate, gemm_rate, gemm_rate / few_rate, registers_rate, digits_rate);
       }
     }
   }

@@ -1824,62 +1824,87 @@ __attribute__((noinline)) void vnni_digits_half(const int8_t* digits, int64_t st
         _mm512_store_si512(sums[r * kDigits + d] + v * 16, acc[r][d][v]);
 }
 
-// y[M, N] = x[M, K] @ (offset int8 weights w[N / 128][2][K / 4][64][4] - 128) * scale[N].
-void vnni_int8_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
-                       const uint8_t* w, const float* scale, float* y) {
-  const int64_t quads = (K + 3) / 4, stride = 4 * quads;
+// The activations as the routes below take them: rows first .. last - 1 of x[M, K] as digits
+// ([kDigits][M][stride], stride >= K, zeros after K), each row's scale, and each row's digit
+// sums over `groups` equal groups of the stride ([M][groups][kDigits]: the offset correction of
+// the unsigned weights). Calls on disjoint row ranges may run at once.
+void vnni_digit_rows(const float* x, int64_t M, int64_t K, int64_t stride, int64_t groups,
+                     int64_t first, int64_t last, int8_t* digits, float* row_scale,
+                     int32_t* digit_sums) {
+  activation_digits(x, M, K, M, stride, first, last, digits, row_scale);
+  const int64_t group_k = stride / groups;
+  for (int64_t r = first; r < last; ++r)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t d = 0; d < kDigits; ++d) {
+        const int8_t* dr = digits + (d * M + r) * stride + g * group_k;
+        int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < group_k; ++k) sum += dr[k];
+        digit_sums[(r * groups + g) * kDigits + d] = sum;
+      }
+}
+
+// Columns 64 half .. 64 half + 63 of y[M, N] (one task) from vnni_digit_rows' digits, scales
+// and sums (one group) and the half's offset weights (`w`: the whole array, quads per half).
+void vnni_int8_half(int64_t half, const int8_t* digits, const float* row_scale,
+                    const int32_t* digit_sums, int64_t M, int64_t stride, int64_t N,
+                    const uint8_t* w, const float* scale, float* y) {
+  const int64_t quads = stride / 4;
+  const uint8_t* wh = w + half * quads * kVnniHalf * 4;
+  const int64_t c0 = half * kVnniHalf, width = std::min(kVnniHalf, N - c0);
+  if (width <= 0) return;  // the padding half of the last tile
+  alignas(64) int32_t sums[kVnniRows * kDigits][kVnniHalf];
+  for (int64_t m = 0; m < M; m += kVnniRows) {
+    const int64_t rows = std::min(kVnniRows, M - m);
+    with_rows_upto<kVnniRows>(rows, [&](auto r) {
+      constexpr int64_t R = decltype(r)::value;
+      const int8_t* a = digits + m * stride;
+      if (m == 0)  // the first rows stream the half from memory
+        vnni_digits_half<R, true>(a, stride, M * stride, wh, quads, sums);
+      else
+        vnni_digits_half<R, false>(a, stride, M * stride, wh, quads, sums);
+    });
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = m + r;
+      const __m512 s = _mm512_set1_ps(row_scale[row]);
+      for (int64_t c = 0; c < width; c += 16) {
+        // Each digit's sum less its offset (128 x the digit's row sum), then as on AMX: the
+        // digits combined, the row's scale, the columns' scales.
+        alignas(64) int32_t exact[kDigits][16];
+        for (int64_t d = 0; d < kDigits; ++d)
+          _mm512_store_si512(exact[d], _mm512_sub_epi32(
+              _mm512_load_si512(sums[r * kDigits + d] + c),
+              _mm512_set1_epi32(128 * digit_sums[row * kDigits + d])));
+        const __m512 v = combine_digits(exact[0], 16);
+        const __mmask16 valid = width - c >= 16 ? 0xffff : (1u << (width - c)) - 1;
+        const __m512 column_scale = _mm512_maskz_loadu_ps(valid, scale + c0 + c);
+        _mm512_mask_storeu_ps(y + row * N + c0 + c, valid,
+                              _mm512_mul_ps(_mm512_mul_ps(v, s), column_scale));
+      }
+    }
+  }
+}
+
+// Rows per task making digits: at 16 rows, one task had one thread make every row's digits
+// while the other waited.
+constexpr int64_t kDigitRows = 4;
+
+// y[M, N] = x[M, K] @ (the digits routes' weights) over the threads: the digits of every row
+// (vnni_digit_rows, `groups` groups), then `half_fn(half, digits, row_scale, digit_sums,
+// stride)` for each 64-column half.
+template <typename HalfFn>
+void vnni_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
+                  int64_t stride, int64_t groups, const HalfFn& half_fn) {
   // The caller's scratch: the helpers read it only while the caller waits for their tasks.
   int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(kDigits * M * stride);
   float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(M);
-  int32_t* digit_sums = thread_scratch<int32_t, Scratch::kDigitSums>(M * kDigits);
-  constexpr int64_t kDigitRows = 4;  // rows per task making digits
+  int32_t* digit_sums = thread_scratch<int32_t, Scratch::kDigitSums>(M * groups * kDigits);
   parallel_tiles(pool, (M + kDigitRows - 1) / kDigitRows, [&](int64_t chunk) {
     const int64_t first = chunk * kDigitRows, last = std::min(M, first + kDigitRows);
-    activation_digits(x, M, K, M, stride, first, last, digits, row_scale);
-    for (int64_t r = first; r < last; ++r)
-      for (int64_t d = 0; d < kDigits; ++d) {
-        const int8_t* dr = digits + (d * M + r) * stride;
-        int32_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t k = 0; k < stride; ++k) sum += dr[k];
-        digit_sums[r * kDigits + d] = sum;
-      }
+    vnni_digit_rows(x, M, K, stride, groups, first, last, digits, row_scale, digit_sums);
   });
-  const int64_t halves = 2 * ((N + kTile - 1) / kTile);
-  parallel_tiles(pool, halves, [&](int64_t half) {
-    const uint8_t* wh = w + half * quads * kVnniHalf * 4;
-    const int64_t c0 = half * kVnniHalf, width = std::min(kVnniHalf, N - c0);
-    if (width <= 0) return;  // the padding half of the last tile
-    alignas(64) int32_t sums[kVnniRows * kDigits][kVnniHalf];
-    for (int64_t m = 0; m < M; m += kVnniRows) {
-      const int64_t rows = std::min(kVnniRows, M - m);
-      with_rows_upto<kVnniRows>(rows, [&](auto r) {
-        constexpr int64_t R = decltype(r)::value;
-        const int8_t* a = digits + m * stride;
-        if (m == 0)  // the first rows stream the half from memory
-          vnni_digits_half<R, true>(a, stride, M * stride, wh, quads, sums);
-        else
-          vnni_digits_half<R, false>(a, stride, M * stride, wh, quads, sums);
-      });
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = m + r;
-        const __m512 s = _mm512_set1_ps(row_scale[row]);
-        for (int64_t c = 0; c < width; c += 16) {
-          // Each digit's sum less its offset (128 x the digit's row sum), then as on AMX: the
-          // digits combined, the row's scale, the columns' scales.
-          alignas(64) int32_t exact[kDigits][16];
-          for (int64_t d = 0; d < kDigits; ++d)
-            _mm512_store_si512(exact[d], _mm512_sub_epi32(
-                _mm512_load_si512(sums[r * kDigits + d] + c),
-                _mm512_set1_epi32(128 * digit_sums[row * kDigits + d])));
-          const __m512 v = combine_digits(exact[0], 16);
-          const __mmask16 valid = width - c >= 16 ? 0xffff : (1u << (width - c)) - 1;
-          const __m512 column_scale = _mm512_maskz_loadu_ps(valid, scale + c0 + c);
-          _mm512_mask_storeu_ps(y + row * N + c0 + c, valid,
-                                _mm512_mul_ps(_mm512_mul_ps(v, s), column_scale));
-        }
-      }
-    }
+  parallel_tiles(pool, 2 * ((N + kTile - 1) / kTile), [&](int64_t half) {
+    half_fn(half, digits, row_scale, digit_sums);
   });
 }
 #endif
@@ -1898,9 +1923,14 @@ ffi::Error VnniInt8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 #if defined(HPLLM_VNNI_DIGITS)
   if (xd[1] > kVnniMaxK)
     return ffi::Error::InvalidArgument("vnni_int8_matmul: K above 66000 would overflow int32");
-  if (xd[0] > 0)
-    vnni_int8_product(pool, x.typed_data(), xd[0], xd[1], yd[1], w.typed_data(),
-                      scale.typed_data(), y->typed_data());
+  const int64_t M = xd[0], K = xd[1], N = yd[1], stride = 4 * wd[2];
+  if (M > 0)
+    vnni_product(pool, x.typed_data(), M, K, N, stride, 1,
+                 [&](int64_t half, const int8_t* digits, const float* row_scale,
+                     const int32_t* digit_sums) {
+                   vnni_int8_half(half, digits, row_scale, digit_sums, M, stride, N,
+                                  w.typed_data(), scale.typed_data(), y->typed_data());
+                 });
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented,
@@ -2214,75 +2244,56 @@ __attribute__((noinline)) void vnni_int4_group(const int8_t* digits, int64_t str
         _mm512_store_si512(sums[r * kDigits + d] + v * 16, acc[r][d][v]);
 }
 
-// y[M, N] = x[M, K] @ ((nibbles w[N / 128][2][K / 8][64][4] - 8) * scale[g][N] per group of
-// K / groups rows); K is whole octs (x zero-padded to it).
-void vnni_int4_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
-                       const uint8_t* w, const float* scale, int64_t ld_scale, int64_t groups,
-                       float* y) {
-  const int64_t octs = K / 8, group_octs = octs / groups, stride = K;
-  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(kDigits * M * stride);
-  float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(M);
-  // Each row's digit sums per group: [M][groups][kDigits].
-  int32_t* digit_sums = thread_scratch<int32_t, Scratch::kDigitSums>(M * groups * kDigits);
-  constexpr int64_t kDigitRows = 4;  // rows per task making digits
-  parallel_tiles(pool, (M + kDigitRows - 1) / kDigitRows, [&](int64_t chunk) {
-    const int64_t first = chunk * kDigitRows, last = std::min(M, first + kDigitRows);
-    activation_digits(x, M, K, M, stride, first, last, digits, row_scale);
-    for (int64_t r = first; r < last; ++r)
-      for (int64_t g = 0; g < groups; ++g)
-        for (int64_t d = 0; d < kDigits; ++d) {
-          const int8_t* dr = digits + (d * M + r) * stride + g * group_octs * 8;
-          int32_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t k = 0; k < group_octs * 8; ++k) sum += dr[k];
-          digit_sums[(r * groups + g) * kDigits + d] = sum;
-        }
-  });
-  const int64_t halves = 2 * ((N + kTile - 1) / kTile);
-  parallel_tiles(pool, halves, [&](int64_t half) {
-    const uint8_t* wh = w + half * octs * kVnniHalf * 4;
-    const int64_t c0 = half * kVnniHalf, width = std::min(kVnniHalf, N - c0);
-    if (width <= 0) return;  // the padding half of the last tile
-    alignas(64) int32_t sums[kVnniRows * kDigits][kVnniHalf];
-    for (int64_t m = 0; m < M; m += kVnniRows) {
-      const int64_t rows = std::min(kVnniRows, M - m);
-      __m512 total[kVnniRows][kVnniVectors];
-      for (int64_t g = 0; g < groups; ++g) {
-        with_rows_upto<kVnniRows>(rows, [&](auto r) {
-          constexpr int64_t R = decltype(r)::value;
-          const int8_t* a = digits + m * stride + g * group_octs * 8;
-          const uint8_t* group = wh + g * group_octs * kVnniHalf * 4;
-          if (m == 0)  // the first rows stream the half from memory
-            vnni_int4_group<R, true>(a, stride, M * stride, group, group_octs, sums);
-          else
-            vnni_int4_group<R, false>(a, stride, M * stride, group, group_octs, sums);
-        });
-        for (int64_t r = 0; r < rows; ++r) {
-          const int32_t* offsets = digit_sums + ((m + r) * groups + g) * kDigits;
-          for (int64_t v = 0; v < kVnniVectors; ++v) {
-            // Each digit's sum less its offset (8 x the digit's group sum), the digits
-            // combined, times the group's scales, added up group by group.
-            alignas(64) int32_t exact[kDigits][16];
-            for (int64_t d = 0; d < kDigits; ++d)
-              _mm512_store_si512(exact[d], _mm512_sub_epi32(
-                  _mm512_load_si512(sums[r * kDigits + d] + v * 16),
-                  _mm512_set1_epi32(8 * offsets[d])));
-            const __m512 part = _mm512_mul_ps(combine_digits(exact[0], 16),
-                                              _mm512_loadu_ps(scale + g * ld_scale + c0 + v * 16));
-            total[r][v] = g == 0 ? part : _mm512_add_ps(total[r][v], part);
-          }
-        }
-      }
+// Columns 64 half .. 64 half + 63 of y[M, N] (one task) from vnni_digit_rows' digits, scales
+// and sums (`groups` groups of K = stride) and the half's nibbles (`w`: the whole array, K / 8
+// octs per half); scale[g][ld_scale] the groups' column scales.
+void vnni_int4_half(int64_t half, const int8_t* digits, const float* row_scale,
+                    const int32_t* digit_sums, int64_t M, int64_t stride, int64_t groups,
+                    int64_t N, const uint8_t* w, const float* scale, int64_t ld_scale,
+                    float* y) {
+  const int64_t octs = stride / 8, group_octs = octs / groups;
+  const uint8_t* wh = w + half * octs * kVnniHalf * 4;
+  const int64_t c0 = half * kVnniHalf, width = std::min(kVnniHalf, N - c0);
+  if (width <= 0) return;  // the padding half of the last tile
+  alignas(64) int32_t sums[kVnniRows * kDigits][kVnniHalf];
+  for (int64_t m = 0; m < M; m += kVnniRows) {
+    const int64_t rows = std::min(kVnniRows, M - m);
+    __m512 total[kVnniRows][kVnniVectors];
+    for (int64_t g = 0; g < groups; ++g) {
+      with_rows_upto<kVnniRows>(rows, [&](auto r) {
+        constexpr int64_t R = decltype(r)::value;
+        const int8_t* a = digits + m * stride + g * group_octs * 8;
+        const uint8_t* group = wh + g * group_octs * kVnniHalf * 4;
+        if (m == 0)  // the first rows stream the half from memory
+          vnni_int4_group<R, true>(a, stride, M * stride, group, group_octs, sums);
+        else
+          vnni_int4_group<R, false>(a, stride, M * stride, group, group_octs, sums);
+      });
       for (int64_t r = 0; r < rows; ++r) {
-        const __m512 s = _mm512_set1_ps(row_scale[m + r]);
-        for (int64_t v = 0; v < kVnniVectors && 16 * v < width; ++v) {
-          const int64_t c = 16 * v;
-          const __mmask16 valid = width - c >= 16 ? 0xffff : (1u << (width - c)) - 1;
-          _mm512_mask_storeu_ps(y + (m + r) * N + c0 + c, valid, _mm512_mul_ps(total[r][v], s));
+        const int32_t* offsets = digit_sums + ((m + r) * groups + g) * kDigits;
+        for (int64_t v = 0; v < kVnniVectors; ++v) {
+          // Each digit's sum less its offset (8 x the digit's group sum), the digits combined,
+          // times the group's scales, added up group by group.
+          alignas(64) int32_t exact[kDigits][16];
+          for (int64_t d = 0; d < kDigits; ++d)
+            _mm512_store_si512(exact[d], _mm512_sub_epi32(
+                _mm512_load_si512(sums[r * kDigits + d] + v * 16),
+                _mm512_set1_epi32(8 * offsets[d])));
+          const __m512 part = _mm512_mul_ps(combine_digits(exact[0], 16),
+                                            _mm512_loadu_ps(scale + g * ld_scale + c0 + v * 16));
+          total[r][v] = g == 0 ? part : _mm512_add_ps(total[r][v], part);
         }
       }
     }
-  });
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 s = _mm512_set1_ps(row_scale[m + r]);
+      for (int64_t v = 0; v < kVnniVectors && 16 * v < width; ++v) {
+        const int64_t c = 16 * v;
+        const __mmask16 valid = width - c >= 16 ? 0xffff : (1u << (width - c)) - 1;
+        _mm512_mask_storeu_ps(y + (m + r) * N + c0 + c, valid, _mm512_mul_ps(total[r][v], s));
+      }
+    }
+  }
 }
 #endif
 
@@ -2301,9 +2312,14 @@ ffi::Error VnniInt4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 #if defined(HPLLM_VNNI_DIGITS)
   if (xd[1] > kVnniMaxK)
     return ffi::Error::InvalidArgument("vnni_int4_matmul: K above 66000 would overflow int32");
-  if (xd[0] > 0)
-    vnni_int4_product(pool, x.typed_data(), xd[0], xd[1], yd[1], w.typed_data(),
-                      scale.typed_data(), sd[1], sd[0], y->typed_data());
+  const int64_t M = xd[0], K = xd[1], N = yd[1], groups = sd[0];
+  if (M > 0)
+    vnni_product(pool, x.typed_data(), M, K, N, K, groups,
+                 [&](int64_t half, const int8_t* digits, const float* row_scale,
+                     const int32_t* digit_sums) {
+                   vnni_int4_half(half, digits, row_scale, digit_sums, M, K, groups, N,
+                                  w.typed_data(), scale.typed_data(), sd[1], y->typed_data());
+                 });
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented,
