@@ -16,9 +16,12 @@
 // from memory once.
 // From kBatchRows rows up the SIMD paths dequantize each weight block once into L1 and run
 // every row over it: whole-tile blocks for a few rows (batched decode, tile_few_rows), and from
-// kGemmRows rows (prompts) a blocked GEMM on column panels (tile_batched_rows). The file also
-// holds the integer kernels of int8 activations with int8 (W8A8MatmulImpl) and int4
-// (W4A8MatmulImpl) weights, and the attention over the KV cache (DecodeAttentionImpl).
+// kGemmRows rows (prompts) a blocked GEMM on column panels (tile_batched_rows). Where the
+// tile unit (AMX) or AVX-512 VNNI runs int8 products fast, int8 and int4 weights take integer
+// routes instead, the f32 activations as three int8 digits (AmxInt8MatmulImpl,
+// VnniInt8MatmulImpl, VnniInt4MatmulImpl; infer.kernels picks them). The file also holds the
+// integer kernels of int8 activations with int8 (W8A8MatmulImpl) and int4 (W4A8MatmulImpl)
+// weights, and the attention over the KV cache (DecodeAttentionImpl).
 //
 // Instruction paths, chosen at compile time from the target's feature macros:
 // - AVX-512 (__AVX512F__): 16 f32 lanes, 32 vector registers;
@@ -245,6 +248,12 @@ constexpr int64_t kPrefetchRows = 32;
 inline void prefetch_ahead(const void* ahead, int64_t bytes) {
   for (int64_t j = 0; j < bytes; j += 64)
     _mm_prefetch(static_cast<const char*>(ahead) + j, _MM_HINT_T0);
+}
+
+// Fetches `bytes` bytes from `ahead` into L2 (a prefetch never faults).
+inline void prefetch_to_l2(const void* ahead, int64_t bytes) {
+  for (int64_t j = 0; j < bytes; j += 64)
+    _mm_prefetch(static_cast<const char*>(ahead) + j, _MM_HINT_T1);
 }
 
 // Tile kernel for weights that widen to f32 one vector at a time (int8, bf16): each weight
@@ -2210,7 +2219,11 @@ ffi::Error W4A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
 // sums[r x 3 + d][64] = digit d of rows 0 .. Rows - 1 (as vnni_digits_half) times `octs` octs
 // of a half's nibbles (`w`, 256 bytes per oct): one group. noinline for the reason of
 // w8a8_block; the high nibbles are loaded again rather than kept (the loop then fits in the
-// registers: 24 accumulators, 4 weight vectors, the mask, a broadcast).
+// registers: 24 accumulators, 4 weight vectors, the mask, a broadcast). Prefetch (the first
+// rows): 32 octs (8 KiB) ahead into L2, where int8's 16 quads into L1 left int4's batch 1
+// slower: bench/decode_matmuls.py --rows 1, four alternated rounds, 2.87 / 3.16 / 3.07 / 2.88
+// -> 2.27 / 2.53 / 2.97 / 2.74 ms (int8's route the same way: 4.12 / 4.38 / 4.20 / 4.10 ->
+// 4.01 / 4.21 / 4.48 / 4.36, so it keeps its prefetch).
 template <int64_t Rows, bool Prefetch>
 __attribute__((noinline)) void vnni_int4_group(const int8_t* digits, int64_t stride,
                                                int64_t digit_bytes, const uint8_t* w,
@@ -2222,7 +2235,7 @@ __attribute__((noinline)) void vnni_int4_group(const int8_t* digits, int64_t str
       for (int64_t v = 0; v < kVnniVectors; ++v) acc[r][d][v] = _mm512_setzero_si512();
   for (int64_t o = 0; o < octs; ++o) {
     const uint8_t* row = w + o * kVnniHalf * 4;
-    if constexpr (Prefetch) prefetch_ahead(row + 16 * kVnniHalf * 4, kVnniHalf * 4);
+    if constexpr (Prefetch) prefetch_to_l2(row + 32 * kVnniHalf * 4, kVnniHalf * 4);
     for (int64_t high = 0; high < 2; ++high) {  // k 8o .. 8o + 3, then 8o + 4 .. 8o + 7
       __m512i wv[kVnniVectors];
       for (int64_t v = 0; v < kVnniVectors; ++v) {
@@ -2467,11 +2480,6 @@ constexpr int64_t kValueSlots = 8;
 // miss buffers fill; 2, 3, 6 or 8 slots into L2 were slower than 4.
 constexpr int64_t kAheadSlots = 4;
 
-// Fetches `bytes` bytes from `ahead` into L2 (a prefetch never faults).
-inline void prefetch_to_l2(const void* ahead, int64_t bytes) {
-  for (int64_t j = 0; j < bytes; j += 64)
-    _mm_prefetch(static_cast<const char*>(ahead) + j, _MM_HINT_T1);
-}
 
 // exp(x) for x <= 0, as Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln 2 in two parts, so
 // r is exact), exp(r) by a degree-6 polynomial, times 2^n from the exponent bits. Within 1 ulp
