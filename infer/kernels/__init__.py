@@ -685,6 +685,25 @@ def w4a8_on_native(group_size: int) -> bool:
     return group_size % W4A8_OCT == 0
 
 
+def int4_oct_bytes(weight: Int4Weight) -> UInt8[Array, "*layers octs 4 padded_d_out"]:
+    """`weight`'s values as w4a8's oct bytes, before tiling: byte j of column c in oct o holds
+    q[8o + j] + 8 in its low nibble and q[8o + 4 + j] + 8 in its high one (d_in zero-padded to
+    whole octs, d_out to whole tiles)."""
+    offset = pad_inputs(pad_columns(unpack_int4(weight.packed)), W4A8_OCT) + jnp.int8(8)
+    *layers, rows, cols = offset.shape
+    octs = offset.astype(jnp.uint8).reshape(*layers, rows // 8, 2, 4, cols)
+    return octs[..., 0, :, :] | (octs[..., 1, :, :] << jnp.uint8(4))
+
+
+def int4_from_oct_bytes(packed: UInt8[Array, "*layers octs 4 cols"], padded_d_in: int,
+                        d_out: int) -> UInt8[Array, "*layers half_padded_d_in d_out"]:
+    """The inverse of `int4_oct_bytes`: `Int4Weight`'s packed values."""
+    offset = jnp.stack([packed & jnp.uint8(15), packed >> jnp.uint8(4)], axis=-3)
+    *layers, octs, _, _, cols = offset.shape
+    q = offset.reshape(*layers, 8 * octs, cols).astype(jnp.int8) - jnp.int8(8)
+    return pack_int4(q[..., :padded_d_in, :d_out])
+
+
 class TiledW4A8Weight(eqx.Module):
     """An `Int4Weight` in the w4a8 kernel's layout: packed [d_out / TILE, padded_d_in / 8, TILE,
     4] (d_in zero-padded to a multiple of 8): byte j of a column's four in oct o holds
@@ -705,10 +724,9 @@ class TiledW4A8Weight(eqx.Module):
                              f"(or one per channel), got {weight.group_size}")
         self.d_in, self.d_out = weight.d_in, weight.packed.shape[-1]
         self.padded_d_in = 2 * weight.packed.shape[-2]
-        offset = pad_inputs(pad_columns(unpack_int4(weight.packed)), W4A8_OCT) + jnp.int8(8)
-        *layers, rows, cols = offset.shape
-        octs = offset.astype(jnp.uint8).reshape(*layers, rows // 8, 2, 4, cols // TILE, TILE)
-        packed = octs[..., 0, :, :, :] | (octs[..., 1, :, :, :] << jnp.uint8(4))
+        octs = int4_oct_bytes(weight)
+        *layers, n_octs, four, cols = octs.shape
+        packed = octs.reshape(*layers, n_octs, four, cols // TILE, TILE)
         self.packed = jnp.moveaxis(packed, (-2, -4, -1, -3), (-4, -3, -2, -1))
         self.scales = pad_columns(weight.scales)
 
@@ -716,10 +734,9 @@ class TiledW4A8Weight(eqx.Module):
                              Float[Array, "*layers groups d_out"]]:
         """`Int4Weight`'s packed values and scales (for the XLA op)."""
         packed = jnp.moveaxis(self.packed, (-4, -3, -2, -1), (-2, -4, -1, -3))
-        offset = jnp.stack([packed & jnp.uint8(15), packed >> jnp.uint8(4)], axis=-4)
-        *layers, octs, _, _, tiles, tile = offset.shape
-        q = offset.reshape(*layers, 8 * octs, tiles * tile).astype(jnp.int8) - jnp.int8(8)
-        return (pack_int4(q[..., :self.padded_d_in, :self.d_out]),
+        *layers, octs, four, tiles, tile = packed.shape
+        return (int4_from_oct_bytes(packed.reshape(*layers, octs, four, tiles * tile),
+                                    self.padded_d_in, self.d_out),
                 self.scales[..., :self.d_out])
 
 
@@ -764,11 +781,9 @@ class TiledVnniInt4Weight(eqx.Module):
                              f"rows (or one per channel), got {weight.group_size}")
         self.d_in, self.d_out = weight.d_in, weight.packed.shape[-1]
         self.padded_d_in = 2 * weight.packed.shape[-2]
-        offset = pad_inputs(pad_columns(unpack_int4(weight.packed)), W4A8_OCT) + jnp.int8(8)
-        *layers, rows, cols = offset.shape
-        octs = offset.astype(jnp.uint8).reshape(*layers, rows // 8, 2, 4, cols // TILE, 2,
-                                                VNNI_HALF)
-        packed = octs[..., 0, :, :, :, :] | (octs[..., 1, :, :, :, :] << jnp.uint8(4))
+        octs = int4_oct_bytes(weight)
+        *layers, n_octs, four, cols = octs.shape
+        packed = octs.reshape(*layers, n_octs, four, cols // TILE, 2, VNNI_HALF)
         # [oct, k in quad, tile, half, column in half] -> [tile, half, oct, column, k in quad]
         n = len(layers)
         self.packed = jnp.transpose(packed, tuple(range(n)) + tuple(n + a for a in (2, 3, 0, 4, 1)))
@@ -780,10 +795,9 @@ class TiledVnniInt4Weight(eqx.Module):
         n = self.packed.ndim - 5
         # the inverse of __init__'s transpose: [oct, k in quad, tile, half, column in half]
         packed = jnp.transpose(self.packed, tuple(range(n)) + tuple(n + a for a in (2, 4, 0, 1, 3)))
-        offset = jnp.stack([packed & jnp.uint8(15), packed >> jnp.uint8(4)], axis=-5)
-        *layers, octs, _, _, tiles, halves, half = offset.shape
-        q = offset.reshape(*layers, 8 * octs, tiles * halves * half).astype(jnp.int8) - jnp.int8(8)
-        return (pack_int4(q[..., :self.padded_d_in, :self.d_out]),
+        *layers, octs, four, tiles, halves, half = packed.shape
+        return (int4_from_oct_bytes(packed.reshape(*layers, octs, four, tiles * halves * half),
+                                    self.padded_d_in, self.d_out),
                 self.scales[..., :self.d_out])
 
 

@@ -1799,6 +1799,49 @@ constexpr int64_t kVnniVectors = kVnniHalf / 16;  // vectors per quad of a half
 constexpr int64_t kVnniRows = 2;
 constexpr int64_t kVnniMaxK = 66000;  // int32 sums stay exact (255 x 127 x K < 2^31)
 
+// The micro-kernels' steps, shared by the int8 and int4 routes. acc[r][d][v] += wv[v] . (the
+// quad of digit d of row r at `quad`, broadcast) for every row, digit and vector; rows `stride`
+// bytes apart, digits `digit_bytes` apart.
+template <int64_t Rows>
+inline void vnni_digit_dots(__m512i (&acc)[Rows][kDigits][kVnniVectors],
+                            const __m512i (&wv)[kVnniVectors], const int8_t* quad,
+                            int64_t stride, int64_t digit_bytes) {
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t d = 0; d < kDigits; ++d) {
+      const __m512i xb = _mm512_set1_epi32(load_quad(quad + d * digit_bytes + r * stride));
+      for (int64_t v = 0; v < kVnniVectors; ++v)
+        acc[r][d][v] = _mm512_dpbusd_epi32(acc[r][d][v], wv[v], xb);
+    }
+}
+
+template <int64_t Rows>
+inline void zero_digit_sums(__m512i (&acc)[Rows][kDigits][kVnniVectors]) {
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t d = 0; d < kDigits; ++d)
+      for (int64_t v = 0; v < kVnniVectors; ++v) acc[r][d][v] = _mm512_setzero_si512();
+}
+
+template <int64_t Rows>
+inline void store_digit_sums(const __m512i (&acc)[Rows][kDigits][kVnniVectors],
+                             int32_t (*sums)[kVnniHalf]) {
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t d = 0; d < kDigits; ++d)
+      for (int64_t v = 0; v < kVnniVectors; ++v)
+        _mm512_store_si512(sums[r * kDigits + d] + v * 16, acc[r][d][v]);
+}
+
+// Sixteen columns (from c) of one row's three digit sums (`sums`: its digit 0's), each less
+// `offset` x that digit's sum over the row or group (`digit_sums`: the weights' unsigned offset),
+// combined (combine_digits).
+inline __m512 exact_digits(const int32_t (*sums)[kVnniHalf], int64_t c, const int32_t* digit_sums,
+                           int32_t offset) {
+  alignas(64) int32_t exact[kDigits][16];
+  for (int64_t d = 0; d < kDigits; ++d)
+    _mm512_store_si512(exact[d], _mm512_sub_epi32(_mm512_load_si512(sums[d] + c),
+                                                  _mm512_set1_epi32(offset * digit_sums[d])));
+  return combine_digits(exact[0], 16);
+}
+
 // sums[r x 3 + d][64] = digit d of rows 0 .. Rows - 1 (`digits`: digit 0 of row 0; rows
 // `stride` bytes apart, digits `digit_bytes` apart) times a half's offset weights (`w`, `quads`
 // quads of 256 bytes). Prefetch (the first rows): fetch the weight stream 16 quads (4 KiB)
@@ -1811,26 +1854,15 @@ __attribute__((noinline)) void vnni_digits_half(const int8_t* digits, int64_t st
                                                 int64_t digit_bytes, const uint8_t* w,
                                                 int64_t quads, int32_t (*sums)[kVnniHalf]) {
   __m512i acc[Rows][kDigits][kVnniVectors];
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t d = 0; d < kDigits; ++d)
-      for (int64_t v = 0; v < kVnniVectors; ++v) acc[r][d][v] = _mm512_setzero_si512();
+  zero_digit_sums(acc);
   for (int64_t q = 0; q < quads; ++q) {
     const uint8_t* row = w + q * kVnniHalf * 4;
     if constexpr (Prefetch) prefetch_ahead(row + 16 * kVnniHalf * 4, kVnniHalf * 4);
     __m512i wv[kVnniVectors];
     for (int64_t v = 0; v < kVnniVectors; ++v) wv[v] = _mm512_loadu_si512(row + v * 64);
-    for (int64_t r = 0; r < Rows; ++r)
-      for (int64_t d = 0; d < kDigits; ++d) {
-        const __m512i xb = _mm512_set1_epi32(load_quad(digits + d * digit_bytes + r * stride +
-                                                       4 * q));
-        for (int64_t v = 0; v < kVnniVectors; ++v)
-          acc[r][d][v] = _mm512_dpbusd_epi32(acc[r][d][v], wv[v], xb);
-      }
+    vnni_digit_dots(acc, wv, digits + 4 * q, stride, digit_bytes);
   }
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t d = 0; d < kDigits; ++d)
-      for (int64_t v = 0; v < kVnniVectors; ++v)
-        _mm512_store_si512(sums[r * kDigits + d] + v * 16, acc[r][d][v]);
+  store_digit_sums(acc, sums);
 }
 
 // The activations as the routes below take them: rows first .. last - 1 of x[M, K] as digits
@@ -1877,14 +1909,9 @@ void vnni_int8_half(int64_t half, const int8_t* digits, const float* row_scale,
       const int64_t row = m + r;
       const __m512 s = _mm512_set1_ps(row_scale[row]);
       for (int64_t c = 0; c < width; c += 16) {
-        // Each digit's sum less its offset (128 x the digit's row sum), then as on AMX: the
-        // digits combined, the row's scale, the columns' scales.
-        alignas(64) int32_t exact[kDigits][16];
-        for (int64_t d = 0; d < kDigits; ++d)
-          _mm512_store_si512(exact[d], _mm512_sub_epi32(
-              _mm512_load_si512(sums[r * kDigits + d] + c),
-              _mm512_set1_epi32(128 * digit_sums[row * kDigits + d])));
-        const __m512 v = combine_digits(exact[0], 16);
+        // The digits less their offset (128 x the digit's row sum) and combined, then as on
+        // AMX: the row's scale, the columns' scales.
+        const __m512 v = exact_digits(sums + r * kDigits, c, digit_sums + row * kDigits, 128);
         const __mmask16 valid = width - c >= 16 ? 0xffff : (1u << (width - c)) - 1;
         const __m512 column_scale = _mm512_maskz_loadu_ps(valid, scale + c0 + c);
         _mm512_mask_storeu_ps(y + row * N + c0 + c, valid,
@@ -2230,9 +2257,7 @@ __attribute__((noinline)) void vnni_int4_group(const int8_t* digits, int64_t str
                                                int64_t octs, int32_t (*sums)[kVnniHalf]) {
   const __m512i low4 = _mm512_set1_epi8(0x0f);
   __m512i acc[Rows][kDigits][kVnniVectors];
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t d = 0; d < kDigits; ++d)
-      for (int64_t v = 0; v < kVnniVectors; ++v) acc[r][d][v] = _mm512_setzero_si512();
+  zero_digit_sums(acc);
   for (int64_t o = 0; o < octs; ++o) {
     const uint8_t* row = w + o * kVnniHalf * 4;
     if constexpr (Prefetch) prefetch_to_l2(row + 32 * kVnniHalf * 4, kVnniHalf * 4);
@@ -2242,19 +2267,10 @@ __attribute__((noinline)) void vnni_int4_group(const int8_t* digits, int64_t str
         const __m512i bytes = _mm512_loadu_si512(row + v * 64);
         wv[v] = _mm512_and_si512(high ? _mm512_srli_epi16(bytes, 4) : bytes, low4);
       }
-      for (int64_t r = 0; r < Rows; ++r)
-        for (int64_t d = 0; d < kDigits; ++d) {
-          const __m512i xb = _mm512_set1_epi32(
-              load_quad(digits + d * digit_bytes + r * stride + 8 * o + 4 * high));
-          for (int64_t v = 0; v < kVnniVectors; ++v)
-            acc[r][d][v] = _mm512_dpbusd_epi32(acc[r][d][v], wv[v], xb);
-        }
+      vnni_digit_dots(acc, wv, digits + 8 * o + 4 * high, stride, digit_bytes);
     }
   }
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t d = 0; d < kDigits; ++d)
-      for (int64_t v = 0; v < kVnniVectors; ++v)
-        _mm512_store_si512(sums[r * kDigits + d] + v * 16, acc[r][d][v]);
+  store_digit_sums(acc, sums);
 }
 
 // Columns 64 half .. 64 half + 63 of y[M, N] (one task) from vnni_digit_rows' digits, scales
@@ -2285,14 +2301,9 @@ void vnni_int4_half(int64_t half, const int8_t* digits, const float* row_scale,
       for (int64_t r = 0; r < rows; ++r) {
         const int32_t* offsets = digit_sums + ((m + r) * groups + g) * kDigits;
         for (int64_t v = 0; v < kVnniVectors; ++v) {
-          // Each digit's sum less its offset (8 x the digit's group sum), the digits combined,
-          // times the group's scales, added up group by group.
-          alignas(64) int32_t exact[kDigits][16];
-          for (int64_t d = 0; d < kDigits; ++d)
-            _mm512_store_si512(exact[d], _mm512_sub_epi32(
-                _mm512_load_si512(sums[r * kDigits + d] + v * 16),
-                _mm512_set1_epi32(8 * offsets[d])));
-          const __m512 part = _mm512_mul_ps(combine_digits(exact[0], 16),
+          // The digits less their offset (8 x the digit's group sum) and combined, times the
+          // group's scales, added up group by group.
+          const __m512 part = _mm512_mul_ps(exact_digits(sums + r * kDigits, v * 16, offsets, 8),
                                             _mm512_loadu_ps(scale + g * ld_scale + c0 + v * 16));
           total[r][v] = g == 0 ? part : _mm512_add_ps(total[r][v], part);
         }
