@@ -266,6 +266,15 @@ def test_vnni_routes_match_the_xla_ops_and_the_digits_error_bound():
         np.testing.assert_array_equal(NativeVnniInt4Dot("avx512vnni", NEVER)(x16, tiled),
                                       Int4WeightOnlyDot()(x16, weight))
     _check_digits_error_bound(cases)
+    # Past VNNI_MAX_K inputs the int32 digit sums could overflow: the XLA op runs instead.
+    d_in = kernels.VNNI_MAX_K + 8
+    w = jax.random.normal(jax.random.key(2), (d_in, 16), jnp.float32)
+    x = jax.random.normal(jax.random.key(3), (1, d_in), jnp.float32)
+    for weight, tiled, dot, reference in (
+            (Int8Weight(w), TiledVnniInt8Weight, NativeVnniInt8Dot, Int8WeightOnlyDot()),
+            (Int4Weight(w, 0), TiledVnniInt4Weight, NativeVnniInt4Dot, Int4WeightOnlyDot())):
+        np.testing.assert_array_equal(jax.jit(dot("avx512vnni", NEVER))(x, tiled(weight)),
+                                      jax.jit(reference)(x, weight))
 
 
 @pytest.mark.parametrize(("scheme", "layout"), [("int8", "unrolled"), ("int8", "scanned"),

@@ -470,6 +470,9 @@ class NativeInt8Dot(MatmulOp):
 # a Zen 4; int8_matvec.cc has the figures). Intel's cores without AMX issue vpdpbusd on one
 # port and FMAs on two, so they keep the FMA routes.
 DIGITS_ON_VNNI = cpuinfo_field("vendor_id") == "AuthenticAMD"
+# The longest d_in whose digit sums stay exact in int32 (255 x 127 x d_in < 2^31); kVnniMaxK in
+# int8_matvec.cc. Longer inputs take the XLA op.
+VNNI_MAX_K = 66000
 
 
 class NativeVnniInt8Dot(MatmulOp):
@@ -477,8 +480,8 @@ class NativeVnniInt8Dot(MatmulOp):
     "avx512_vnni"), every row count: the f32 activations enter as three int8 digits of a per-row
     scale, as on the AMX route, and each digit's product with the weights is an exact int32 sum
     of `vpdpbusd` (`int8_matvec.cc` gives the error bound, 2^-24 x max|x_row| x sum|w_column|).
-    From `prefill_rows` rows up (None: never), for bf16 activations, or where the build has no
-    AVX-512 VNNI, the XLA op on the untiled weight runs."""
+    From `prefill_rows` rows up (None: never), for bf16 activations, where the build has no
+    AVX-512 VNNI, or for a d_in above `VNNI_MAX_K`, the XLA op on the untiled weight runs."""
 
     isa: str = eqx.field(static=True, default="native")
     prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
@@ -488,7 +491,7 @@ class NativeVnniInt8Dot(MatmulOp):
         rows, d_in = _rows(x), x.shape[-1]
         kernels = load(self.isa)
         if (x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None
-                or kernels.w8a8_path != "avx512_vnni"):
+                or kernels.w8a8_path != "avx512_vnni" or d_in > VNNI_MAX_K):
             return int8_weight_only_matmul(x, *weight.plain())
         return _kernel_product(kernels.vnni_int8_target, x.reshape(rows, d_in), x.shape[:-1],
                                weight.d_out, weight.values, weight.scales)
@@ -805,8 +808,9 @@ class NativeVnniInt4Dot(MatmulOp):
     """`Int4WeightOnlyDot` on AVX-512 VNNI (build `isa`, where `Kernels.w8a8_path` is
     "avx512_vnni"), every row count: the f32 activations as three int8 digits of a per-row scale
     (as `NativeVnniInt8Dot`), each group's products exact int32 sums of `vpdpbusd`, scaled per
-    group in f32. From `prefill_rows` rows up (None: never), for bf16 activations, or where the
-    build has no AVX-512 VNNI, the XLA op on the untiled weight runs."""
+    group in f32. From `prefill_rows` rows up (None: never), for bf16 activations, where the
+    build has no AVX-512 VNNI, or for a d_in above `VNNI_MAX_K`, the XLA op on the untiled weight
+    runs."""
 
     isa: str = eqx.field(static=True, default="native")
     prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
@@ -814,12 +818,13 @@ class NativeVnniInt4Dot(MatmulOp):
     def __call__(self, x: Float[Array, "*batch d_in"], weight: TiledVnniInt4Weight
                  ) -> Float[Array, "*batch d_out"]:
         rows, d_in = _rows(x), x.shape[-1]
+        k_pad = W4A8_OCT * weight.packed.shape[-3]  # the kernel's d_in, whole octs
         kernels = load(self.isa)
         if (x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None
-                or kernels.w8a8_path != "avx512_vnni"):
+                or kernels.w8a8_path != "avx512_vnni" or k_pad > VNNI_MAX_K):
             return int4_weight_only_matmul(x, *weight.plain(), weight.d_in)
         x2 = x.reshape(rows, d_in)
-        x2 = jnp.pad(x2, ((0, 0), (0, W4A8_OCT * weight.packed.shape[-3] - d_in)))
+        x2 = jnp.pad(x2, ((0, 0), (0, k_pad - d_in)))
         return _kernel_product(kernels.vnni_int4_target, x2, x.shape[:-1], weight.d_out,
                                weight.packed, weight.scales)
 
