@@ -1848,7 +1848,7 @@ inline __m512 exact_digits(const int32_t (*sums)[kVnniHalf], int64_t c, const in
 // ahead, a template parameter so that the loop has no branch. noinline for the reason of
 // w8a8_block. One pass per row pair over the whole half (48-128 KiB at base's shapes, from L2
 // after the first): k-blocks that stay in L1, with the sums loaded and stored around each,
-// were 5-10% slower (one thread, scratch harness; not kept).
+// were slower (one thread, scratch harness; not kept, no figure quoted).
 template <int64_t Rows, bool Prefetch>
 __attribute__((noinline)) void vnni_digits_half(const int8_t* digits, int64_t stride,
                                                 int64_t digit_bytes, const uint8_t* w,
@@ -2486,9 +2486,9 @@ constexpr int64_t kValueSlots = 8;
 // is one contiguous stream, but the hardware prefetchers stop at every 4 KiB page, and one core
 // alone keeps too few reads in flight. Zen 4, bf16 cache, 208 slots seen per row:
 // bench/attention_loop.cc (one thread, 16 rows x 12 layers) 10.0-11.7 -> 9.6-10.6 ms per step
-// with its flush, 9.5-10.2 -> 8.4-9.0 without; a scratch loop over 189 MB of rows and layers on
-// two threads, 16-20 -> 20-22 GB/s. Into L1 instead (2-32 slots ahead) gained less: its few
-// miss buffers fill; 2, 3, 6 or 8 slots into L2 were slower than 4.
+// with its flush, 9.5-10.2 -> 8.4-9.0 without. In a scratch harness (not kept, no figure
+// quoted) L1 instead (2-32 slots ahead) gained less, its few miss buffers filling, and 2, 3, 6
+// or 8 slots into L2 less than 4.
 constexpr int64_t kAheadSlots = 4;
 
 
