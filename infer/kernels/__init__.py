@@ -220,6 +220,11 @@ class Kernels:
     vnni_int8_target: str  # int8 weights x f32 activations as three digits (AVX-512 VNNI only)
     vnni_int4_target: str  # int4 weights x f32 activations as three digits (AVX-512 VNNI only)
 
+    @property
+    def avx512_vnni(self) -> bool:
+        """Whether the build has AVX-512 VNNI (the w8a8 kernel's and the digits routes' path)."""
+        return self.w8a8_path == "avx512_vnni"
+
 
 _loaded: dict[str, Kernels | str] = {}  # isa -> the build, or why it is unavailable
 
@@ -329,6 +334,14 @@ def untile_columns(tiled: Shaped[Array, "*layers tiles rows tile"], d_out: int
     return plain[..., :d_out]
 
 
+def transpose_trailing(values: Shaped[Array, "..."], order: tuple[int, ...]
+                       ) -> Shaped[Array, "..."]:
+    """`values` with its last len(order) axes permuted as `jnp.transpose` does with `order`
+    (counted from the first of them), any leading layer axes kept in front."""
+    n = values.ndim - len(order)
+    return jnp.transpose(values, tuple(range(n)) + tuple(n + axis for axis in order))
+
+
 class TiledInt8Weight(eqx.Module):
     """An `Int8Weight` in the kernel's layout: values [d_out / TILE, d_in, TILE] and scales
     padded to whole tiles (the padding columns are zero and never written out)."""
@@ -348,6 +361,9 @@ class TiledInt8Weight(eqx.Module):
 
 
 VNNI_HALF = 64  # output columns per half of a tile in the VNNI layout; kVnniHalf in int8_matvec.cc
+# The VNNI layouts' transposes: [quad or oct, k in quad, tile, half, column in half] <->
+# [tile, half, quad or oct, column in half, k in quad].
+TO_VNNI_HALVES, FROM_VNNI_HALVES = (2, 3, 0, 4, 1), (2, 4, 0, 1, 3)
 
 
 class TiledVnniInt8Weight(eqx.Module):
@@ -368,18 +384,14 @@ class TiledVnniInt8Weight(eqx.Module):
         values = pad_inputs(pad_columns(weight.values), 4)
         *layers, rows, cols = values.shape
         offset = jax.lax.bitcast_convert_type(values, jnp.uint8) ^ jnp.uint8(0x80)
-        # [quad, k in quad, tile, half, column in half] -> [tile, half, quad, column, k in quad]
         split = offset.reshape(*layers, rows // 4, 4, cols // TILE, 2, VNNI_HALF)
-        n = len(layers)
-        self.values = jnp.transpose(split, tuple(range(n)) + tuple(n + a for a in (2, 3, 0, 4, 1)))
+        self.values = transpose_trailing(split, TO_VNNI_HALVES)
         self.scales = pad_columns(weight.scales)
 
     def plain(self) -> tuple[Int8[Array, "*layers d_in d_out"], Float[Array, "*layers d_out"]]:
         """values and scales in the plain [d_in, d_out] layout (for the XLA op)."""
         *layers, tiles, halves, quads, half, four = self.values.shape
-        n = len(layers)
-        # the inverse of __init__'s transpose
-        split = jnp.transpose(self.values, tuple(range(n)) + tuple(n + a for a in (2, 4, 0, 1, 3)))
+        split = transpose_trailing(self.values, FROM_VNNI_HALVES)
         offset = split.reshape(*layers, quads * four, tiles * halves * half)
         values = jax.lax.bitcast_convert_type(offset ^ jnp.uint8(0x80), jnp.int8)
         return values[..., :self.d_in, :self.d_out], self.scales[..., :self.d_out]
@@ -440,7 +452,8 @@ def _xla_route(rows: int, prefill_rows: int | None) -> bool:
 # kBatchRows): faster on AMD's cores, which issue a widening beside their FMAs (measured on a
 # Zen 4, both paths); on Intel's a widening takes an FMA port, which the dequantized routes
 # spare.
-WIDEN_IN_REGISTERS = cpuinfo_field("vendor_id") == "AuthenticAMD"
+AMD_CPU = cpuinfo_field("vendor_id") == "AuthenticAMD"
+WIDEN_IN_REGISTERS = AMD_CPU
 
 
 class NativeInt8Dot(MatmulOp):
@@ -469,19 +482,19 @@ class NativeInt8Dot(MatmulOp):
 # and no AMX: on AMD CPUs, whose cores issue a 512-bit vpdpbusd as often as an FMA (measured on
 # a Zen 4; int8_matvec.cc has the figures). Intel's cores without AMX issue vpdpbusd on one
 # port and FMAs on two, so they keep the FMA routes.
-DIGITS_ON_VNNI = cpuinfo_field("vendor_id") == "AuthenticAMD"
+DIGITS_ON_VNNI = AMD_CPU
 # The longest d_in whose digit sums stay exact in int32 (255 x 127 x d_in < 2^31); kVnniMaxK in
 # int8_matvec.cc. Longer inputs take the XLA op.
 VNNI_MAX_K = 66000
 
 
 class NativeVnniInt8Dot(MatmulOp):
-    """`Int8WeightOnlyDot` on AVX-512 VNNI (build `isa`, where `Kernels.w8a8_path` is
-    "avx512_vnni"), every row count: the f32 activations enter as three int8 digits of a per-row
-    scale, as on the AMX route, and each digit's product with the weights is an exact int32 sum
-    of `vpdpbusd` (`int8_matvec.cc` gives the error bound, 2^-24 x max|x_row| x sum|w_column|).
-    From `prefill_rows` rows up (None: never), for bf16 activations, where the build has no
-    AVX-512 VNNI, or for a d_in above `VNNI_MAX_K`, the XLA op on the untiled weight runs."""
+    """`Int8WeightOnlyDot` on AVX-512 VNNI (build `isa`, where `Kernels.avx512_vnni`), every row
+    count: the f32 activations enter as three int8 digits of a per-row scale, as on the AMX
+    route, and each digit's product with the weights is an exact int32 sum of `vpdpbusd`
+    (`int8_matvec.cc` gives the error bound, 2^-24 x max|x_row| x sum|w_column|). From
+    `prefill_rows` rows up (None: never), for bf16 activations, where the build has no AVX-512
+    VNNI, or for a d_in above `VNNI_MAX_K`, the XLA op on the untiled weight runs."""
 
     isa: str = eqx.field(static=True, default="native")
     prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
@@ -491,7 +504,7 @@ class NativeVnniInt8Dot(MatmulOp):
         rows, d_in = _rows(x), x.shape[-1]
         kernels = load(self.isa)
         if (x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None
-                or kernels.w8a8_path != "avx512_vnni" or d_in > VNNI_MAX_K):
+                or not kernels.avx512_vnni or d_in > VNNI_MAX_K):
             return int8_weight_only_matmul(x, *weight.plain())
         return _kernel_product(kernels.vnni_int8_target, x.reshape(rows, d_in), x.shape[:-1],
                                weight.d_out, weight.values, weight.scales)
@@ -521,9 +534,7 @@ class TiledAmxInt8Weight(eqx.Module):
         # [tile, half, k-step, group, quad, column in group, k in quad]
         split = values.reshape(*layers, rows // AMX_K, AMX_K // 4, 4, cols // TILE, 2,
                                TILE // 2 // AMX_GROUP, AMX_GROUP)
-        n = len(layers)
-        order = tuple(range(n)) + tuple(n + axis for axis in (3, 4, 0, 5, 1, 6, 2))
-        self.values = jnp.transpose(split, order).reshape(
+        self.values = transpose_trailing(split, (3, 4, 0, 5, 1, 6, 2)).reshape(
             *layers, cols // TILE, 2, rows // AMX_K, TILE // 2 // AMX_GROUP, AMX_K // 4,
             4 * AMX_GROUP)
         self.scales = pad_columns(weight.scales)
@@ -532,10 +543,9 @@ class TiledAmxInt8Weight(eqx.Module):
         """values and scales in the plain [d_in, d_out] layout (for the XLA op)."""
         *layers, tiles, halves, steps, groups, quads, _ = self.values.shape
         split = self.values.reshape(*layers, tiles, halves, steps, groups, quads, AMX_GROUP, 4)
-        n = len(layers)
         # the inverse of __init__'s transpose
-        order = tuple(range(n)) + tuple(n + axis for axis in (2, 4, 6, 0, 1, 3, 5))
-        values = jnp.transpose(split, order).reshape(*layers, steps * AMX_K, tiles * TILE)
+        values = transpose_trailing(split, (2, 4, 6, 0, 1, 3, 5)).reshape(
+            *layers, steps * AMX_K, tiles * TILE)
         return values[..., :self.d_in, :self.d_out], self.scales[..., :self.d_out]
 
 
@@ -787,17 +797,13 @@ class TiledVnniInt4Weight(eqx.Module):
         octs = int4_oct_bytes(weight)
         *layers, n_octs, four, cols = octs.shape
         packed = octs.reshape(*layers, n_octs, four, cols // TILE, 2, VNNI_HALF)
-        # [oct, k in quad, tile, half, column in half] -> [tile, half, oct, column, k in quad]
-        n = len(layers)
-        self.packed = jnp.transpose(packed, tuple(range(n)) + tuple(n + a for a in (2, 3, 0, 4, 1)))
+        self.packed = transpose_trailing(packed, TO_VNNI_HALVES)
         self.scales = pad_columns(weight.scales)
 
     def plain(self) -> tuple[UInt8[Array, "*layers half_padded_d_in d_out"],
                              Float[Array, "*layers groups d_out"]]:
         """`Int4Weight`'s packed values and scales (for the XLA op)."""
-        n = self.packed.ndim - 5
-        # the inverse of __init__'s transpose: [oct, k in quad, tile, half, column in half]
-        packed = jnp.transpose(self.packed, tuple(range(n)) + tuple(n + a for a in (2, 4, 0, 1, 3)))
+        packed = transpose_trailing(self.packed, FROM_VNNI_HALVES)
         *layers, octs, four, tiles, halves, half = packed.shape
         return (int4_from_oct_bytes(packed.reshape(*layers, octs, four, tiles * halves * half),
                                     self.padded_d_in, self.d_out),
@@ -805,12 +811,11 @@ class TiledVnniInt4Weight(eqx.Module):
 
 
 class NativeVnniInt4Dot(MatmulOp):
-    """`Int4WeightOnlyDot` on AVX-512 VNNI (build `isa`, where `Kernels.w8a8_path` is
-    "avx512_vnni"), every row count: the f32 activations as three int8 digits of a per-row scale
-    (as `NativeVnniInt8Dot`), each group's products exact int32 sums of `vpdpbusd`, scaled per
-    group in f32. From `prefill_rows` rows up (None: never), for bf16 activations, where the
-    build has no AVX-512 VNNI, or for a d_in above `VNNI_MAX_K`, the XLA op on the untiled weight
-    runs."""
+    """`Int4WeightOnlyDot` on AVX-512 VNNI (build `isa`, where `Kernels.avx512_vnni`), every row
+    count: the f32 activations as three int8 digits of a per-row scale (as `NativeVnniInt8Dot`),
+    each group's products exact int32 sums of `vpdpbusd`, scaled per group in f32. From
+    `prefill_rows` rows up (None: never), for bf16 activations, where the build has no AVX-512
+    VNNI, or for a d_in above `VNNI_MAX_K`, the XLA op on the untiled weight runs."""
 
     isa: str = eqx.field(static=True, default="native")
     prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
@@ -821,7 +826,7 @@ class NativeVnniInt4Dot(MatmulOp):
         k_pad = W4A8_OCT * weight.packed.shape[-3]  # the kernel's d_in, whole octs
         kernels = load(self.isa)
         if (x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None
-                or kernels.w8a8_path != "avx512_vnni" or k_pad > VNNI_MAX_K):
+                or not kernels.avx512_vnni or k_pad > VNNI_MAX_K):
             return int4_weight_only_matmul(x, *weight.plain(), weight.d_in)
         x2 = x.reshape(rows, d_in)
         x2 = jnp.pad(x2, ((0, 0), (0, k_pad - d_in)))
@@ -875,13 +880,14 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
         return model
     float_activations = (not isinstance(model, Transformer)
                          or model.compute_dtype == jnp.float32)
+    # int8 and int4 weights on the VNNI digits routes (AMX, where the build has it, comes first).
+    digits_on_vnni = built.avx512_vnni and not built.amx and DIGITS_ON_VNNI
 
     def swap(x):
         if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot) and built.amx:
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledAmxInt8Weight(x.weight), NativeAmxInt8Dot(isa, prefill_rows)))
-        if (isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot)
-                and built.w8a8_path == "avx512_vnni" and DIGITS_ON_VNNI):
+        if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot) and digits_on_vnni:
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledVnniInt8Weight(x.weight),
                                 NativeVnniInt8Dot(isa, prefill_rows)))
@@ -895,8 +901,7 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
                 and w4a8_on_native(x.weight.group_size)):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledW4A8Weight(x.weight), NativeW4A8Dot(isa)))
-        if (isinstance(x, Linear) and isinstance(x.op, Int4WeightOnlyDot) and not built.amx
-                and built.w8a8_path == "avx512_vnni" and DIGITS_ON_VNNI
+        if (isinstance(x, Linear) and isinstance(x.op, Int4WeightOnlyDot) and digits_on_vnni
                 and w4a8_on_native(x.weight.group_size)):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledVnniInt4Weight(x.weight),
