@@ -228,10 +228,10 @@ int main(int argc, char** argv) {
   // The digits route against float64 on copy 0: nibble byte j of column c in oct o holds
   // k = 8o + j (low) and 8o + 4 + j (high); half h holds columns 64h .. 64h + 63.
   digits_route(0);
-  double worst = 0;
+  double worst = 0, top = 0;
+  for (int64_t k = 0; k < K; ++k) top = std::max(top, (double)std::fabs(x[k]));
   for (int64_t n = 0; n < N; ++n) {
-    double exact = 0, bound = 0, top = 0;
-    for (int64_t k = 0; k < K; ++k) top = std::max(top, (double)std::fabs(x[k]));
+    double exact = 0, bound = 0;
     for (int64_t k = 0; k < K; ++k) {
       const int64_t o = k / 8, j = k % 8 % 4, high = k % 8 / 4;
       const uint8_t b = octs[((n / kHalf) * (K / 8) + o) * kHalf * 4 + (n % kHalf) * 4 + j];
