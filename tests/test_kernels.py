@@ -159,8 +159,8 @@ def _check_digits_error_bound(cases: list) -> None:
         # most 0.32 of it at 3 rows and 0.44 at 16 on AMX and on VNNI (0.26 at 1 row on VNNI;
         # the int8 FMA routes, avx512 build, 0.87);
         # int4 0.17 (group 128), 0.22 (group 64), 0.25 (per channel) on AMX and 0.16, 0.23,
-        # 0.25 on VNNI, its FMA routes 0.53-0.81 (f32 accumulation carries the outlier's
-        # rounding too).
+        # 0.25 on VNNI and 0.17, 0.14, 0.19 on AVX2's digits route (1 and 3 rows), its FMA
+        # routes 0.53-0.81 (f32 accumulation carries the outlier's rounding too).
         bound = 2.0**-24 * np.abs(outlier).max(1, keepdims=True) * np.abs(dequantized).sum(0)
         for rows in bound_rows:
             got = np.asarray(jax.jit(dot)(jnp.asarray(outlier[:rows], jnp.float32), tiled),
@@ -277,18 +277,46 @@ def test_vnni_routes_match_the_xla_ops_and_the_digits_error_bound():
                                       jax.jit(reference)(x, weight))
 
 
-@pytest.mark.parametrize(("scheme", "layout"), [("int8", "unrolled"), ("int8", "scanned"),
-                                               ("int4", "unrolled")])
-def test_vnni_model_logits_match_the_xla_model(monkeypatch, scheme, layout):
-    """A tiny int8 or int4 model (head quantized too) on the VNNI routes against the same model
-    on the XLA ops, in either layer layout: a 3-token prompt and two 24-token ones (48 rows)."""
-    _kernels_or_skip("avx512vnni")
-    # use_native_kernels takes these routes on AMD CPUs; the test runs them on any with VNNI.
+@pytest.mark.parametrize("isa", ("avx2", "avx2vnni"))
+def test_avx2_int4_digits_route_matches_the_xla_op_and_the_digits_error_bound(isa):
+    """int4 weights on an AVX2 build's digits route (`vpmaddubsw`, or AVX-VNNI's 256-bit
+    `vpdpbusd`; 1 to 4 rows, the FMA routes on the dequantized layout from 5) against the XLA
+    op at every row count and a float64 reference under the digits' error bound; bf16
+    activations and a build without the route take the XLA op: exactly the reference."""
+    _kernels_or_skip(isa)
+    _check_int4_kernel_against_the_xla_op(isa, INT4_AMX_SHAPES + INT4_SHAPES[1:2], route="vnni")
+    cases = []
+    for d_in, d_out, group in INT4_AMX_SHAPES[:3]:
+        weight = Int4Weight(jax.random.normal(jax.random.key(d_in), (d_in, d_out), jnp.float32),
+                            group)
+        tiled = TiledVnniInt4Weight(weight)
+        cases.append((d_in, NativeVnniInt4Dot(isa, NEVER), tiled,
+                      np.asarray(weight.dequantize(), np.float64), (1, 3), (1, 3)))
+        # (From 5 rows the FMA routes run: an infinite activation there gives infinite
+        # outputs, as the XLA op does, not the digits routes' NaN.)
+        x = _activations(d_in)[:4]
+        reference = jax.jit(Int4WeightOnlyDot())
+        for x_in, dot in ((x.astype(jnp.bfloat16), NativeVnniInt4Dot(isa, NEVER)),
+                          (x, NativeVnniInt4Dot("portable", NEVER))):
+            np.testing.assert_array_equal(jax.jit(dot)(x_in, tiled), reference(x_in, weight),
+                                          err_msg=str(dot))
+    _check_digits_error_bound(cases)
+
+
+@pytest.mark.parametrize(("isa", "scheme", "layout"), [
+    ("avx512vnni", "int8", "unrolled"), ("avx512vnni", "int8", "scanned"),
+    ("avx512vnni", "int4", "unrolled"), ("avx2", "int4", "scanned")])
+def test_vnni_model_logits_match_the_xla_model(monkeypatch, isa, scheme, layout):
+    """A tiny int8 or int4 model (head quantized too) on the digits routes (AVX-512 VNNI, or
+    an AVX2 build's int4 route) against the same model on the XLA ops, in either layer layout:
+    a 3-token prompt and two 24-token ones (48 rows)."""
+    _kernels_or_skip(isa)
+    # use_native_kernels takes these routes on AMD CPUs; the test runs them on any that can.
     monkeypatch.setattr(kernels, "DIGITS_ON_VNNI", True)
     model = Transformer(preset("tiny"), key=jax.random.key(0))
     model = quantize(model.unstacked() if layout == "unrolled" else model, scheme, 32,
                      WITH_HEAD)
-    native = use_native_kernels(model, "avx512vnni")
+    native = use_native_kernels(model, isa)
     blocks = native.blocks[0] if layout == "unrolled" else native.blocks
     tiled, op = {"int8": (TiledVnniInt8Weight, NativeVnniInt8Dot),
                  "int4": (TiledVnniInt4Weight, NativeVnniInt4Dot)}[scheme]

@@ -41,7 +41,10 @@ count runs `NativeVnniInt8Dot` on `TiledVnniInt8Weight` and `NativeVnniInt4Dot` 
 `TiledVnniInt4Weight` (int4 in groups of a multiple of 8 or per channel; `DIGITS_ON_VNNI`), the
 activations as three int8 digits as on AMX (below) and their products `vpdpbusd`'s exact int32
 sums, which a Zen 4 issues as often as an FMA: 64 / 3 multiply-adds per instruction against
-the FMA's 16, and no widening of the weights.
+the FMA's 16, and no widening of the weights. AVX2 builds on AMD CPUs run int4 weight-only
+products of 1 to 4 rows the same way (`Kernels.int4_digits`: `vpmaddubsw` and `vpmaddwd`, or
+AVX-VNNI's 256-bit `vpdpbusd` where the build has it), and from 5 rows dequantize the same
+layout for the FMA routes.
 `prefill_rows` switches a product with that many rows or more to the XLA route (the bench and
 the tests use it; `PREFILL_ROWS` is None: never).
 
@@ -218,12 +221,19 @@ class Kernels:
     amx_int8_target: str  # int8 weights in the tile unit's layout (only where `amx`)
     w4a8_target: str  # int4 weights x int8 activations (the w8a8 kernel's integer path)
     vnni_int8_target: str  # int8 weights x f32 activations as three digits (AVX-512 VNNI only)
-    vnni_int4_target: str  # int4 weights x f32 activations as three digits (AVX-512 VNNI only)
+    vnni_int4_target: str  # int4 weights x f32 activations as three digits (`int4_digits`)
 
     @property
     def avx512_vnni(self) -> bool:
         """Whether the build has AVX-512 VNNI (the w8a8 kernel's and the digits routes' path)."""
         return self.w8a8_path == "avx512_vnni"
+
+    @property
+    def int4_digits(self) -> bool:
+        """Whether the build runs int4 weight-only products as three digits
+        (`NativeVnniInt4Dot`): AVX-512 VNNI's `vpdpbusd`, or an AVX2 build's `vpmaddubsw`
+        (256-bit `vpdpbusd` where it has AVX-VNNI)."""
+        return self.avx512_vnni or self.path == "avx2"
 
 
 _loaded: dict[str, Kernels | str] = {}  # isa -> the build, or why it is unavailable
@@ -481,7 +491,8 @@ class NativeInt8Dot(MatmulOp):
 # (`NativeVnniInt8Dot`, `NativeVnniInt4Dot`, every row count) where the build has AVX-512 VNNI
 # and no AMX: on AMD CPUs, whose cores issue a 512-bit vpdpbusd as often as an FMA (measured on
 # a Zen 4; int8_matvec.cc has the figures). Intel's cores without AMX issue vpdpbusd on one
-# port and FMAs on two, so they keep the FMA routes.
+# port and FMAs on two, so they keep the FMA routes. The same gate holds for AVX2 builds' int4
+# digits route (`Kernels.int4_digits`), measured on Zen 4 and Zen 5 only.
 DIGITS_ON_VNNI = AMD_CPU
 # The longest d_in whose digit sums stay exact in int32 (255 x 127 x d_in < 2^31); kVnniMaxK in
 # int8_matvec.cc. Longer inputs take the XLA op.
@@ -811,11 +822,13 @@ class TiledVnniInt4Weight(eqx.Module):
 
 
 class NativeVnniInt4Dot(MatmulOp):
-    """`Int4WeightOnlyDot` on AVX-512 VNNI (build `isa`, where `Kernels.avx512_vnni`), every row
-    count: the f32 activations as three int8 digits of a per-row scale (as `NativeVnniInt8Dot`),
-    each group's products exact int32 sums of `vpdpbusd`, scaled per group in f32. From
-    `prefill_rows` rows up (None: never), for bf16 activations, where the build has no AVX-512
-    VNNI, or for a d_in above `VNNI_MAX_K`, the XLA op on the untiled weight runs."""
+    """`Int4WeightOnlyDot` on the digits kernels (build `isa`, where `Kernels.int4_digits`),
+    every row count: the f32 activations as three int8 digits of a per-row scale (as
+    `NativeVnniInt8Dot`), each group's products exact int32 sums of `vpdpbusd` (AVX2:
+    `vpmaddubsw` + `vpmaddwd`, or 256-bit `vpdpbusd` with AVX-VNNI; from 5 rows, the FMA
+    routes on the weights dequantized from this layout), scaled per group in f32. From
+    `prefill_rows` rows up (None: never), for bf16 activations, where the build has no digits
+    route, or for a d_in above `VNNI_MAX_K`, the XLA op on the untiled weight runs."""
 
     isa: str = eqx.field(static=True, default="native")
     prefill_rows: int | None = eqx.field(static=True, default=PREFILL_ROWS)
@@ -826,7 +839,7 @@ class NativeVnniInt4Dot(MatmulOp):
         k_pad = W4A8_OCT * weight.packed.shape[-3]  # the kernel's d_in, whole octs
         kernels = load(self.isa)
         if (x.dtype != jnp.float32 or _xla_route(rows, self.prefill_rows) or kernels is None
-                or not kernels.avx512_vnni or k_pad > VNNI_MAX_K):
+                or not kernels.int4_digits or k_pad > VNNI_MAX_K):
             return int4_weight_only_matmul(x, *weight.plain(), weight.d_in)
         x2 = x.reshape(rows, d_in)
         x2 = jnp.pad(x2, ((0, 0), (0, k_pad - d_in)))
@@ -882,6 +895,7 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
                          or model.compute_dtype == jnp.float32)
     # int8 and int4 weights on the VNNI digits routes (AMX, where the build has it, comes first).
     digits_on_vnni = built.avx512_vnni and not built.amx and DIGITS_ON_VNNI
+    int4_digits = built.int4_digits and not built.amx and DIGITS_ON_VNNI
 
     def swap(x):
         if isinstance(x, Linear) and isinstance(x.op, Int8WeightOnlyDot) and built.amx:
@@ -901,7 +915,7 @@ def use_native_kernels(model: eqx.Module, isa: str | None = None,
                 and w4a8_on_native(x.weight.group_size)):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledW4A8Weight(x.weight), NativeW4A8Dot(isa)))
-        if (isinstance(x, Linear) and isinstance(x.op, Int4WeightOnlyDot) and digits_on_vnni
+        if (isinstance(x, Linear) and isinstance(x.op, Int4WeightOnlyDot) and int4_digits
                 and w4a8_on_native(x.weight.group_size)):
             return eqx.tree_at(lambda lin: (lin.weight, lin.op), x,
                                (TiledVnniInt4Weight(x.weight),

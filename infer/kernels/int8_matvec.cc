@@ -19,7 +19,8 @@
 // kGemmRows rows (prompts) a blocked GEMM on column panels (tile_batched_rows). Where the
 // tile unit (AMX) or AVX-512 VNNI runs int8 products fast, int8 and int4 weights take integer
 // routes instead, the f32 activations as three int8 digits (AmxInt8MatmulImpl,
-// VnniInt8MatmulImpl, VnniInt4MatmulImpl; infer.kernels picks them). The file also holds the
+// VnniInt8MatmulImpl, VnniInt4MatmulImpl; infer.kernels picks them); AVX2 builds run int4
+// weights at 1 to kBatchRows - 1 rows the same way, on vpmaddubsw. The file also holds the
 // integer kernels of int8 activations with int8 (W8A8MatmulImpl) and int4 (W4A8MatmulImpl)
 // weights, and the attention over the KV cache (DecodeAttentionImpl).
 //
@@ -52,6 +53,7 @@
 #include <thread>
 #include <type_traits>
 #include <utility>
+
 
 #include "xla/ffi/api/ffi.h"
 
@@ -813,6 +815,65 @@ inline __m512 combine_digits(const int32_t* sums, int64_t digit_stride) {
   return _mm512_fmadd_ps(_mm512_fmadd_ps(c2, inverse_base, c1), inverse_base, c0);
 }
 
+#elif defined(HPLLM_PATH_AVX2)
+constexpr int64_t kDigits = 3;
+constexpr float kDigitBase = 254.0f;
+
+inline float reduce_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline __m256 load_first(const float* p, int64_t n) {  // p[0 .. min(n, 8) - 1], zeros after
+  if (n >= 8) return _mm256_loadu_ps(p);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes));
+}
+
+// activation_digits on eight lanes: the same operations in the same order, so the same digits.
+void activation_digits(const float* x, int64_t M, int64_t K, int64_t rows, int64_t stride,
+                       int64_t first, int64_t last, int8_t* digits, float* row_scale) {
+  for (int64_t d = 0; d < kDigits; ++d)
+    std::memset(digits + (d * rows + first) * stride, 0, (last - first) * stride);
+  std::fill(row_scale + first, row_scale + last, 0.0f);
+  const __m256 base = _mm256_set1_ps(kDigitBase);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t r = first; r < std::min(last, M); ++r) {
+    const float* xr = x + r * K;
+    __m256 top = _mm256_setzero_ps(), non_finite = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 v = load_first(xr + k, K - k);
+      top = _mm256_max_ps(top, _mm256_and_ps(v, magnitude));
+      non_finite = _mm256_add_ps(non_finite, _mm256_mul_ps(v, _mm256_setzero_ps()));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, non_finite);
+    float any_nan = 0.0f;
+    for (float lane : lanes) any_nan += lane;
+    if (std::isnan(any_nan)) {
+      row_scale[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float largest = reduce_max(top);
+    if (largest == 0.0f) continue;
+    row_scale[r] = largest / 127.0f;
+    const __m256 inverse = _mm256_set1_ps(127.0f / largest);
+    for (int64_t k = 0; k < K; k += 8) {
+      __m256 rest = _mm256_mul_ps(load_first(xr + k, K - k), inverse);
+      for (int64_t d = 0; d < kDigits; ++d) {
+        const __m256 digit = _mm256_round_ps(rest, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i whole = _mm256_cvtps_epi32(digit);  // in [-127, 127]: packing is exact
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(whole),
+                                              _mm256_extracti128_si256(whole, 1));
+        alignas(16) int8_t bytes[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm_packs_epi16(words, words));
+        std::memcpy(digits + (d * rows + r) * stride + k, bytes, std::min<int64_t>(8, K - k));
+        rest = _mm256_mul_ps(_mm256_sub_ps(rest, digit), base);
+      }
+    }
+  }
+}
 #endif
 
 // ---- AMX (Intel Advanced Matrix Extensions): int8 products on the tile unit ----
@@ -1792,12 +1853,64 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> qx,
 // contiguous stream per half (a task), 256 bytes per quad: 4 vectors.
 #if defined(HPLLM_W8A8_VNNI)
 #define HPLLM_VNNI_DIGITS 1
-constexpr int64_t kVnniHalf = 64;                // columns per half
+#elif defined(HPLLM_PATH_AVX2)
+// AVX2 builds run int4 weight-only products on the same digits (vpmaddubsw in place of
+// vpdpbusd, below VnniInt4MatmulImpl); their int8 ones keep the FMA routes.
+#define HPLLM_MADDUBS_DIGITS 1
+#endif
+#if defined(HPLLM_VNNI_DIGITS) || defined(HPLLM_MADDUBS_DIGITS)
+constexpr int64_t kVnniHalf = 64;     // columns per half
+constexpr int64_t kVnniMaxK = 66000;  // int32 sums stay exact (255 x 127 x K < 2^31)
+
+// The activations as the routes below take them: rows first .. last - 1 of x[M, K] as digits
+// ([kDigits][M][stride], stride >= K, zeros after K), each row's scale, and each row's digit
+// sums over `groups` equal groups of the stride ([M][groups][kDigits]: the offset correction of
+// the unsigned weights). Calls on disjoint row ranges may run at once.
+void vnni_digit_rows(const float* x, int64_t M, int64_t K, int64_t stride, int64_t groups,
+                     int64_t first, int64_t last, int8_t* digits, float* row_scale,
+                     int32_t* digit_sums) {
+  activation_digits(x, M, K, M, stride, first, last, digits, row_scale);
+  const int64_t group_k = stride / groups;
+  for (int64_t r = first; r < last; ++r)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t d = 0; d < kDigits; ++d) {
+        const int8_t* dr = digits + (d * M + r) * stride + g * group_k;
+        int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < group_k; ++k) sum += dr[k];
+        digit_sums[(r * groups + g) * kDigits + d] = sum;
+      }
+}
+
+// Rows per task making digits: at 16 rows, one task had one thread make every row's digits
+// while the other waited.
+constexpr int64_t kDigitRows = 4;
+
+// y[M, N] = x[M, K] @ (the digits routes' weights) over the threads: the digits of every row
+// (vnni_digit_rows, `groups` groups), then `half_fn(half, digits, row_scale, digit_sums,
+// stride)` for each 64-column half.
+template <typename HalfFn>
+void vnni_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
+                  int64_t stride, int64_t groups, const HalfFn& half_fn) {
+  // The caller's scratch: the helpers read it only while the caller waits for their tasks.
+  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(kDigits * M * stride);
+  float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(M);
+  int32_t* digit_sums = thread_scratch<int32_t, Scratch::kDigitSums>(M * groups * kDigits);
+  parallel_tiles(pool, (M + kDigitRows - 1) / kDigitRows, [&](int64_t chunk) {
+    const int64_t first = chunk * kDigitRows, last = std::min(M, first + kDigitRows);
+    vnni_digit_rows(x, M, K, stride, groups, first, last, digits, row_scale, digit_sums);
+  });
+  parallel_tiles(pool, 2 * ((N + kTile - 1) / kTile), [&](int64_t half) {
+    half_fn(half, digits, row_scale, digit_sums);
+  });
+}
+#endif
+
+#if defined(HPLLM_VNNI_DIGITS)
 constexpr int64_t kVnniVectors = kVnniHalf / 16;  // vectors per quad of a half
 // Rows per pass: 2 rows x 3 digits x 4 vectors = 24 accumulators and 4 weight vectors, so
 // each weight vector loaded feeds 6 vpdpbusd.
 constexpr int64_t kVnniRows = 2;
-constexpr int64_t kVnniMaxK = 66000;  // int32 sums stay exact (255 x 127 x K < 2^31)
 
 // The micro-kernels' steps, shared by the int8 and int4 routes. acc[r][d][v] += wv[v] . (the
 // quad of digit d of row r at `quad`, broadcast) for every row, digit and vector; rows `stride`
@@ -1865,26 +1978,6 @@ __attribute__((noinline)) void vnni_digits_half(const int8_t* digits, int64_t st
   store_digit_sums(acc, sums);
 }
 
-// The activations as the routes below take them: rows first .. last - 1 of x[M, K] as digits
-// ([kDigits][M][stride], stride >= K, zeros after K), each row's scale, and each row's digit
-// sums over `groups` equal groups of the stride ([M][groups][kDigits]: the offset correction of
-// the unsigned weights). Calls on disjoint row ranges may run at once.
-void vnni_digit_rows(const float* x, int64_t M, int64_t K, int64_t stride, int64_t groups,
-                     int64_t first, int64_t last, int8_t* digits, float* row_scale,
-                     int32_t* digit_sums) {
-  activation_digits(x, M, K, M, stride, first, last, digits, row_scale);
-  const int64_t group_k = stride / groups;
-  for (int64_t r = first; r < last; ++r)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t d = 0; d < kDigits; ++d) {
-        const int8_t* dr = digits + (d * M + r) * stride + g * group_k;
-        int32_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t k = 0; k < group_k; ++k) sum += dr[k];
-        digit_sums[(r * groups + g) * kDigits + d] = sum;
-      }
-}
-
 // Columns 64 half .. 64 half + 63 of y[M, N] (one task) from vnni_digit_rows' digits, scales
 // and sums (one group) and the half's offset weights (`w`: the whole array, quads per half).
 void vnni_int8_half(int64_t half, const int8_t* digits, const float* row_scale,
@@ -1921,28 +2014,6 @@ void vnni_int8_half(int64_t half, const int8_t* digits, const float* row_scale,
   }
 }
 
-// Rows per task making digits: at 16 rows, one task had one thread make every row's digits
-// while the other waited.
-constexpr int64_t kDigitRows = 4;
-
-// y[M, N] = x[M, K] @ (the digits routes' weights) over the threads: the digits of every row
-// (vnni_digit_rows, `groups` groups), then `half_fn(half, digits, row_scale, digit_sums,
-// stride)` for each 64-column half.
-template <typename HalfFn>
-void vnni_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
-                  int64_t stride, int64_t groups, const HalfFn& half_fn) {
-  // The caller's scratch: the helpers read it only while the caller waits for their tasks.
-  int8_t* digits = thread_scratch<int8_t, Scratch::kAmxDigits>(kDigits * M * stride);
-  float* row_scale = thread_scratch<float, Scratch::kAmxRowScale>(M);
-  int32_t* digit_sums = thread_scratch<int32_t, Scratch::kDigitSums>(M * groups * kDigits);
-  parallel_tiles(pool, (M + kDigitRows - 1) / kDigitRows, [&](int64_t chunk) {
-    const int64_t first = chunk * kDigitRows, last = std::min(M, first + kDigitRows);
-    vnni_digit_rows(x, M, K, stride, groups, first, last, digits, row_scale, digit_sums);
-  });
-  parallel_tiles(pool, 2 * ((N + kTile - 1) / kTile), [&](int64_t half) {
-    half_fn(half, digits, row_scale, digit_sums);
-  });
-}
 #endif
 
 ffi::Error VnniInt8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -2319,6 +2390,164 @@ void vnni_int4_half(int64_t half, const int8_t* digits, const float* row_scale,
     }
   }
 }
+#elif defined(HPLLM_MADDUBS_DIGITS)
+// The same digits and layout on AVX2 (a build without AVX-512), for 1 to kBatchRows - 1 rows:
+// vpmaddubsw (nibble x digit, pairs summed in int16: at most 2 x 15 x 127, and the low and
+// high nibbles' pairs added, 7620: no saturation) and vpmaddwd by ones into int32 in place of
+// vpdpbusd (one 256-bit vpdpbusd where the build has AVX-VNNI). The FMA route widens each
+// nibble to f32 (five instructions per eight weights, each feeding one row's FMA); here six
+// vpmaddubsw, three vpmaddwd and nine adds serve 64 weights of a row's three digits.
+// bench/avx2_int4_digits.cc, one thread, 768 x 2048: 37.7-38.2 against 25.1 G weights/s from
+// L2, 27.3-27.4 against 20.9-21.3 from memory (Zen 4). From kBatchRows rows the FMA routes'
+// few-rows and GEMM blocks, which widen each weight once for many rows, run on the same octs
+// (dequantize_int4_octs); bench/decode_matmuls.py measured the digits route there at 1.3x
+// (16 rows) and 1.45x (128) their time (docs/performance.md, twelfth sitting).
+// Rows per pass: 1 row x 4 vectors or 2 rows x 2 vectors, 12 accumulators of the 16 registers.
+constexpr int64_t kMaddubsRows = 2;
+
+// sums[r x 3 + d][c0 .. c0 + 8 Vectors - 1] = digit d of rows 0 .. Rows - 1 times `octs` octs
+// of a half's nibbles (`w`: the group's first oct, 256 bytes per oct), columns c0 on. Prefetch
+// (the first pass of the first rows): 32 octs ahead into L2, as vnni_int4_group.
+template <int64_t Rows, int64_t Vectors, bool Prefetch>
+__attribute__((noinline)) void maddubs_int4_group(const int8_t* digits, int64_t stride,
+                                                  int64_t digit_bytes, const uint8_t* w,
+                                                  int64_t octs, int64_t c0,
+                                                  int32_t (*sums)[kVnniHalf]) {
+  static_assert(kDigits * Rows * Vectors <= 12, "the accumulators fit the 16 registers");
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+#if !defined(HPLLM_W8A8_AVX_VNNI)
+  const __m256i ones = _mm256_set1_epi16(1);
+#endif
+  __m256i acc[Rows][kDigits][Vectors];
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t d = 0; d < kDigits; ++d)
+      for (int64_t v = 0; v < Vectors; ++v) acc[r][d][v] = _mm256_setzero_si256();
+  for (int64_t o = 0; o < octs; ++o) {
+    const uint8_t* row = w + o * kVnniHalf * 4;
+    if constexpr (Prefetch) prefetch_to_l2(row + 32 * kVnniHalf * 4, kVnniHalf * 4);
+    for (int64_t v = 0; v < Vectors; ++v) {
+      const __m256i bytes =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 4 * c0 + 32 * v));
+      const __m256i lo = _mm256_and_si256(bytes, low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+      for (int64_t r = 0; r < Rows; ++r)
+        for (int64_t d = 0; d < kDigits; ++d) {
+          const int8_t* quad = digits + d * digit_bytes + r * stride + 8 * o;
+          const __m256i x_lo = _mm256_set1_epi32(load_quad(quad));
+          const __m256i x_hi = _mm256_set1_epi32(load_quad(quad + 4));
+#if defined(HPLLM_W8A8_AVX_VNNI)
+          acc[r][d][v] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc[r][d][v], lo, x_lo),
+                                                 hi, x_hi);
+#else
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo),
+                                                 _mm256_maddubs_epi16(hi, x_hi));
+          acc[r][d][v] = _mm256_add_epi32(acc[r][d][v], _mm256_madd_epi16(pairs, ones));
+#endif
+        }
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t d = 0; d < kDigits; ++d)
+      for (int64_t v = 0; v < Vectors; ++v)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sums[r * kDigits + d] + c0 + 8 * v),
+                           acc[r][d][v]);
+}
+
+// vnni_int4_half on AVX2: columns 64 half .. 64 half + 63 of y[M, N], the same sums combined
+// in the same order.
+void maddubs_int4_half(int64_t half, const int8_t* digits, const float* row_scale,
+                       const int32_t* digit_sums, int64_t M, int64_t stride, int64_t groups,
+                       int64_t N, const uint8_t* w, const float* scale, int64_t ld_scale,
+                       float* y) {
+  const int64_t octs = stride / 8, group_octs = octs / groups;
+  const uint8_t* wh = w + half * octs * kVnniHalf * 4;
+  const int64_t c0 = half * kVnniHalf, width = std::min(kVnniHalf, N - c0);
+  if (width <= 0) return;  // the padding half of the last tile
+  alignas(32) int32_t sums[kMaddubsRows * kDigits][kVnniHalf];
+  const __m256 inverse_base = _mm256_set1_ps(1.0f / kDigitBase);
+  for (int64_t m = 0; m < M; m += kMaddubsRows) {
+    const int64_t rows = std::min(kMaddubsRows, M - m);
+    alignas(32) float total[kMaddubsRows][kVnniHalf];
+    for (int64_t g = 0; g < groups; ++g) {
+      with_rows_upto<kMaddubsRows>(rows, [&](auto r) {
+        constexpr int64_t R = decltype(r)::value, V = R == 1 ? 4 : 2;
+        const int8_t* a = digits + m * stride + g * group_octs * 8;
+        const uint8_t* group = wh + g * group_octs * kVnniHalf * 4;
+        for (int64_t c = 0; c < kVnniHalf; c += 8 * V)
+          if (m == 0 && c == 0)  // the first pass of the first rows streams the group
+            maddubs_int4_group<R, V, true>(a, stride, M * stride, group, group_octs, c, sums);
+          else
+            maddubs_int4_group<R, V, false>(a, stride, M * stride, group, group_octs, c, sums);
+      });
+      for (int64_t r = 0; r < rows; ++r) {
+        const int32_t* offsets = digit_sums + ((m + r) * groups + g) * kDigits;
+        for (int64_t c = 0; c < kVnniHalf; c += 8) {
+          // exact_digits and combine_digits on eight lanes, then the group's scales, added up
+          // group by group.
+          __m256 digit_sum[kDigits];
+          for (int64_t d = 0; d < kDigits; ++d)
+            digit_sum[d] = _mm256_cvtepi32_ps(_mm256_sub_epi32(
+                _mm256_load_si256(reinterpret_cast<const __m256i*>(sums[r * kDigits + d] + c)),
+                _mm256_set1_epi32(8 * offsets[d])));
+          const __m256 exact = _mm256_fmadd_ps(
+              _mm256_fmadd_ps(digit_sum[2], inverse_base, digit_sum[1]), inverse_base,
+              digit_sum[0]);
+          const __m256 part =
+              _mm256_mul_ps(exact, _mm256_loadu_ps(scale + g * ld_scale + c0 + c));
+          _mm256_store_ps(total[r] + c,
+                          g == 0 ? part : _mm256_add_ps(_mm256_load_ps(total[r] + c), part));
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256 s = _mm256_set1_ps(row_scale[m + r]);
+      for (int64_t c = 0; c < width; c += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_load_ps(total[r] + c), s);
+        if (width - c >= 8) {
+          _mm256_storeu_ps(y + (m + r) * N + c0 + c, v);
+        } else {
+          alignas(32) float lanes[8];
+          _mm256_store_ps(lanes, v);
+          std::memcpy(y + (m + r) * N + c0 + c, lanes, (width - c) * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+// out[k - k0][c - c0] = the dequantized weight (nibble * scale + (-8 * scale): dequantize_int4's
+// values, bit for bit) for k0 .. k0 + kn - 1 (whole octs) and `width` columns from c0 (whole
+// vectors inside one half) of one tile of the octs layout (`tile`, `octs` octs per half), rows
+// `ldo` floats apart: the FMA routes' blocks and panels. Byte j of a column's oct o holds
+// k = 8o + j in its low nibble and 8o + 4 + j in its high one, so a 32-bit lane shifted by 8j
+// (+4) and masked is one k of eight columns. `prefetch`: fetch each half's stream 8 octs
+// (64 k, 2 KiB) ahead into L1, as dequantize_int4's kPrefetchRows.
+void dequantize_int4_octs(const uint8_t* tile, int64_t octs, const float* scale,
+                          int64_t ld_scale, int64_t group, int64_t k0, int64_t kn, int64_t c0,
+                          int64_t width, float* out, int64_t ldo, bool prefetch) {
+  const __m256i low4 = _mm256_set1_epi32(15);
+  const __m256 minus_eight = _mm256_set1_ps(-8.0f);
+  for (int64_t o = k0 / 8; o < (k0 + kn) / 8; ++o) {
+    const float* s = scale + (8 * o / group) * ld_scale;
+    float* block = out + (8 * o - k0) * ldo - c0;
+    if (prefetch)
+      for (int64_t h = 0; h < 2; ++h)
+        prefetch_ahead(tile + (h * octs + o + 8) * kVnniHalf * 4, kVnniHalf * 4);
+    for (int64_t c = c0; c < c0 + width; c += 8) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+          tile + ((c / kVnniHalf) * octs + o) * kVnniHalf * 4 + (c % kVnniHalf) * 4));
+      const __m256 sc = _mm256_loadu_ps(s + c), offset = _mm256_mul_ps(minus_eight, sc);
+      for (int64_t j = 0; j < 4; ++j) {
+        const __m256 low = _mm256_cvtepi32_ps(
+            _mm256_and_si256(_mm256_srli_epi32(bytes, 8 * j), low4));
+        const __m256 high = _mm256_cvtepi32_ps(
+            _mm256_and_si256(_mm256_srli_epi32(bytes, 8 * j + 4), low4));
+        _mm256_storeu_ps(block + j * ldo + c, _mm256_fmadd_ps(low, sc, offset));
+        _mm256_storeu_ps(block + (4 + j) * ldo + c, _mm256_fmadd_ps(high, sc, offset));
+      }
+    }
+  }
+}
 #endif
 
 ffi::Error VnniInt4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -2333,21 +2562,54 @@ ffi::Error VnniInt4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "vnni_int4_matmul: expects x[M, K], w[tiles, 2, K / 8, 64, 4], scale[groups, "
         "tiles * 128] with K / groups a multiple of 8 -> y[M, N]");
-#if defined(HPLLM_VNNI_DIGITS)
+#if defined(HPLLM_VNNI_DIGITS) || defined(HPLLM_MADDUBS_DIGITS)
   if (xd[1] > kVnniMaxK)
     return ffi::Error::InvalidArgument("vnni_int4_matmul: K above 66000 would overflow int32");
-  const int64_t M = xd[0], K = xd[1], N = yd[1], groups = sd[0];
+  const int64_t M = xd[0], K = xd[1], N = yd[1], groups = sd[0], ld_scale = sd[1];
+  const uint8_t* wp = w.typed_data();
+  const float* sp = scale.typed_data();
+  float* yp = y->typed_data();
+#if defined(HPLLM_MADDUBS_DIGITS)
+  if (M >= kBatchRows) {
+    const int64_t tiles = wd[0], octs = wd[2], group = K / groups;
+    auto tile_of = [&](int64_t t) { return wp + t * 2 * octs * kVnniHalf * 4; };
+    if (M < kGemmRows) {
+      parallel_tiles(pool, tiles, [&](int64_t t) {
+        tile_few_rows(t, M, K, N, x.typed_data(), yp,
+                      [&](int64_t k0, int64_t kn, float (*wf)[kTile]) {
+                        dequantize_int4_octs(tile_of(t), octs, sp + t * kTile, ld_scale, group,
+                                             k0, kn, 0, kTile, wf[0], kTile, true);
+                      }, nullptr);
+      });
+    } else {
+      batched_tasks(pool, M, tiles, [&](int64_t t, int64_t m0, int64_t rows) {
+        tile_batched_rows(t, m0, rows, K, N, x.typed_data(), yp,
+                          [&](int64_t k0, int64_t kn, int64_t c0, float* panel) {
+                            dequantize_int4_octs(tile_of(t), octs, sp + t * kTile, ld_scale,
+                                                 group, k0, kn, c0, kPanel, panel, kPanel,
+                                                 false);
+                          }, nullptr);
+      });
+    }
+    return ffi::Error::Success();
+  }
+#endif
   if (M > 0)
     vnni_product(pool, x.typed_data(), M, K, N, K, groups,
                  [&](int64_t half, const int8_t* digits, const float* row_scale,
                      const int32_t* digit_sums) {
-                   vnni_int4_half(half, digits, row_scale, digit_sums, M, K, groups, N,
-                                  w.typed_data(), scale.typed_data(), sd[1], y->typed_data());
+#if defined(HPLLM_VNNI_DIGITS)
+                   vnni_int4_half(half, digits, row_scale, digit_sums, M, K, groups, N, wp, sp,
+                                  ld_scale, yp);
+#else
+                   maddubs_int4_half(half, digits, row_scale, digit_sums, M, K, groups, N, wp,
+                                     sp, ld_scale, yp);
+#endif
                  });
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                    "vnni_int4_matmul: this build has no AVX-512 VNNI");
+                    "vnni_int4_matmul: this build has no AVX-512 VNNI or AVX2 digits route");
 #endif
 }
 
