@@ -2401,7 +2401,9 @@ void vnni_int4_half(int64_t half, const int8_t* digits, const float* row_scale,
 // L2, 27.3-27.4 against 20.9-21.3 from memory (Zen 4). From kBatchRows rows the FMA routes'
 // few-rows and GEMM blocks, which widen each weight once for many rows, run on the same octs
 // (dequantize_int4_octs); bench/decode_matmuls.py measured the digits route there at 1.3x
-// (16 rows) and 1.45x (128) their time (docs/performance.md, twelfth sitting).
+// (16 rows) and 1.45x (128) their time (docs/performance.md, twelfth sitting). In the model at
+// one row the gain is smaller (the second core adds little to products this fast): on a Zen 5
+// about 1.3x with AVX-VNNI and within the host's swing without (fourteenth sitting).
 // Rows per pass: 1 row x 4 vectors or 2 rows x 2 vectors, 12 accumulators of the 16 registers.
 constexpr int64_t kMaddubsRows = 2;
 
