@@ -54,7 +54,6 @@
 #include <type_traits>
 #include <utility>
 
-
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -759,10 +758,12 @@ void with_rows(int64_t rows, const F& f) {
 // magnitude (f32 keeps 2^-24 of each value's own): |error| <= 2^-24 * max|x_row| *
 // sum|w_col|, and the products agree with the f32 route to float32 rounding on rows without
 // extreme outliers (tests/test_kernels.py measures it). A non-finite row gives NaN outputs.
-#if defined(HPLLM_PATH_AVX512)
+#if defined(HPLLM_PATH_AVX512) || defined(HPLLM_PATH_AVX2)
 constexpr int64_t kDigits = 3;
 constexpr float kDigitBase = 254.0f;
+#endif
 
+#if defined(HPLLM_PATH_AVX512)
 // Rows first .. last - 1 of the activations x[M, K] as int8 digits, [kDigits][rows][stride]
 // (M padded to rows and K to the stride with zeros; stride >= K), and each row's scale s (0 for
 // an all-zero row). Calls on disjoint row ranges may run at once.
@@ -816,9 +817,6 @@ inline __m512 combine_digits(const int32_t* sums, int64_t digit_stride) {
 }
 
 #elif defined(HPLLM_PATH_AVX2)
-constexpr int64_t kDigits = 3;
-constexpr float kDigitBase = 254.0f;
-
 inline float reduce_max(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
